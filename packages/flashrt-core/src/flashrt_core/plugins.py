@@ -1,0 +1,129 @@
+"""The plugin manager: specs, built-ins, entry points, blocking and tracing in one place."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from . import hookspecs
+from .hookspecs import PROJECT_NAME
+
+if TYPE_CHECKING:
+    from .settings import Settings
+
+__all__ = [
+    "BUILTIN_PLUGINS",
+    "ENTRY_POINT_GROUP",
+    "FlashrtPluginManager",
+    "PluginError",
+    "describe_plugins",
+    "get_plugin_manager",
+]
+
+ENTRY_POINT_GROUP = "flashrt"
+
+#: name -> module of the plugins that ship with flashrt-core. Their implementations are
+#: ``trylast``; block one by name with ``FLASHRT_BLOCKED_PLUGINS`` to drop it entirely.
+BUILTIN_PLUGINS: dict[str, str] = {
+    "flashrt.executors": "flashrt_core.builtin.executors",
+}
+
+
+class PluginError(RuntimeError):
+    """A plugin could not be loaded or implements a hook flashrt does not know."""
+
+
+class FlashrtPluginManager(pluggy.PluginManager):
+    """A pluggy manager that remembers where each plugin came from, for ``flashrt plugins``."""
+
+    def __init__(self) -> None:
+        super().__init__(PROJECT_NAME)
+        self.origins: dict[str, str] = {}
+
+
+def get_plugin_manager(
+    settings: Settings | None = None, *, extra_plugins: tuple[object, ...] = ()
+) -> FlashrtPluginManager:
+    """Make the manager: add specs, register built-ins, then entry points, then ``extra_plugins``.
+
+    Raises :class:`PluginError` naming the plugin when one fails to import or implements an
+    unknown hook.
+    """
+    from .settings import Settings, load_settings
+
+    settings = settings or load_settings(Settings)
+    pm = FlashrtPluginManager()
+    pm.add_hookspecs(hookspecs)
+    for name in settings.blocked_plugins:
+        pm.set_blocked(name)
+    for name, module_name in BUILTIN_PLUGINS.items():
+        if not pm.is_blocked(name):
+            _register(pm, _import(name, module_name, "built-in"), name)
+            pm.origins[name] = "built-in (flashrt-core)"
+    if not settings.disable_plugin_autoload:
+        _load_entry_points(pm)
+    for plugin in extra_plugins:
+        _register(pm, plugin, None)
+        pm.origins[pm.get_name(plugin) or repr(plugin)] = "registered in code"
+    if settings.trace_hooks:
+        pm.trace.root.setwriter(sys.stderr.write)
+        pm.enable_tracing()
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin {exc.plugin!r} is invalid: {exc}") from None
+    return pm
+
+
+def _load_entry_points(pm: FlashrtPluginManager) -> None:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if pm.is_blocked(ep.name) or pm.get_plugin(ep.name) is not None:
+            continue
+        dist = getattr(ep, "dist", None)
+        origin = f"{dist.name} {dist.version}" if dist is not None else ep.value
+        try:
+            plugin = ep.load()
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {ep.name!r} from {origin} failed to load ({ep.value}): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        _register(pm, plugin, ep.name)
+        pm.origins[ep.name] = f"entry point {ep.name} = {ep.value} ({origin})"
+
+
+def _import(name: str, module_name: str, origin: str) -> Any:
+    try:
+        return importlib.import_module(module_name)
+    except Exception as exc:
+        raise PluginError(f"{origin} plugin {name!r} failed to load: {exc}") from exc
+
+
+def _register(pm: pluggy.PluginManager, plugin: object, name: str | None) -> None:
+    try:
+        pm.register(plugin, name=name)
+    except ValueError as exc:
+        raise PluginError(f"plugin {name or plugin!r} could not be registered: {exc}") from exc
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin {name or plugin!r} is invalid: {exc}") from exc
+
+
+def describe_plugins(pm: FlashrtPluginManager) -> list[dict[str, Any]]:
+    """Every registered plugin: its name, where it came from and the hooks it implements."""
+    rows: list[dict[str, Any]] = []
+    for name, plugin in pm.list_name_plugin():
+        if plugin is None:
+            continue
+        hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or ())
+        rows.append({
+            "name": name,
+            "module": getattr(plugin, "__name__", type(plugin).__name__),
+            "origin": pm.origins.get(name, "registered in code"),
+            "hooks": hooks,
+        })
+    return rows
