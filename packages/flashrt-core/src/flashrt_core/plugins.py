@@ -120,10 +120,12 @@ def describe_plugins(pm: FlashrtPluginManager) -> list[dict[str, Any]]:
         if plugin is None:
             continue
         hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or ())
-        rows.append({
-            "name": name,
-            "module": getattr(plugin, "__name__", type(plugin).__name__),
-            "origin": pm.origins.get(name, "registered in code"),
-            "hooks": hooks,
-        })
+        rows.append(
+            {
+                "name": name,
+                "module": getattr(plugin, "__name__", type(plugin).__name__),
+                "origin": pm.origins.get(name, "registered in code"),
+                "hooks": hooks,
+            }
+        )
     return rows

@@ -10,9 +10,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
-from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping
 
 __all__ = [
     "Settings",

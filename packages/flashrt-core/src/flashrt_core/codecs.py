@@ -1,0 +1,86 @@
+"""Argument and result codecs: base64 cloudpickle (the client's default) and plain JSON.
+
+cloudpickle is imported on first use, not with the package.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+from .errors import StageError
+
+__all__ = ["FORMATS", "decode_arguments", "decode_value", "encode_result"]
+
+FORMATS = ("cloudpickle", "json")
+
+# Results of these types are pickled inline; anything else may be large and is encoded off-loop.
+SMALL_TYPES = (int, float, bool, type(None))
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise StageError(
+            "decode", f"serialization_format {fmt!r} is not supported (use 'cloudpickle' or 'json')"
+        )
+
+
+def decode_value(value: Any, fmt: str, where: str) -> Any:
+    """Decode one argument; ``where`` (``args[1]``, ``kwargs['x']``) names it in errors."""
+    if fmt == "json":
+        return value
+    if not isinstance(value, str):
+        raise StageError(
+            "decode", f"{where}: expected a base64 cloudpickle string, got {type(value).__name__}"
+        )
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise StageError("decode", f"{where}: not valid base64") from None
+    import cloudpickle
+
+    try:
+        return cloudpickle.loads(raw)
+    except Exception as exc:
+        raise StageError(
+            "decode", f"{where}: could not unpickle: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def decode_arguments(
+    args: list[Any], kwargs: dict[str, Any], fmt: str, prefix: str = ""
+) -> tuple[list[Any], dict[str, Any]]:
+    """Decode a positional list and a keyword dict; ``prefix`` marks constructor arguments."""
+    _check_format(fmt)
+    if fmt == "json":
+        return list(args), dict(kwargs)
+    out_args = [decode_value(v, fmt, f"{prefix}args[{i}]") for i, v in enumerate(args)]
+    out_kwargs = {k: decode_value(v, fmt, f"{prefix}kwargs[{k!r}]") for k, v in kwargs.items()}
+    return out_args, out_kwargs
+
+
+def encode_result(value: Any, fmt: str) -> tuple[str | None, Any]:
+    """Return ``(result, json_result)`` for the response; raise at the *encode result* stage."""
+    if fmt == "json":
+        import msgspec
+
+        try:
+            msgspec.json.encode(value)
+        except (TypeError, msgspec.EncodeError) as exc:
+            raise StageError(
+                "encode result",
+                f"result of type {type(value).__qualname__} is not JSON-serialisable: {exc}",
+            ) from exc
+        return None, value
+    import cloudpickle
+
+    try:
+        data = cloudpickle.dumps(value)
+    except Exception as exc:
+        raise StageError(
+            "encode result",
+            f"result of type {type(value).__qualname__} cannot be pickled: "
+            f"{type(exc).__name__}: {exc}",
+        ) from exc
+    return base64.b64encode(data).decode("ascii"), None

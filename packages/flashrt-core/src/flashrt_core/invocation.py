@@ -1,0 +1,144 @@
+"""What an executor hook gets: decoded arguments and the helpers to load and call code safely."""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import inspect
+import linecache
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from .errors import StageError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import CodeType
+
+    from .protocol import FunctionRequest
+    from .runtime import Runtime
+
+__all__ = ["Invocation", "UserBaseException", "load_code"]
+
+#: Namespace ``__name__`` of exec'd code: not in ``sys.modules``, so cloudpickle pickles what the
+#: code defines by value and the client can unpickle it without the worker's modules.
+USER_MODULE_NAME = "__flashrt_remote__"
+_CODE_CACHE_SIZE = 512
+_code_cache: OrderedDict[str, CodeType] = OrderedDict()
+
+
+class UserBaseException(Exception):
+    """Carries a ``BaseException`` (``SystemExit``, ``KeyboardInterrupt``...) out of user code.
+
+    asyncio re-raises ``SystemExit`` and ``KeyboardInterrupt`` from tasks into the event loop,
+    which would stop the worker; wrapped, it is just a failed request.
+    """
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(f"{type(original).__name__}: {original}")
+        self.original = original
+
+
+def _compile(source: str, name: str) -> CodeType:
+    code = _code_cache.get(source)
+    if code is not None:
+        _code_cache.move_to_end(source)
+        return code
+    digest = hashlib.sha1(source.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    filename = f"<remote {name} {digest}>"
+    try:
+        code = compile(source, filename, "exec")
+    except SyntaxError as exc:
+        raise StageError("load code", f"code for {name!r} does not compile: {exc}") from exc
+    # Tracebacks through this code show its lines.
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    _code_cache[source] = code
+    if len(_code_cache) > _CODE_CACHE_SIZE:
+        _code_cache.popitem(last=False)
+    return code
+
+
+def load_code(source: str, name: str) -> dict[str, Any]:
+    """Exec ``source`` into a fresh namespace (compiled code is cached by source)."""
+    code = _compile(source, name)
+    namespace: dict[str, Any] = {"__name__": USER_MODULE_NAME, "__builtins__": builtins}
+    try:
+        exec(code, namespace)
+    except BaseException as exc:
+        raise StageError(
+            "load code", f"running the code for {name!r} raised {type(exc).__name__}: {exc}"
+        ) from exc
+    return namespace
+
+
+def _call_sync(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Runs in a worker thread: call, drain a generator there too, and wrap BaseExceptions."""
+    try:
+        result = fn(*args, **kwargs)
+        if inspect.isgenerator(result):
+            result = list(result)
+        return result
+    except Exception:
+        raise
+    except BaseException as exc:
+        raise UserBaseException(exc) from exc
+
+
+async def _guard(awaitable: Any) -> Any:
+    try:
+        return await awaitable
+    except Exception:
+        raise
+    except BaseException as exc:
+        import asyncio
+
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        raise UserBaseException(exc) from exc
+
+
+async def _drain(agen: Any) -> list[Any]:
+    return [item async for item in agen]
+
+
+class Invocation:
+    """The ``call`` argument of the executor hooks."""
+
+    __slots__ = ("args", "constructor_args", "constructor_kwargs", "kwargs", "request", "runtime")
+
+    def __init__(
+        self,
+        request: FunctionRequest,
+        runtime: Runtime,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        constructor_args: list[Any] | None = None,
+        constructor_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.request = request
+        self.runtime = runtime
+        self.args = args
+        self.kwargs = kwargs
+        self.constructor_args = constructor_args or []
+        self.constructor_kwargs = constructor_kwargs or {}
+
+    def load_code(self, source: str, name: str) -> dict[str, Any]:
+        """Exec ``source`` into a fresh namespace; failures are blamed on *load code*."""
+        return load_code(source, name)
+
+    async def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Call user code the right way for its kind.
+
+        Sync callables run in the runtime's worker threads (never on the event loop), coroutine
+        functions are awaited, generators and async generators are collected into lists.
+        """
+        if inspect.iscoroutinefunction(fn):
+            return await _guard(fn(*args, **kwargs))
+        if inspect.isasyncgenfunction(fn):
+            return await _guard(_drain(fn(*args, **kwargs)))
+        result = await self.runtime.run_blocking(_call_sync, fn, args, kwargs)
+        if inspect.isawaitable(result):
+            result = await _guard(result)
+        elif inspect.isasyncgen(result):
+            result = await _guard(_drain(result))
+        return result

@@ -1,0 +1,393 @@
+"""The Runtime: one per process, it turns a request into a response and never raises."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+import logging
+import os
+import traceback
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from . import capture
+from .codecs import SMALL_TYPES, decode_arguments, encode_result
+from .deps import DependencyPlan
+from .errors import StageError
+from .instances import InstanceRegistry
+from .invocation import Invocation, UserBaseException
+from .modules import ModuleMount, top_level_names, validate_modules
+from .protocol import FunctionRequest, FunctionResponse, RequestError, decode_request
+from .settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Mapping
+
+    from .plugins import FlashrtPluginManager
+
+__all__ = ["Runtime"]
+
+log = logging.getLogger("flashrt.runtime")
+T = TypeVar("T")
+
+
+@functools.cache
+def _internal_dirs() -> tuple[str, ...]:
+    """Directories whose frames are the runtime's plumbing, not the user's story."""
+    stdlib = Path(functools.__file__).resolve().parent
+    places = (Path(__file__).resolve().parent, stdlib / "asyncio", stdlib / "concurrent")
+    return tuple(str(p) + os.sep for p in places)
+
+
+_ENCODE_INLINE_MAX = 1000
+_DECODE_INLINE_MAX = 64 * 1024
+
+
+class Runtime:
+    """Holds the plugin manager, the instance registry, the thread pool and the caches.
+
+    ``await execute(request)`` returns a :class:`FunctionResponse` for anything it is given.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        plugin_manager: FlashrtPluginManager | None = None,
+        extra_plugins: tuple[object, ...] = (),
+    ) -> None:
+        from .plugins import get_plugin_manager
+
+        self.settings = settings or load_settings(Settings)
+        self.pm = plugin_manager or get_plugin_manager(self.settings, extra_plugins=extra_plugins)
+        if plugin_manager is not None:
+            for plugin in extra_plugins:
+                self.pm.register(plugin)
+        self.instances = InstanceRegistry(self.settings.max_instances, self.settings.instance_ttl_s)
+        #: Scratch space plugins share; keys are documented in docs/plugins.md.
+        self.state: dict[str, Any] = {}
+        self.ready = False
+        self.startup_error: str | None = None
+        self._started: asyncio.Future[None] | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._module_locks: dict[str, asyncio.Lock] = {}
+        self.pm.hook.flashrt_configure.call_historic(kwargs={"settings": self.settings})
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Run start-up once (later calls wait for the first). Never raises.
+
+        On failure :attr:`startup_error` says why and :attr:`ready` stays false.
+        """
+        if self._started is not None:
+            await asyncio.shield(self._started)
+            return
+        self._started = asyncio.get_running_loop().create_future()
+        try:
+            await self._gather(self.pm.hook.flashrt_startup(runtime=self))
+            await self._gather(self.pm.hook.flashrt_sync_cache(phase="hydrate", runtime=self))
+            # Pay cloudpickle's import before the first request, not during it.
+            await self.run_blocking(__import__, "cloudpickle")
+            self.ready = True
+        except Exception as exc:
+            self.startup_error = f"start-up failed: {type(exc).__name__}: {exc}"
+            log.error("%s", self.startup_error, exc_info=True)
+        finally:
+            self._started.set_result(None)
+
+    async def shutdown(self) -> None:
+        """Let plugins release resources, finish background work (bounded), stop the pool."""
+        for result in self.pm.hook.flashrt_shutdown(runtime=self):
+            if inspect.isawaitable(result):
+                try:
+                    await result
+                except Exception:
+                    log.exception("a plugin's shutdown failed")
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=10)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    async def _gather(self, results: list[Any]) -> None:
+        pending = [r for r in results if inspect.isawaitable(r)]
+        if pending:
+            await asyncio.gather(*pending)
+
+    # --- helpers for plugins ---------------------------------------------------------------
+
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                max_workers=self.settings.max_threads,
+                thread_name_prefix="flashrt",
+                initializer=capture.clear_thread_stamp,
+            )
+        return self._pool
+
+    async def run_blocking(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Run ``fn`` in the runtime's thread pool, in a copy of the caller's context."""
+        ctx = contextvars.copy_context()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.pool, functools.partial(ctx.run, fn, *args, **kwargs)
+        )
+
+    def background(self, awaitable: Awaitable[Any]) -> asyncio.Task[Any]:
+        """Run work off the request path; kept referenced and its failures logged."""
+
+        async def runner() -> Any:
+            # Background work belongs to no request: never capture its output.
+            capture.use_buffer(None)
+            return await awaitable
+
+        task = asyncio.ensure_future(runner())
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+        return task
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    # --- the request pipeline --------------------------------------------------------------
+
+    async def execute(
+        self, request: FunctionRequest | Mapping[str, Any] | bytes | str
+    ) -> FunctionResponse:
+        """Turn ``request`` into a response. Never raises (cancellation aside)."""
+        buffer = capture.OutputBuffer(self.settings.max_output_bytes)
+        token = capture.use_buffer(buffer)
+        capture.activate()
+        decoded: FunctionRequest | None = None
+        try:
+            try:
+                decoded = self._decode(request)
+                response = await self._run(decoded)
+            except UserBaseException as exc:
+                response = self._failure("call", exc.original, exc.original.__traceback__)
+            except StageError as exc:
+                cause = exc.__cause__
+                if isinstance(cause, UserBaseException):
+                    cause = cause.original
+                response = self._failure(
+                    exc.stage,
+                    exc,
+                    cause.__traceback__ if cause else None,
+                    message=exc.message,
+                    cause=cause,
+                )
+            except Exception as exc:
+                response = self._failure("call", exc, exc.__traceback__)
+            response.stdout = buffer.getvalue()
+        finally:
+            capture.deactivate()
+            capture.reset_buffer(token)
+            buffer.close()
+        self._notify_finished(decoded, response)
+        return response
+
+    def _decode(
+        self, request: FunctionRequest | Mapping[str, Any] | bytes | str
+    ) -> FunctionRequest:
+        limit = self.settings.max_request_bytes
+        if isinstance(request, (bytes, str)) and len(request) > limit:
+            raise StageError(
+                "decode", f"request of {len(request)} bytes exceeds the limit of {limit}"
+            )
+        try:
+            decoded = decode_request(request)
+        except RequestError as exc:
+            raise StageError("decode", str(exc)) from None
+        size = _approximate_size(decoded)
+        if size > limit:
+            raise StageError(
+                "decode", f"request of about {size} bytes exceeds the limit of {limit}"
+            )
+        if decoded.execution_type not in ("function", "class"):
+            raise StageError(
+                "decode",
+                f"execution_type {decoded.execution_type!r} is not supported "
+                "(use 'function' or 'class')",
+            )
+        return decoded
+
+    async def _run(self, request: FunctionRequest) -> FunctionResponse:
+        try:
+            self.pm.hook.flashrt_request_started(request=request, runtime=self)
+        except Exception:
+            log.exception("a request_started hook failed")
+        if request.dependencies or request.system_dependencies:
+            await self._install(request)
+        invocation = await self._decode_arguments(request)
+        is_class = request.execution_type == "class"
+        if is_class and not request.instance_id:
+            request.instance_id = f"{request.class_name}_{uuid.uuid4().hex[:8]}"
+        files = (
+            validate_modules(request.modules, self.settings.max_modules_bytes)
+            if request.modules
+            else []
+        )
+        timeout = request.timeout_s or self.settings.timeout_s
+        timeout = min(timeout, self.settings.max_timeout_s)
+        if files:
+            value = await self._with_modules(files, invocation, timeout)
+        else:
+            value = await self._call(invocation, timeout)
+        fmt = request.serialization_format
+        if type(value) in SMALL_TYPES or (
+            isinstance(value, (str, bytes, list, tuple, dict)) and len(value) < _ENCODE_INLINE_MAX
+        ):
+            result, json_result = encode_result(value, fmt)
+        else:
+            result, json_result = await self.run_blocking(encode_result, value, fmt)
+        response = FunctionResponse(success=True, result=result, json_result=json_result)
+        if is_class and request.instance_id:
+            response.instance_id = request.instance_id
+            entry = self.instances.get(request.instance_id)
+            response.instance_info = entry.info() if entry is not None else None
+        return response
+
+    async def _install(self, request: FunctionRequest) -> None:
+        plan = DependencyPlan(
+            python=tuple(request.dependencies or ()),
+            system=tuple(request.system_dependencies or ()),
+            accelerate_downloads=request.accelerate_downloads,
+        )
+        try:
+            self.pm.hook.flashrt_resolve_deps(request=request, plan=plan, runtime=self)
+        except Exception as exc:
+            raise StageError("dependencies", str(exc)) from exc
+        for kind, packages in plan.unclaimed().items():
+            print(
+                f"[flashrt] no installer plugin for {kind} dependencies; not installed: "
+                f"{', '.join(packages)}"
+            )
+        changed = False
+        for step in plan.steps():
+            try:
+                changed = await step.run() or changed
+            except Exception as exc:
+                raise StageError(
+                    "dependencies",
+                    f"{step.owner} could not install {', '.join(step.packages)}: {exc}",
+                ) from exc
+        if changed:
+            self.background(
+                self._gather(self.pm.hook.flashrt_sync_cache(phase="persist", runtime=self))
+            )
+
+    async def _decode_arguments(self, request: FunctionRequest) -> Invocation:
+        fmt = request.serialization_format
+        size = sum(len(v) for v in request.args if isinstance(v, str)) + sum(
+            len(v) for v in request.kwargs.values() if isinstance(v, str)
+        )
+        if size > _DECODE_INLINE_MAX:
+            args, kwargs = await self.run_blocking(
+                decode_arguments, request.args, request.kwargs, fmt
+            )
+        else:
+            args, kwargs = decode_arguments(request.args, request.kwargs, fmt)
+        ctor_args: list[Any] = []
+        ctor_kwargs: dict[str, Any] = {}
+        if request.execution_type == "class" and (
+            request.constructor_args or request.constructor_kwargs
+        ):
+            ctor_args, ctor_kwargs = decode_arguments(
+                request.constructor_args, request.constructor_kwargs, fmt, prefix="constructor_"
+            )
+        return Invocation(request, self, args, kwargs, ctor_args, ctor_kwargs)
+
+    async def _with_modules(self, files: list[Any], invocation: Invocation, timeout: float) -> Any:
+        # Requests whose module names collide take turns: sys.modules is process-wide.
+        locks = [
+            self._module_locks.setdefault(n, asyncio.Lock()) for n in sorted(top_level_names(files))
+        ]
+        for lock in locks:
+            await lock.acquire()
+        mount = ModuleMount(files, self.settings.tmp_dir)
+        try:
+            try:
+                mount.mount()
+            except OSError as exc:
+                raise StageError("load code", f"could not write modules: {exc}") from exc
+            return await self._call(invocation, timeout)
+        finally:
+            mount.unmount()
+            for lock in reversed(locks):
+                lock.release()
+
+    async def _call(self, invocation: Invocation, timeout: float) -> Any:
+        request = invocation.request
+        if request.execution_type == "class":
+            pending = self.pm.hook.flashrt_execute_class(
+                request=request, call=invocation, instances=self.instances
+            )
+            what = f"class {request.class_name!r}"
+        else:
+            pending = self.pm.hook.flashrt_execute_function(request=request, call=invocation)
+            what = f"function {request.function_name!r}"
+        if pending is None:
+            raise StageError(
+                "load code",
+                f"no executor accepted {what}: the request carries no code and no deployed app "
+                "provides it",
+            )
+        try:
+            return await asyncio.wait_for(pending, timeout)
+        except asyncio.TimeoutError:
+            raise StageError("call", f"timed out after {timeout:g} s") from None
+
+    # --- responses ----------------------------------------------------------------------------
+
+    def _failure(
+        self,
+        stage: str,
+        exc: BaseException,
+        tb: Any,
+        *,
+        message: str | None = None,
+        cause: BaseException | None = None,
+    ) -> FunctionResponse:
+        text = message if message is not None else (str(exc) or type(exc).__name__)
+        if not isinstance(exc, Exception) and message is None:
+            text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        detail = f"{text}\n[flashrt] failed during {stage}"
+        shown = cause if cause is not None else (None if isinstance(exc, StageError) else exc)
+        if shown is not None:
+            detail += f" ({type(shown).__name__})\n" + _format_traceback(shown, tb)
+        return FunctionResponse(success=False, error=detail.rstrip("\n"))
+
+    def _notify_finished(self, request: FunctionRequest | None, response: FunctionResponse) -> None:
+        if request is None:
+            return
+        try:
+            self.pm.hook.flashrt_request_finished(request=request, response=response, runtime=self)
+        except Exception:
+            log.exception("a request_finished hook failed")
+
+
+def _approximate_size(request: FunctionRequest) -> int:
+    size = len(request.function_code or "") + len(request.class_code or "")
+    for values in (request.args, request.constructor_args):
+        size += sum(len(v) for v in values if isinstance(v, str))
+    for mapping in (request.kwargs, request.constructor_kwargs, request.modules):
+        size += sum(len(v) for v in mapping.values() if isinstance(v, str))
+    return size
+
+
+def _format_traceback(exc: BaseException, tb: Any) -> str:
+    """The traceback from the first frame that is not the runtime's own plumbing."""
+    internal = _internal_dirs()
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(internal):
+        tb = tb.tb_next
+    lines = traceback.format_exception(type(exc), exc, tb)
+    return "".join(lines)
