@@ -1,0 +1,349 @@
+"""The FastAPI app: honest ``/ping``, ``/execute`` on the Runtime, and the deployed user app.
+
+Start-up (plugins, cache hydration, artifact unpack, the user app's import and lifespan) runs in a
+background task started by our lifespan, so uvicorn accepts connections at once and ``/ping``
+answers 204 until that task finishes: 200 when it succeeded, 503 with the reason when it failed.
+The process stays up either way so the platform can read the reason.
+
+``/ping`` and ``/execute`` are ours; every other path is forwarded to the deployed app, whose
+own ``/ping`` and ``/execute`` are therefore never reachable (they are reserved, REFERENCE §4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from flashrt_core.protocol import RequestError, decode_request, encode_response
+from flashrt_core.settings import Settings, load_settings
+
+from .settings import LBSettings
+from .userapp import AppLoadError, Lifespan, import_app
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Mapping
+
+    from flashrt_core.runtime import Runtime
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
+__all__ = ["Worker", "create_app", "create_health_app"]
+
+log = logging.getLogger("flashrt.lb")
+
+RESERVED_PATHS = ("/ping", "/execute")
+_JSON = "application/json"
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _json(
+    status: int, payload: Mapping[str, Any], headers: dict[str, str] | None = None
+) -> Response:
+    return Response(json.dumps(payload), status_code=status, media_type=_JSON, headers=headers)
+
+
+class Worker:
+    """One HTTP worker: its settings, its Runtime, its readiness and the deployed app it serves.
+
+    ``create_app`` wires it into FastAPI; it is separate so ``create_health_app`` can share it.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        lb_settings: LBSettings | None = None,
+        *,
+        runtime: Runtime | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.settings = settings or (
+            runtime.settings if runtime is not None else load_settings(Settings, environ)
+        )
+        self.lb = lb_settings or load_settings(LBSettings, environ)
+        self.runtime = runtime
+        #: "starting", "ready" or "failed".
+        self.phase = "starting"
+        self.reason: str | None = None
+        self.user_app: ASGIApp | None = None
+        self.user_lifespan: Lifespan | None = None
+        #: Whether ``/execute`` runs requests; decided at start-up (it may need the manifest).
+        self.execute_enabled = False
+        self.max_body = (
+            self.lb.max_body_bytes
+            if self.lb.max_body_bytes is not None
+            else self.settings.max_request_bytes
+        )
+        self._token = self.lb.token.encode() if self.lb.token else None
+        self._done: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def deployed(self) -> bool:
+        """Deployed mode: the code comes from a built artifact, not from the requests."""
+        return bool(self.settings.resource_name) or self.lb.is_mothership
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Start start-up in the background (idempotent); the caller's loop keeps serving."""
+        if self._task is None:
+            self._done = asyncio.Event()
+            self._task = asyncio.create_task(self._startup(), name="flashrt-lb-startup")
+
+    async def wait_started(self) -> None:
+        """Wait until start-up finished, either way."""
+        self.begin()
+        assert self._done is not None
+        await self._done.wait()
+
+    async def _startup(self) -> None:
+        assert self._done is not None
+        try:
+            await self._start()
+        except asyncio.CancelledError:
+            self._fail("start-up was cancelled (the worker is stopping)")
+            raise
+        except AppLoadError as exc:
+            self._fail(str(exc))
+        except Exception as exc:
+            log.exception("start-up failed")
+            self._fail(f"start-up failed: {type(exc).__name__}: {exc}")
+        else:
+            self.phase = "ready"
+            log.info(
+                "ready: %s mode, /execute %s%s",
+                "deployed" if self.deployed else "live",
+                "on" if self.execute_enabled else "off",
+                ", serving the deployed app" if self.user_app is not None else "",
+            )
+        finally:
+            self._done.set()
+
+    def _fail(self, reason: str) -> None:
+        self.phase = "failed"
+        self.reason = reason
+        log.error("not ready: %s", reason)
+
+    async def _start(self) -> None:
+        if self.runtime is None:
+            from flashrt_core.runtime import Runtime
+
+            # Plugin discovery imports third-party modules: keep it off the event loop.
+            self.runtime = await asyncio.to_thread(Runtime, self.settings)
+        runtime = self.runtime
+        await runtime.start()
+        if runtime.startup_error:
+            raise AppLoadError(runtime.startup_error)
+        app_dir = self._artifact_dir(runtime) if self.deployed else None
+        if app_dir is not None:
+            await self._load_user_app(runtime, app_dir)
+        self.execute_enabled = self._decide_execute(app_dir)
+
+    def _artifact_dir(self, runtime: Runtime) -> Path:
+        """The unpacked app's directory, as the core's artifact step recorded it."""
+        info = runtime.state.get("artifact")
+        if not isinstance(info, dict):
+            raise AppLoadError(
+                "deployed mode but no artifact was prepared (is the artifact plugin blocked?)"
+            )
+        status = str(info.get("status", ""))
+        if status in ("failed", "error", "missing"):
+            raise AppLoadError(f"artifact {status}: {info.get('reason') or 'no reason given'}")
+        app_dir = info.get("app_dir")
+        if not app_dir:
+            raise AppLoadError(
+                f"artifact {status or 'unknown'}: no app directory"
+                + (f" ({info['reason']})" if info.get("reason") else "")
+            )
+        return Path(app_dir)
+
+    async def _load_user_app(self, runtime: Runtime, app_dir: Path) -> None:
+        if self.lb.is_mothership and not self.settings.resource_name:
+            file_name, variable = self.lb.main_file, self.lb.app_variable
+        else:
+            file_name, variable = f"handler_{self.settings.resource_name}.py", "app"
+        # Importing runs the user's module code (and its heavy imports): in a thread.
+        app = await runtime.run_blocking(import_app, app_dir, file_name, variable)
+        lifespan = Lifespan(app)
+        await lifespan.startup()
+        self.user_app, self.user_lifespan = app, lifespan
+
+    def _decide_execute(self, app_dir: Path | None) -> bool:
+        if self.lb.execute is not None:
+            return self.lb.execute
+        if not self.deployed:
+            return True
+        if app_dir is None or not self.settings.resource_name:
+            return False
+        resource = _manifest_resource(app_dir, self.settings.resource_name)
+        return bool(resource.get("is_live_resource"))
+
+    async def stop(self) -> None:
+        """Cancel an unfinished start-up, stop the deployed app, then the Runtime."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self.user_lifespan is not None:
+            await self.user_lifespan.shutdown(self.lb.shutdown_timeout_s)
+        if self.runtime is not None:
+            await self.runtime.shutdown()
+
+    # --- handlers ---------------------------------------------------------------------------
+
+    async def ping(self, request: Request) -> Response:
+        """204 while starting, 200 when ready, 503 with the reason when start-up failed."""
+        phase = self.phase
+        if phase == "ready":
+            return Response(b'{"status":"ready"}', media_type=_JSON)
+        if phase == "starting":
+            return Response(status_code=204)
+        return _json(503, {"status": "failed", "reason": self.reason})
+
+    async def execute(self, request: Request) -> Response:
+        """Run one FunctionRequest and answer its FunctionResponse (200 even when it failed)."""
+        if self._token is not None and not self._authorized(request):
+            return _json(
+                401,
+                {"error": "missing or wrong bearer token: send 'Authorization: Bearer <token>'"},
+                {"WWW-Authenticate": "Bearer"},
+            )
+        if self.phase != "ready":
+            await self.wait_started()
+            if self.phase == "failed":
+                return _json(503, {"error": "worker start-up failed", "reason": self.reason})
+        if not self.execute_enabled:
+            return _json(
+                404,
+                {
+                    "error": "/execute is disabled on this deployed worker (the resource is not"
+                    " live); set FLASHRT_LB_EXECUTE=true to enable it"
+                },
+            )
+        try:
+            body = await self._read_body(request)
+        except _BodyTooLarge:
+            return _json(
+                413,
+                {"error": f"request body exceeds the limit of {self.max_body} bytes"},
+                {"Connection": "close"},
+            )
+        try:
+            decoded = decode_request(body)
+        except RequestError as exc:
+            return _json(_decode_status(body), {"error": str(exc)})
+        assert self.runtime is not None
+        response = await self.runtime.execute(decoded)
+        return Response(encode_response(response), media_type=_JSON)
+
+    def _authorized(self, request: Request) -> bool:
+        assert self._token is not None
+        header = request.headers.get("authorization", "")
+        scheme, _, credentials = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            credentials.strip().encode(), self._token
+        )
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused as soon as it passes the limit: a huge upload is never buffered."""
+        limit = self.max_body
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _BodyTooLarge
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _BodyTooLarge
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def forward(self, scope: Scope, receive: Receive, send: Send, not_found: ASGIApp) -> None:
+        """Hand a non-reserved path to the deployed app (after start-up), else 404."""
+        if self.deployed and self.phase == "starting" and scope["type"] in ("http", "websocket"):
+            await self.wait_started()
+        app = self.user_app
+        if app is None or scope["type"] not in ("http", "websocket"):
+            await not_found(scope, receive, send)
+            return
+        lifespan = self.user_lifespan
+        if lifespan is not None and lifespan.state:
+            scope["state"] = {**scope.get("state", {}), **lifespan.state}
+        await app(scope, receive, send)
+
+
+def _decode_status(body: bytes) -> int:
+    """400 when the body is not JSON at all, 422 when it is JSON but not a FunctionRequest."""
+    try:
+        msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return 400
+    return 422
+
+
+def _manifest_resource(app_dir: Path, name: str) -> dict[str, Any]:
+    path = app_dir / "flash_manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise AppLoadError(f"flash_manifest.json is unreadable: {exc}") from exc
+    resources = manifest.get("resources") if isinstance(manifest, dict) else None
+    resource = resources.get(name) if isinstance(resources, dict) else None
+    return resource if isinstance(resource, dict) else {}
+
+
+def create_app(
+    settings: Settings | None = None,
+    lb_settings: LBSettings | None = None,
+    *,
+    runtime: Runtime | None = None,
+    worker: Worker | None = None,
+) -> FastAPI:
+    """The worker's FastAPI app. Its lifespan starts start-up in the background and stops all."""
+    worker = worker or Worker(settings, lb_settings, runtime=runtime)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        worker.begin()
+        try:
+            yield
+        finally:
+            await worker.stop()
+
+    app = FastAPI(
+        title="flashrt worker",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.worker = worker
+    app.add_api_route("/ping", worker.ping, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/execute", worker.execute, methods=["POST"], include_in_schema=False)
+    not_found = app.router.default
+
+    async def fallback(scope: Scope, receive: Receive, send: Send) -> None:
+        await worker.forward(scope, receive, send, not_found)
+
+    app.router.default = fallback
+    return app
+
+
+def create_health_app(worker: Worker) -> FastAPI:
+    """Only ``/ping``, for the ``PORT_HEALTH`` listener; it shares the worker's readiness."""
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_api_route("/ping", worker.ping, methods=["GET"], include_in_schema=False)
+    return app
