@@ -8,6 +8,7 @@ import functools
 import inspect
 import logging
 import os
+import sys
 import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -341,10 +342,7 @@ class Runtime:
                 f"no executor accepted {what}: the request carries no code and no deployed app "
                 "provides it",
             )
-        try:
-            return await asyncio.wait_for(pending, timeout)
-        except asyncio.TimeoutError:
-            raise StageError("call", f"timed out after {timeout:g} s") from None
+        return await _with_timeout(pending, timeout)
 
     # --- responses ----------------------------------------------------------------------------
 
@@ -373,6 +371,24 @@ class Runtime:
             self.pm.hook.flashrt_request_finished(request=request, response=response, runtime=self)
         except Exception:
             log.exception("a request_finished hook failed")
+
+
+async def _with_timeout(pending: Awaitable[Any], timeout: float) -> Any:
+    """Await ``pending`` at most ``timeout`` seconds; past it, it is cancelled."""
+    if sys.version_info >= (3, 11):
+        # asyncio.timeout cancels in place: no extra task per request, unlike wait_for.
+        cm = asyncio.timeout(timeout)
+        try:
+            async with cm:
+                return await pending
+        except TimeoutError:
+            if cm.expired():
+                raise StageError("call", f"timed out after {timeout:g} s") from None
+            raise
+    try:
+        return await asyncio.wait_for(pending, timeout)
+    except asyncio.TimeoutError:
+        raise StageError("call", f"timed out after {timeout:g} s") from None
 
 
 def _approximate_size(request: FunctionRequest) -> int:
