@@ -6,7 +6,6 @@ import asyncio
 import base64
 import json
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -67,7 +66,7 @@ def _runtime_us(body: dict[str, Any]) -> tuple[float, float]:
 
 
 def _import_ms() -> tuple[float, float]:
-    """flashrt_core's own import time (-X importtime, cumulative) and `import json`'s as a yardstick."""
+    """Import time of flashrt_core (-X importtime, cumulative), and of `json` as a yardstick."""
 
     def cumulative(module: str) -> float:
         best = float("inf")

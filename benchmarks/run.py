@@ -1,8 +1,9 @@
 """Run the benchmarks: every ``benchmarks/bench_*.py`` exposes ``run() -> list[dict]``.
 
 Each row reports a measured value next to a floor measured in the same run, so the figure that
-matters is the ratio, which survives a slower or busier machine. ``python benchmarks/run.py core lb``
-runs only the named ones. Results also go to ``.bench/results.json``.
+matters is the ratio, which survives a slower or busier machine.
+``python benchmarks/run.py core lb`` runs only the named ones; results also go to
+``.bench/results.json``.
 """
 
 from __future__ import annotations

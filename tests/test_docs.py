@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from flashrt_core import hookspecs
 
 ROOT = Path(__file__).resolve().parents[1]
