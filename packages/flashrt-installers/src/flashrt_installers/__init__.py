@@ -1,0 +1,12 @@
+"""uv, pip, apt-get and nala dependency installers for flashrt.
+
+Two plugins, registered through the ``flashrt`` entry-point group: :mod:`.python` claims a
+request's ``dependencies``, :mod:`.system` its ``system_dependencies``. Both are ``trylast``, so a
+third-party plugin that claims a kind first (a conda installer, say) replaces that one alone.
+"""
+
+from __future__ import annotations
+
+__all__ = ["__version__"]
+
+__version__ = "0.1.0"

@@ -1,0 +1,346 @@
+"""The Python package installer plugin: uv (preferred) or pip, into the running interpreter.
+
+Why it is shaped this way (see REFERENCE §8 items 6-8):
+
+- packages go into ``sys.executable``'s environment (``uv pip install --python sys.executable``,
+  ``sys.executable -m pip``), never into whatever Python is first on PATH;
+- a request whose requirements are all met starts no process: the answer is remembered per
+  normalised set, so a warm request pays a set lookup;
+- concurrent requests needing the same set share one install; different sets install one after
+  the other (two installers writing one site-packages at once can corrupt it);
+- an install, once started, finishes (or hits its own time limit) even if the request that
+  started it is cancelled: killing pip half-way leaves a broken environment behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import importlib
+import importlib.util
+import os
+import re
+import shutil
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from flashrt_core.hookspecs import hookimpl
+
+from . import proc
+from .proc import InstallError, describe_failure
+from .requirements import (
+    DebianPackage,
+    PythonRequirement,
+    parse_python_requirements,
+    unsatisfied_python_requirements,
+)
+from .settings import InstallerSettings, settings_for
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Sequence
+
+    from flashrt_core.deps import DependencyPlan
+    from flashrt_core.protocol import FunctionRequest
+    from flashrt_core.runtime import Runtime
+
+__all__ = ["OWNER", "STATE_KEY", "PythonInstaller", "flashrt_resolve_deps", "python_installer"]
+
+T = TypeVar("T")
+
+#: The owner name this plugin claims ``"python"`` under.
+OWNER = "flashrt-installers python (uv/pip)"
+#: ``runtime.state`` key of the runtime's :class:`PythonInstaller`.
+STATE_KEY = "flashrt_installers.python"
+
+_COMPILER_MISSING = re.compile(
+    r"(?:\b|/)(?:x86_64-linux-gnu-|aarch64-linux-gnu-)?(?:gcc|g\+\+|cc|c\+\+)['\"]?:? "
+    r"(?:command )?not found"
+    r"|No such file or directory: '(?:[\w/.-]*-)?(?:gcc|g\+\+|cc|c\+\+)'"
+    r"|unable to execute '[^']*(?:gcc|cc|g\+\+|c\+\+)'"
+    r"|error: command '[^']*(?:gcc|cc|g\+\+|c\+\+)' failed: No such file or directory"
+    r"|(?:could not|unable to) (?:find|locate) (?:a |any )?(?:C|C\+\+) compiler"
+    r"|Unknown compiler\(s\)"
+    r"|linker `cc` not found",
+    re.IGNORECASE,
+)
+
+
+def needs_compiler(output: str) -> bool:
+    """Whether a failed install's output shows a build that found no C/C++ compiler."""
+    return _COMPILER_MISSING.search(output) is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outcome:
+    changed: bool
+    tool: str = ""
+    packages: tuple[str, ...] = ()
+    seconds: float = 0.0
+    note: str = ""
+
+
+class PythonInstaller:
+    """Installs PEP 508 requirements into the running interpreter; one per runtime."""
+
+    def __init__(
+        self,
+        settings: InstallerSettings,
+        *,
+        run_blocking: Callable[..., Awaitable[Any]] | None = None,
+        system: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.python = sys.executable
+        self._run_blocking = run_blocking
+        self._system = system
+        self._satisfied: set[frozenset[str]] = set()
+        self._inflight: dict[frozenset[str], asyncio.Future[_Outcome]] = {}
+        self._lock: asyncio.Lock | None = None
+        self._uv: str | None = None
+        self._uv_searched = False
+        self._build_essential_tried = False
+        self._hf_checked = False
+        #: Installer commands started (uv/pip runs, retries included): diagnostics and tests.
+        self.installs = 0
+
+    # -- public --------------------------------------------------------------------------------
+
+    async def ensure(self, reqs: Sequence[PythonRequirement], accelerate: bool = True) -> bool:
+        """Make ``reqs`` importable; ``True`` when this call installed something.
+
+        Prints one line per install to stdout (the request's captured output).
+        """
+        key = frozenset(r.normalized for r in reqs)
+        if accelerate and not self._hf_checked:
+            self._enable_hf_transfer()
+        if key in self._satisfied:
+            return False
+        started = time.monotonic()
+        fut = self._inflight.get(key)
+        leader = fut is None
+        if fut is None:
+            fut = asyncio.ensure_future(self._resolve(key, tuple(reqs), accelerate))
+            self._inflight[key] = fut
+            fut.add_done_callback(lambda f: self._finished(key, f))
+        outcome = await asyncio.shield(fut)
+        if not outcome.changed:
+            return False
+        what = ", ".join(outcome.packages)
+        if leader:
+            print(
+                f"[flashrt] installed {what} with {outcome.tool} in {outcome.seconds:.2f} s"
+                + outcome.note
+            )
+            return True
+        waited = time.monotonic() - started
+        print(
+            f"[flashrt] {what} installed by a concurrent request with {outcome.tool} "
+            f"in {outcome.seconds:.2f} s (waited {waited:.2f} s)"
+        )
+        return False
+
+    def forget(self) -> None:
+        """Drop the remembered satisfied sets (after something else changed the environment)."""
+        self._satisfied.clear()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _finished(self, key: frozenset[str], fut: asyncio.Future[_Outcome]) -> None:
+        if self._inflight.get(key) is fut:
+            del self._inflight[key]
+        if not fut.cancelled():
+            fut.exception()  # retrieved here: waiters re-raise it; none may be left to do so
+
+    async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._run_blocking is not None:
+            result: T = await self._run_blocking(fn, *args)
+            return result
+        return await asyncio.to_thread(fn, *args)
+
+    async def _resolve(
+        self, key: frozenset[str], reqs: tuple[PythonRequirement, ...], accelerate: bool
+    ) -> _Outcome:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            missing = await self._blocking(unsatisfied_python_requirements, reqs)
+            if not missing:
+                self._satisfied.add(key)
+                return _Outcome(changed=False)
+            wanted = [r.normalized for r in reqs if r.applies()]
+            names = [r.normalized for r in missing]
+            tool, argv, env = self._command(wanted, accelerate)
+            start = time.monotonic()
+            if tool == "pip" and importlib.util.find_spec("pip") is None:
+                # No uv and no pip: bootstrap pip from the interpreter's own bundled wheel.
+                boot = await self._run([self.python, "-m", "ensurepip", "--default-pip"], env)
+                if not boot.ok:
+                    raise InstallError(describe_failure("ensurepip", ["pip"], boot))
+            try:
+                result = await self._run(argv, env)
+                note = ""
+                if (
+                    not result.ok
+                    and needs_compiler(result.output)
+                    and await self._install_compiler()
+                ):
+                    note = " (after installing build-essential for a build that needed a compiler)"
+                    result = await self._run(argv, env)
+            finally:
+                # Even a failed run may have changed site-packages.
+                importlib.invalidate_caches()
+                self._satisfied.clear()
+                self._hf_checked = False
+            if not result.ok:
+                message = describe_failure(tool, names, result)
+                if needs_compiler(result.output):
+                    message += (
+                        "\n(a package had to be built from source and no C compiler was found; "
+                        "use an image with build-essential or run the worker as root)"
+                    )
+                raise InstallError(message)
+            still = await self._blocking(unsatisfied_python_requirements, reqs)
+            if still:
+                note += "; still unmet afterwards: " + ", ".join(r.normalized for r in still)
+            else:
+                self._satisfied.add(key)
+            return _Outcome(
+                changed=True,
+                tool=tool,
+                packages=tuple(names),
+                seconds=time.monotonic() - start,
+                note=note,
+            )
+
+    async def _run(self, argv: list[str], env: dict[str, str]) -> proc.ProcResult:
+        self.installs += 1
+        tool = Path(argv[0]).name
+        try:
+            result = await proc.run_with_retry(
+                argv,
+                timeout_s=self.settings.install_timeout_s,
+                tail_bytes=self.settings.output_tail_bytes,
+                env=env,
+                retry_delay_s=self.settings.retry_delay_s,
+            )
+        except OSError as exc:
+            raise InstallError(f"could not start {tool} ({argv[0]}): {exc}") from exc
+        if result.attempts > 1:
+            self.installs += 1
+        return result
+
+    async def _install_compiler(self) -> bool:
+        """Install build-essential once per runtime, when allowed and possible."""
+        if self._build_essential_tried or not self.settings.install_build_essential:
+            return False
+        self._build_essential_tried = True
+        if self._system is None or not self._system.can_install():
+            return False
+        pkg = DebianPackage(name="build-essential", arch=None, version=None)
+        try:
+            await self._system.ensure((pkg,), accelerate=False)
+        except InstallError as exc:
+            print(f"[flashrt] could not install build-essential: {exc}")
+            return False
+        return True
+
+    def _command(
+        self, requirements: list[str], accelerate: bool
+    ) -> tuple[str, list[str], dict[str, str]]:
+        mode = self.settings.python_installer.strip().lower()
+        if mode not in ("auto", "uv", "pip"):
+            raise InstallError(
+                f"FLASHRT_PYTHON_INSTALLER={self.settings.python_installer!r}: "
+                "expected auto, uv or pip"
+            )
+        uv = self._find_uv() if mode != "pip" else None
+        if mode == "uv" and uv is None:
+            raise InstallError("FLASHRT_PYTHON_INSTALLER=uv but no uv binary was found")
+        has_pip = importlib.util.find_spec("pip") is not None
+        use_uv = uv is not None and (mode == "uv" or accelerate or not has_pip)
+        env = dict(os.environ)
+        extra = ["--break-system-packages"] if self._externally_managed() else []
+        if use_uv:
+            assert uv is not None
+            env["UV_NO_PROGRESS"] = "1"
+            argv = [uv, "pip", "install", "--python", self.python, *extra, "--", *requirements]
+            return "uv", argv, env
+        env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+        argv = [
+            self.python,
+            "-m",
+            "pip",
+            "install",
+            "--no-input",
+            "--progress-bar",
+            "off",
+            *extra,
+            "--",
+            *requirements,
+        ]
+        return "pip", argv, env
+
+    def _find_uv(self) -> str | None:
+        if self._uv_searched:
+            return self._uv
+        self._uv_searched = True
+        found: str | None = self.settings.uv_path or None
+        if found is None:
+            try:
+                from uv import find_uv_bin
+
+                found = find_uv_bin()
+            except Exception:
+                found = shutil.which("uv")
+        self._uv = found
+        return found
+
+    def _externally_managed(self) -> bool:
+        if not self.settings.break_system_packages or sys.prefix != sys.base_prefix:
+            return False
+        stdlib = sysconfig.get_path("stdlib")
+        return bool(stdlib) and Path(stdlib, "EXTERNALLY-MANAGED").is_file()
+
+    def _enable_hf_transfer(self) -> None:
+        """Turn on hf_transfer for Hugging Face downloads once it is importable."""
+        self._hf_checked = True
+        if importlib.util.find_spec("hf_transfer") is None:
+            return
+        os.environ.setdefault("HF_HUB_ENABLE_HF_TRANSFER", "1")
+        constants = sys.modules.get("huggingface_hub.constants")
+        if constants is not None and os.environ["HF_HUB_ENABLE_HF_TRANSFER"] == "1":
+            setattr(constants, "HF_HUB_ENABLE_HF_TRANSFER", True)  # noqa: B010
+
+
+def python_installer(runtime: Runtime) -> PythonInstaller:
+    """The runtime's Python installer (created on first use, kept in ``runtime.state``)."""
+    found = runtime.state.get(STATE_KEY)
+    if isinstance(found, PythonInstaller):
+        return found
+    from .system import system_installer
+
+    installer = PythonInstaller(
+        settings_for(runtime.state),
+        run_blocking=runtime.run_blocking,
+        system=system_installer(runtime),
+    )
+    runtime.state[STATE_KEY] = installer
+    return installer
+
+
+@hookimpl(trylast=True)
+def flashrt_resolve_deps(request: FunctionRequest, plan: DependencyPlan, runtime: Runtime) -> None:
+    """Claim ``"python"`` unless a plugin asked earlier did; validate every string first."""
+    if not plan.python or plan.is_claimed("python"):
+        return
+    reqs = parse_python_requirements(plan.python)
+    installer = python_installer(runtime)
+    accelerate = plan.accelerate_downloads
+
+    async def run() -> bool:
+        return await installer.ensure(reqs, accelerate)
+
+    plan.claim("python", OWNER, run, packages=tuple(r.normalized for r in reqs))

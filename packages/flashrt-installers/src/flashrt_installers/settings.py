@@ -1,0 +1,88 @@
+"""Settings of the installers, read once per runtime through ``flashrt_core.load_settings``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from flashrt_core.settings import load_settings, setting
+
+__all__ = ["SETTINGS_STATE_KEY", "InstallerSettings", "settings_for"]
+
+
+@dataclasses.dataclass(frozen=True)
+class InstallerSettings:
+    """Limits and tool choices of the Python and system installers."""
+
+    install_timeout_s: float = setting(
+        "FLASHRT_INSTALL_TIMEOUT_S",
+        900.0,
+        "Time limit for one installer command (uv, pip, apt-get, nala); the whole process group "
+        "is killed past it.",
+    )
+    output_tail_bytes: int = setting(
+        "FLASHRT_INSTALL_OUTPUT_TAIL_BYTES",
+        8192,
+        "How much of an installer's output (its end) is kept and quoted in an install error.",
+    )
+    retry_delay_s: float = setting(
+        "FLASHRT_INSTALL_RETRY_DELAY_S",
+        2.0,
+        "Pause before the single retry of an install that failed on a transient network error.",
+    )
+    python_installer: str = setting(
+        "FLASHRT_PYTHON_INSTALLER",
+        "auto",
+        "`auto` (uv when found and `accelerate_downloads`, else pip), `uv` or `pip`.",
+    )
+    uv_path: str | None = setting(
+        "FLASHRT_UV_PATH",
+        None,
+        "The uv binary to use (default: `uv` on PATH, then the one the `uv` package ships).",
+    )
+    break_system_packages: bool = setting(
+        "FLASHRT_BREAK_SYSTEM_PACKAGES",
+        True,
+        "Install into an externally managed (PEP 668) interpreter when the worker runs on one.",
+    )
+    install_build_essential: bool = setting(
+        "FLASHRT_INSTALL_BUILD_ESSENTIAL",
+        True,
+        "Install `build-essential` once (as root) and retry when a Python build lacks a compiler.",
+    )
+    apt_nala_min_mb: float = setting(
+        "FLASHRT_APT_NALA_MIN_MB",
+        50.0,
+        "With `accelerate_downloads`, use nala (when present) if a requested Debian package's "
+        "download is at least this many MB.",
+    )
+    apt_lock_timeout_s: int = setting(
+        "FLASHRT_APT_LOCK_TIMEOUT_S",
+        120,
+        "How long apt-get waits for a dpkg lock held by another process.",
+    )
+    apt_update_min_interval_s: float = setting(
+        "FLASHRT_APT_UPDATE_MIN_INTERVAL_S",
+        3600.0,
+        "After the first `apt-get update`, another runs only when an install fails on missing or "
+        "stale package lists and the last one is at least this old.",
+    )
+    dpkg_status_path: str = setting(
+        "FLASHRT_DPKG_STATUS",
+        "/var/lib/dpkg/status",
+        "dpkg's status database, read (not executed) to skip installed Debian packages.",
+    )
+
+
+#: ``runtime.state`` key holding the :class:`InstallerSettings` in force (tests put their own).
+SETTINGS_STATE_KEY = "flashrt_installers.settings"
+
+
+def settings_for(state: dict[str, Any]) -> InstallerSettings:
+    """The installers' settings of one runtime, read from the environment on first use."""
+    found = state.get(SETTINGS_STATE_KEY)
+    if isinstance(found, InstallerSettings):
+        return found
+    loaded = load_settings(InstallerSettings)
+    state[SETTINGS_STATE_KEY] = loaded
+    return loaded
