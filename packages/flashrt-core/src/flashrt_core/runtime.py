@@ -135,11 +135,25 @@ class Runtime:
 
     async def run_blocking(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` in the runtime's thread pool, in a copy of the caller's context."""
-        ctx = contextvars.copy_context()
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self.pool, functools.partial(ctx.run, fn, *args, **kwargs)
-        )
+        future: asyncio.Future[T] = loop.create_future()
+        ctx = contextvars.copy_context()
+
+        def work() -> None:
+            # One thread-safe callback straight into the awaited future: cheaper than
+            # run_in_executor's chaining of a concurrent.futures.Future.
+            try:
+                result = ctx.run(fn, *args, **kwargs)
+            except Exception as exc:
+                loop.call_soon_threadsafe(_settle, future, None, exc)
+            except BaseException as exc:  # never let SystemExit & co. reach the event loop
+                wrapped = RuntimeError(f"{type(exc).__name__} in a worker thread: {exc}")
+                loop.call_soon_threadsafe(_settle, future, None, wrapped)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+
+        self.pool.submit(work)
+        return await future
 
     def background(self, awaitable: Awaitable[Any]) -> asyncio.Task[Any]:
         """Run work off the request path; kept referenced and its failures logged."""
@@ -208,7 +222,8 @@ class Runtime:
             decoded = decode_request(request)
         except RequestError as exc:
             raise StageError("decode", str(exc)) from None
-        size = _approximate_size(decoded)
+        # Bytes were measured above; a parsed mapping is measured by its strings.
+        size = 0 if isinstance(request, (bytes, str)) else _approximate_size(decoded)
         if size > limit:
             raise StageError(
                 "decode", f"request of about {size} bytes exceeds the limit of {limit}"
@@ -222,10 +237,12 @@ class Runtime:
         return decoded
 
     async def _run(self, request: FunctionRequest) -> FunctionResponse:
-        try:
-            self.pm.hook.flashrt_request_started(request=request, runtime=self)
-        except Exception:
-            log.exception("a request_started hook failed")
+        started = self.pm.hook.flashrt_request_started
+        if started.get_hookimpls():  # skip pluggy's call machinery when nobody listens
+            try:
+                started(request=request, runtime=self)
+            except Exception:
+                log.exception("a request_started hook failed")
         if request.dependencies or request.system_dependencies:
             await self._install(request)
         invocation = await self._decode_arguments(request)
@@ -365,12 +382,22 @@ class Runtime:
         return FunctionResponse(success=False, error=detail.rstrip("\n"))
 
     def _notify_finished(self, request: FunctionRequest | None, response: FunctionResponse) -> None:
-        if request is None:
+        finished = self.pm.hook.flashrt_request_finished
+        if request is None or not finished.get_hookimpls():
             return
         try:
-            self.pm.hook.flashrt_request_finished(request=request, response=response, runtime=self)
+            finished(request=request, response=response, runtime=self)
         except Exception:
             log.exception("a request_finished hook failed")
+
+
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.done():  # the awaiting request timed out or was cancelled meanwhile
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
 
 
 async def _with_timeout(pending: Awaitable[Any], timeout: float) -> Any:
