@@ -71,6 +71,7 @@ class Worker:
         )
         self.lb = lb_settings or load_settings(LBSettings, environ)
         self.runtime = runtime
+        self._environ = environ
         #: "starting", "ready" or "failed".
         self.phase = "starting"
         self.reason: str | None = None
@@ -144,31 +145,41 @@ class Worker:
         await runtime.start()
         if runtime.startup_error:
             raise AppLoadError(runtime.startup_error)
-        app_dir = self._artifact_dir(runtime) if self.deployed else None
+        app_dir = await self._app_dir(runtime) if self.deployed else None
         if app_dir is not None:
             await self._load_user_app(runtime, app_dir)
-        self.execute_enabled = self._decide_execute(app_dir)
+        self.execute_enabled = await runtime.run_blocking(self._decide_execute, app_dir)
 
-    def _artifact_dir(self, runtime: Runtime) -> Path:
-        """The unpacked app's directory, as the core's artifact step recorded it."""
-        info = runtime.state.get("artifact")
-        if not isinstance(info, dict):
-            raise AppLoadError(
-                "deployed mode but no artifact was prepared (is the artifact plugin blocked?)"
-            )
-        status = str(info.get("status", ""))
-        if status in ("failed", "error", "missing"):
-            raise AppLoadError(f"artifact {status}: {info.get('reason') or 'no reason given'}")
-        app_dir = info.get("app_dir")
-        if not app_dir:
-            raise AppLoadError(
-                f"artifact {status or 'unknown'}: no app directory"
-                + (f" ({info['reason']})" if info.get("reason") else "")
-            )
+    async def _app_dir(self, runtime: Runtime) -> Path:
+        """The unpacked app's directory, as the core's artifact step recorded it.
+
+        The built-in artifact plugin unpacks when ``FLASH_RESOURCE_NAME`` is set; a legacy
+        mothership app without it is unpacked here through the same helper. With
+        ``FLASH_DISABLE_UNPACK`` the app is already in ``FLASHRT_APP_DIR``.
+        """
+        from flashrt_core.artifact import add_app_dir_to_sys_path
+        from flashrt_core.builtin.artifact_startup import STATE_KEY, ensure_artifact
+
+        if self.settings.disable_unpack:
+            from flashrt_core.builtin.volume_settings import VolumeSettings
+
+            unpacked = Path(load_settings(VolumeSettings, self._environ).app_dir)
+            add_app_dir_to_sys_path(unpacked)
+            return unpacked
+        outcome = runtime.state.get(STATE_KEY)
+        if outcome is None:
+            with contextlib.suppress(Exception):  # the outcome recorded carries the reason
+                await ensure_artifact(runtime)
+            outcome = runtime.state.get(STATE_KEY)
+        status = getattr(outcome, "status", None)
+        app_dir = getattr(outcome, "app_dir", None)
+        if status != "ready" or app_dir is None:
+            reason = getattr(outcome, "reason", None) or "the artifact was not unpacked"
+            raise AppLoadError(f"artifact {status or 'missing'}: {reason}")
         return Path(app_dir)
 
     async def _load_user_app(self, runtime: Runtime, app_dir: Path) -> None:
-        if self.lb.is_mothership and not self.settings.resource_name:
+        if self.lb.is_mothership:
             file_name, variable = self.lb.main_file, self.lb.app_variable
         else:
             file_name, variable = f"handler_{self.settings.resource_name}.py", "app"

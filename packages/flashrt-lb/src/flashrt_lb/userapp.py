@@ -33,15 +33,12 @@ class AppLoadError(RuntimeError):
 def import_app(app_dir: Path, file_name: str, variable: str) -> ASGIApp:
     """Import ``app_dir/file_name`` as a module and return its ASGI ``variable``.
 
-    Blocking (it runs the user's module-level code): call it in a worker thread. ``app_dir`` goes
-    first on ``sys.path`` so the artifact's bundled packages and sibling modules import.
+    Blocking (it runs the user's module-level code): call it in a worker thread. ``app_dir`` must
+    already be on ``sys.path`` (the artifact step puts it there) for sibling modules to import.
     """
     path = app_dir / file_name
     if not path.is_file():
         raise AppLoadError(f"deployed app file {file_name!r} not found in {app_dir}")
-    root = str(app_dir)
-    if root not in sys.path:
-        sys.path.insert(0, root)
     module_name = (
         path.stem
         if path.parent == app_dir
