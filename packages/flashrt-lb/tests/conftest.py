@@ -39,34 +39,38 @@ def tar_gz() -> Any:
 
 @pytest.fixture(scope="session")
 def manifest() -> Any:
-    """``manifest(resource, functions, is_live) -> str``: a flash_manifest.json for one LB resource."""
+    """``manifest(resource, routes, is_live=...) -> str``: flash_manifest.json, one LB resource."""
 
     def build(resource: str, routes: dict[str, str], *, is_live: bool) -> str:
         functions = []
         for route, name in routes.items():
             method, path = route.split(" ", 1)
-            functions.append({
-                "name": name,
-                "module": resource,
-                "is_async": True,
-                "is_class": False,
-                "http_method": method,
-                "http_path": path,
-            })
-        return json.dumps({
-            "version": "1.0",
-            "project_name": "lbtest",
-            "resources": {
-                resource: {
-                    "resource_type": "LoadBalancerSlsResource",
-                    "functions": functions,
-                    "is_load_balanced": True,
-                    "is_live_resource": is_live,
+            functions.append(
+                {
+                    "name": name,
+                    "module": resource,
+                    "is_async": True,
+                    "is_class": False,
+                    "http_method": method,
+                    "http_path": path,
                 }
-            },
-            "function_registry": dict.fromkeys(routes.values(), resource),
-            "routes": {resource: routes},
-        })
+            )
+        return json.dumps(
+            {
+                "version": "1.0",
+                "project_name": "lbtest",
+                "resources": {
+                    resource: {
+                        "resource_type": "LoadBalancerSlsResource",
+                        "functions": functions,
+                        "is_load_balanced": True,
+                        "is_live_resource": is_live,
+                    }
+                },
+                "function_registry": dict.fromkeys(routes.values(), resource),
+                "routes": {resource: routes},
+            }
+        )
 
     return build
 

@@ -7,14 +7,15 @@ import base64
 import json
 import socket
 import time
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 import httpx
 import pytest
 from flashrt_lb.testing import WorkerProcess
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 MAX_BODY = 64 * 1024
 
@@ -24,7 +25,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, worker_env: Any) -> Iterato
     tmp = tmp_path_factory.mktemp("lb-live")
     env = worker_env(tmp, FLASHRT_LB_MAX_BODY_BYTES=str(MAX_BODY))
     with WorkerProcess(env, health_port=True) as worker:
-        status, body = worker.wait_ready(timeout=60)
+        status, _ = worker.wait_ready(timeout=60)
         assert status == 200, worker.output()
         yield worker
 
@@ -180,7 +181,7 @@ def test_ping_answers_within_100ms_while_a_sync_function_sleeps_3s(
     assert max(latencies) < 0.100
 
 
-def test_settings_bad_value_exits_2_with_the_variable_named(tmp_path: Path) -> None:
+def test_settings_bad_value_exits_2_with_the_variable_named() -> None:
     worker = WorkerProcess({"FLASHRT_LB_MAX_BODY_BYTES": "lots"})
     worker.start()
     assert worker.proc is not None
