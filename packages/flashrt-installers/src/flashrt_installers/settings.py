@@ -38,7 +38,8 @@ class InstallerSettings:
     uv_path: str | None = setting(
         "FLASHRT_UV_PATH",
         None,
-        "The uv binary to use (default: `uv` on PATH, then the one the `uv` package ships).",
+        "The uv binary to use (default: the one the `uv` package installed with flashrt ships, "
+        "then `uv` on PATH).",
     )
     break_system_packages: bool = setting(
         "FLASHRT_BREAK_SYSTEM_PACKAGES",

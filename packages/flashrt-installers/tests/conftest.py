@@ -1,0 +1,75 @@
+"""Shared fixtures: a Runtime with the installers loaded, and stand-in installer programs.
+
+Stand-ins replace uv/apt-get only where the real one would reach outside the machine's own test
+venv or change the workspace environment; they are real executables, run as real processes.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flashrt_core import Runtime, Settings, load_settings
+from flashrt_installers import python as python_plugin
+from flashrt_installers import system as system_plugin
+from flashrt_installers.settings import SETTINGS_STATE_KEY, InstallerSettings
+
+FUNCTION = "def f():\n    return 1\n"
+
+
+def _body(**fields: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "function_name": "f",
+        "function_code": FUNCTION,
+        "serialization_format": "json",
+    }
+    body.update(fields)
+    return body
+
+
+@pytest.fixture
+def body() -> Callable[..., dict[str, Any]]:
+    """Build a minimal JSON-format function request (returns 1) with the given fields on top."""
+    return _body
+
+
+@pytest.fixture
+def make_runtime() -> Iterator[Callable[..., Runtime]]:
+    """Build Runtimes with only the installers as extra plugins and the given installer settings."""
+    made: list[Runtime] = []
+
+    def make(*plugins: object, **installer_settings: Any) -> Runtime:
+        runtime = Runtime(
+            Settings(disable_plugin_autoload=True),
+            extra_plugins=(*plugins, python_plugin, system_plugin),
+        )
+        runtime.state[SETTINGS_STATE_KEY] = load_settings(
+            InstallerSettings, {}, **installer_settings
+        )
+        made.append(runtime)
+        return runtime
+
+    yield make
+    for runtime in made:
+        if runtime._pool is not None:
+            runtime._pool.shutdown(wait=False)
+
+
+@pytest.fixture
+def fake_bin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str, str], Path]:
+    """Write an executable shell script ``name`` into a directory put first on PATH."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
+
+    def write(name: str, body: str) -> Path:
+        path = bindir / name
+        path.write_text("#!/bin/sh\n" + body)
+        path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+        return path
+
+    return write

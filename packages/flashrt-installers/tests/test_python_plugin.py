@@ -1,0 +1,296 @@
+"""The Python installer through Runtime.execute, inside the workspace interpreter.
+
+Real installs happen in test_venv_installs.py (a throwaway venv); here a stand-in ``uv`` (a real
+executable that records how it was called) keeps the workspace environment untouched while the
+plugin's own behaviour is exercised: validation, fast path, single flight, serialisation, errors,
+time limits and the compiler recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flashrt_core import get_plugin_manager, hookimpl
+from flashrt_core.runtime import Runtime
+from flashrt_installers import proc
+from flashrt_installers import python as python_plugin
+
+pytestmark = pytest.mark.timeout(60)
+
+Body = Callable[..., dict[str, Any]]
+
+
+def _fake_uv(fake_bin: Callable[[str, str], Path], log: Path, body: str = "") -> Path:
+    """A uv stand-in: logs 'start <args>' and 'end' around ``body``; exits with body's status."""
+    return fake_bin(
+        "uv",
+        f'echo "start $*" >> {log}\n{body}\nstatus=$?\necho "end" >> {log}\nexit $status\n',
+    )
+
+
+@pytest.fixture
+def uv_log(tmp_path: Path) -> Path:
+    return tmp_path / "uv.log"
+
+
+def test_entry_points_register_both_installers() -> None:
+    pm = get_plugin_manager()
+    names = dict(pm.list_name_plugin())
+    assert names["python-installer"] is python_plugin
+    assert names["system-installer"].__name__ == "flashrt_installers.system"
+
+
+@pytest.mark.parametrize(
+    ("field", "bad"),
+    [
+        ("dependencies", "--index-url=http://x"),
+        ("dependencies", "-e ."),
+        ("dependencies", "numpy; rm -rf /"),
+        ("dependencies", "pkg name"),
+        ("dependencies", "../x"),
+        ("system_dependencies", "-o foo"),
+        ("system_dependencies", "../x"),
+        ("system_dependencies", "libgl1; rm -rf /"),
+    ],
+)
+def test_rejections_name_the_string_and_start_no_process(
+    make_runtime: Callable[..., Runtime],
+    fake_bin: Callable[[str, str], Path],
+    body: Body,
+    tmp_path: Path,
+    field: str,
+    bad: str,
+) -> None:
+    sentinel = tmp_path / "an-installer-ran"
+    uv = fake_bin("uv", f"touch {sentinel}\n")
+    fake_bin("apt-get", f"touch {sentinel}\n")
+    runtime = make_runtime(uv_path=str(uv), python_installer="uv")
+    started = proc.STATS.started
+    # A valid, missing package next to the bad one: nothing may run for it either.
+    other = "system_dependencies" if field == "dependencies" else "dependencies"
+    fields = {field: ["flashrt-not-installed-xyz", bad] if field == "dependencies" else [bad],
+              other: ["flashrt-not-installed-xyz"] if other == "dependencies" else ["hello"]}
+    response = asyncio.run(runtime.execute(body(**fields)))
+    assert not response.success
+    assert repr(bad) in response.error
+    assert "failed during dependencies" in response.error
+    assert proc.STATS.started == started
+    assert not sentinel.exists()
+
+
+def test_satisfied_dependencies_start_no_process_and_print_nothing(
+    make_runtime: Callable[..., Runtime], fake_bin: Callable[[str, str], Path], body: Body,
+    tmp_path: Path,
+) -> None:
+    sentinel = tmp_path / "an-installer-ran"
+    uv = fake_bin("uv", f"touch {sentinel}\n")
+    fake_bin("apt-get", f"touch {sentinel}\n")
+    runtime = make_runtime(uv_path=str(uv), python_installer="uv")
+    started = proc.STATS.started
+    request = body(
+        dependencies=["pluggy>=1", "MsgSpec", 'nothing-here-xyz; python_version < "3"'],
+        system_dependencies=["coreutils"],
+    )
+
+    async def main() -> list[Any]:
+        return [await runtime.execute(request) for _ in range(3)]
+
+    for response in asyncio.run(main()):
+        assert response.success, response.error
+        assert response.json_result == 1
+        assert response.stdout == ""
+    assert proc.STATS.started == started and not sentinel.exists()
+
+
+class CondaLike:
+    """A third-party installer that takes over Python packages and leaves system ones alone."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, ...]] = []
+
+    @hookimpl
+    def flashrt_resolve_deps(self, request: Any, plan: Any, runtime: Any) -> None:
+        if not plan.python:
+            return
+        packages = plan.python
+
+        async def install() -> bool:
+            self.seen.append(packages)
+            print(f"conda-like: would install {', '.join(packages)}")
+            return False
+
+        plan.claim("python", "conda-like", install)
+
+
+def test_a_third_party_plugin_replaces_the_python_installer_only(
+    fake_bin: Callable[[str, str], Path], body: Body, tmp_path: Path
+) -> None:
+    from flashrt_installers import system as system_plugin
+
+    sentinel = tmp_path / "an-installer-ran"
+    fake_bin("uv", f"touch {sentinel}\n")
+    conda = CondaLike()
+    # Registered *before* the built-in installers: trylast still lets it claim first.
+    from flashrt_core import Settings
+
+    pm = get_plugin_manager(
+        Settings(disable_plugin_autoload=True),
+        extra_plugins=(python_plugin, system_plugin, conda),
+    )
+    runtime = Runtime(Settings(disable_plugin_autoload=True), plugin_manager=pm)
+    started = proc.STATS.started
+    response = asyncio.run(runtime.execute(body(
+        dependencies=["some-conda-only-package>=2"], system_dependencies=["coreutils"]
+    )))
+    assert response.success, response.error
+    assert conda.seen == [("some-conda-only-package>=2",)]
+    assert "conda-like: would install some-conda-only-package>=2" in response.stdout
+    assert proc.STATS.started == started and not sentinel.exists()
+    # The system installer still ran its (fast-path) check: a bad name is still refused.
+    response = asyncio.run(runtime.execute(body(system_dependencies=["-o foo"])))
+    assert not response.success and "'-o foo'" in response.error
+
+
+def test_concurrent_requests_share_one_install_and_other_work_proceeds(
+    make_runtime: Callable[..., Runtime],
+    fake_bin: Callable[[str, str], Path],
+    body: Body,
+    uv_log: Path,
+) -> None:
+    release = uv_log.with_suffix(".go")
+    uv = _fake_uv(fake_bin, uv_log, f"while [ ! -e {release} ]; do sleep 0.02; done")
+    runtime = make_runtime(uv_path=str(uv), python_installer="uv")
+    installer = python_plugin.python_installer(runtime)
+    request = body(dependencies=["flashrt-new-dep-xyz==1.0"])
+
+    async def main() -> tuple[Any, Any, Any]:
+        first = asyncio.ensure_future(runtime.execute(request))
+        second = asyncio.ensure_future(runtime.execute(request))
+        while not uv_log.exists():
+            await asyncio.sleep(0.01)
+        # The install is blocked in its subprocess: another request runs to completion meanwhile.
+        plain = await runtime.execute(body())
+        assert not first.done() and not second.done()
+        release.touch()
+        return plain, await first, await second
+
+    plain, first, second = asyncio.run(main())
+    assert plain.success and plain.json_result == 1
+    assert first.success and second.success, (first.error, second.error)
+    assert installer.installs == 1
+    assert uv_log.read_text().count("start ") == 1
+    leader, follower = sorted([first.stdout, second.stdout], key=lambda out: "concurrent" in out)
+    assert leader.startswith("[flashrt] installed flashrt-new-dep-xyz==1.0 with uv in "), leader
+    assert "flashrt-new-dep-xyz==1.0 installed by a concurrent request with uv" in follower
+
+
+def test_different_sets_install_one_after_the_other(
+    make_runtime: Callable[..., Runtime],
+    fake_bin: Callable[[str, str], Path],
+    body: Body,
+    uv_log: Path,
+) -> None:
+    uv = _fake_uv(fake_bin, uv_log, "sleep 0.3")
+    runtime = make_runtime(uv_path=str(uv), python_installer="uv")
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(
+            runtime.execute(body(dependencies=["flashrt-set-a-xyz"])),
+            runtime.execute(body(dependencies=["flashrt-set-b-xyz"])),
+        )
+
+    responses = asyncio.run(main())
+    assert all(r.success for r in responses)
+    events = [line.split(" ", 1)[0] for line in uv_log.read_text().splitlines()]
+    assert events == ["start", "end", "start", "end"]  # never two installers at once
+    # The argument list: the running interpreter, then '--', then normalised requirements.
+    first = uv_log.read_text().splitlines()[0].split()
+    assert first[1:5] == ["pip", "install", "--python", sys.executable]
+    assert first[-2] == "--" and first[-1] in ("flashrt-set-a-xyz", "flashrt-set-b-xyz")
+
+
+def test_install_failure_names_packages_and_quotes_the_output_tail(
+    make_runtime: Callable[..., Runtime], fake_bin: Callable[[str, str], Path], body: Body,
+    uv_log: Path,
+) -> None:
+    noise = "for i in $(seq 1 3000); do echo resolving step $i; done"
+    uv = _fake_uv(
+        fake_bin, uv_log,
+        f"{noise}\necho '  x No solution found when resolving: flashrt-bad-xyz' >&2\nfalse",
+    )
+    runtime = make_runtime(uv_path=str(uv), python_installer="uv", output_tail_bytes=2048)
+    response = asyncio.run(runtime.execute(body(dependencies=["flashrt-bad-xyz>=9"])))
+    assert not response.success
+    error = response.error
+    assert "could not install flashrt-bad-xyz>=9" in error
+    assert "uv failed with exit code 1" in error
+    assert "No solution found when resolving: flashrt-bad-xyz" in error
+    assert "resolving step 1\n" not in error  # only the tail is kept
+    assert "earlier bytes of output dropped" in error
+
+
+def test_install_time_limit_kills_the_installer(
+    make_runtime: Callable[..., Runtime], fake_bin: Callable[[str, str], Path], body: Body,
+    tmp_path: Path, uv_log: Path,
+) -> None:
+    pidfile = tmp_path / "child.pid"
+    uv = _fake_uv(fake_bin, uv_log, f"sleep 60 & echo $! > {pidfile}; wait")
+    runtime = make_runtime(uv_path=str(uv), python_installer="uv", install_timeout_s=0.5)
+    response = asyncio.run(runtime.execute(body(dependencies=["flashrt-slow-xyz"])))
+    assert not response.success
+    assert "timed out after" in response.error and "process group was killed" in response.error
+    pid = int(pidfile.read_text())
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{pid}/stat") as fh:
+            if fh.read().split(") ", 1)[1][0] == "Z":
+                break
+        asyncio.run(asyncio.sleep(0.05))
+    else:
+        pytest.fail("the installer's child survived the time limit")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="installing build-essential needs root")
+def test_a_build_without_a_compiler_gets_build_essential_once_and_a_retry(
+    make_runtime: Callable[..., Runtime], fake_bin: Callable[[str, str], Path], body: Body,
+    tmp_path: Path, uv_log: Path,
+) -> None:
+    tried = tmp_path / "tried"
+    uv = _fake_uv(
+        fake_bin, uv_log,
+        f"if [ -e {tried} ]; then exit 0; fi; touch {tried}\n"
+        "echo \"error: command 'gcc' failed: No such file or directory\"; false",
+    )
+    runtime = make_runtime(uv_path=str(uv), python_installer="uv")
+    installer = python_plugin.python_installer(runtime)
+    response = asyncio.run(runtime.execute(body(dependencies=["flashrt-needs-cc-xyz"])))
+    assert response.success, response.error
+    assert installer.installs == 2
+    assert "after installing build-essential" in response.stdout
+    # build-essential is tried once per worker: a second compiler failure is reported as such.
+    tried.unlink()
+    response = asyncio.run(runtime.execute(body(dependencies=["flashrt-needs-cc-2-xyz"])))
+    assert not response.success
+    assert "no C compiler was found" in response.error
+    assert installer.installs == 3
+
+
+def test_python_validation_happens_in_the_hook_before_any_claim(
+    make_runtime: Callable[..., Runtime], body: Body
+) -> None:
+    runtime = make_runtime()
+    from flashrt_core import DependencyPlan
+
+    plan = DependencyPlan(python=("ok-pkg", "-e ."))
+    with pytest.raises(ValueError, match="'-e .'"):
+        python_plugin.flashrt_resolve_deps(request=None, plan=plan, runtime=runtime)
+    assert not plan.is_claimed("python")
