@@ -24,9 +24,11 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff check and ruff format --check."""
+    """ruff check and ruff format --check; hadolint on the Dockerfile; image pins current."""
     session.run(*UV_RUN, "ruff", "check", ".")
     session.run(*UV_RUN, "ruff", "format", "--check", ".")
+    session.run(*UV_RUN, "hadolint", "--failure-threshold", "style", "images/Dockerfile")
+    session.run(*UV_RUN, "python", "images/pins.py", "--check")
 
 
 @nox.session
