@@ -6,6 +6,8 @@ import builtins
 import hashlib
 import inspect
 import linecache
+import sys
+import types
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
@@ -20,9 +22,11 @@ if TYPE_CHECKING:
 
 __all__ = ["Invocation", "UserBaseException", "load_code"]
 
-#: Namespace ``__name__`` of exec'd code: not in ``sys.modules``, so cloudpickle pickles what the
-#: code defines by value and the client can unpickle it without the worker's modules.
+#: Namespace ``__name__`` of exec'd code. ``sys.modules`` holds only an empty placeholder under
+#: this name: ``@dataclass`` and friends look the module up, while cloudpickle, finding nothing
+#: the code defines in it, pickles those objects by value so the client needs no worker modules.
 USER_MODULE_NAME = "__flashrt_remote__"
+_USER_MODULE = types.ModuleType(USER_MODULE_NAME, "Placeholder module of code exec'd by flashrt.")
 _CODE_CACHE_SIZE = 512
 _code_cache: OrderedDict[str, CodeType] = OrderedDict()
 
@@ -61,6 +65,7 @@ def _compile(source: str, name: str) -> CodeType:
 def load_code(source: str, name: str) -> dict[str, Any]:
     """Exec ``source`` into a fresh namespace (compiled code is cached by source)."""
     code = _compile(source, name)
+    sys.modules.setdefault(USER_MODULE_NAME, _USER_MODULE)
     namespace: dict[str, Any] = {"__name__": USER_MODULE_NAME, "__builtins__": builtins}
     try:
         exec(code, namespace)
