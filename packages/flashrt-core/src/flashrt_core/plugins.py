@@ -29,6 +29,9 @@ ENTRY_POINT_GROUP = "flashrt"
 #: ``trylast``; block one by name with ``FLASHRT_BLOCKED_PLUGINS`` to drop it entirely.
 BUILTIN_PLUGINS: dict[str, str] = {
     "flashrt.executors": "flashrt_core.builtin.executors",
+    "flashrt.artifact": "flashrt_core.builtin.artifact_startup",
+    "flashrt.volume-cache": "flashrt_core.builtin.volume_cache",
+    "flashrt.manifest": "flashrt_core.builtin.manifest",
 }
 
 
