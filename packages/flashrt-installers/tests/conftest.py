@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from flashrt_core import Runtime, Settings, load_settings
 from flashrt_installers import python as python_plugin
 from flashrt_installers import system as system_plugin
 from flashrt_installers.settings import SETTINGS_STATE_KEY, InstallerSettings
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
 
 FUNCTION = "def f():\n    return 1\n"
 

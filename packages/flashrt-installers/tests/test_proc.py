@@ -1,4 +1,4 @@
-"""The process runner with real processes: group kill on timeout and cancel, bounded output, retry."""
+"""The process runner, real processes: group kill on timeout and cancel, bounded output, retry."""
 
 from __future__ import annotations
 
@@ -6,10 +6,13 @@ import asyncio
 import os
 import sys
 import time
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from flashrt_installers import proc
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -121,8 +124,15 @@ def test_a_missing_program_raises_oserror() -> None:
 def test_arguments_are_never_interpreted_by_a_shell(tmp_path: Path) -> None:
     target = tmp_path / "pwned"
     result = asyncio.run(
-        proc.run_command([sys.executable, "-c", "import sys; print(sys.argv[1])",
-                          f"$(touch {target}); `touch {target}`"], timeout_s=10)
+        proc.run_command(
+            [
+                sys.executable,
+                "-c",
+                "import sys; print(sys.argv[1])",
+                f"$(touch {target}); `touch {target}`",
+            ],
+            timeout_s=10,
+        )
     )
     assert result.ok and not target.exists()
     assert "$(touch" in result.output

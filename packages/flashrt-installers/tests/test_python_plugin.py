@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from flashrt_core import get_plugin_manager, hookimpl
 from flashrt_core.runtime import Runtime
 from flashrt_installers import proc
 from flashrt_installers import python as python_plugin
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -74,8 +77,10 @@ def test_rejections_name_the_string_and_start_no_process(
     started = proc.STATS.started
     # A valid, missing package next to the bad one: nothing may run for it either.
     other = "system_dependencies" if field == "dependencies" else "dependencies"
-    fields = {field: ["flashrt-not-installed-xyz", bad] if field == "dependencies" else [bad],
-              other: ["flashrt-not-installed-xyz"] if other == "dependencies" else ["hello"]}
+    fields = {
+        field: ["flashrt-not-installed-xyz", bad] if field == "dependencies" else [bad],
+        other: ["flashrt-not-installed-xyz"] if other == "dependencies" else ["hello"],
+    }
     response = asyncio.run(runtime.execute(body(**fields)))
     assert not response.success
     assert repr(bad) in response.error
@@ -85,7 +90,9 @@ def test_rejections_name_the_string_and_start_no_process(
 
 
 def test_satisfied_dependencies_start_no_process_and_print_nothing(
-    make_runtime: Callable[..., Runtime], fake_bin: Callable[[str, str], Path], body: Body,
+    make_runtime: Callable[..., Runtime],
+    fake_bin: Callable[[str, str], Path],
+    body: Body,
     tmp_path: Path,
 ) -> None:
     sentinel = tmp_path / "an-installer-ran"
@@ -145,9 +152,11 @@ def test_a_third_party_plugin_replaces_the_python_installer_only(
     )
     runtime = Runtime(Settings(disable_plugin_autoload=True), plugin_manager=pm)
     started = proc.STATS.started
-    response = asyncio.run(runtime.execute(body(
-        dependencies=["some-conda-only-package>=2"], system_dependencies=["coreutils"]
-    )))
+    response = asyncio.run(
+        runtime.execute(
+            body(dependencies=["some-conda-only-package>=2"], system_dependencies=["coreutils"])
+        )
+    )
     assert response.success, response.error
     assert conda.seen == [("some-conda-only-package>=2",)]
     assert "conda-like: would install some-conda-only-package>=2" in response.stdout
@@ -216,12 +225,15 @@ def test_different_sets_install_one_after_the_other(
 
 
 def test_install_failure_names_packages_and_quotes_the_output_tail(
-    make_runtime: Callable[..., Runtime], fake_bin: Callable[[str, str], Path], body: Body,
+    make_runtime: Callable[..., Runtime],
+    fake_bin: Callable[[str, str], Path],
+    body: Body,
     uv_log: Path,
 ) -> None:
     noise = "for i in $(seq 1 3000); do echo resolving step $i; done"
     uv = _fake_uv(
-        fake_bin, uv_log,
+        fake_bin,
+        uv_log,
         f"{noise}\necho '  x No solution found when resolving: flashrt-bad-xyz' >&2\nfalse",
     )
     runtime = make_runtime(uv_path=str(uv), python_installer="uv", output_tail_bytes=2048)
@@ -236,8 +248,11 @@ def test_install_failure_names_packages_and_quotes_the_output_tail(
 
 
 def test_install_time_limit_kills_the_installer(
-    make_runtime: Callable[..., Runtime], fake_bin: Callable[[str, str], Path], body: Body,
-    tmp_path: Path, uv_log: Path,
+    make_runtime: Callable[..., Runtime],
+    fake_bin: Callable[[str, str], Path],
+    body: Body,
+    tmp_path: Path,
+    uv_log: Path,
 ) -> None:
     pidfile = tmp_path / "child.pid"
     uv = _fake_uv(fake_bin, uv_log, f"sleep 60 & echo $! > {pidfile}; wait")
@@ -261,12 +276,16 @@ def test_install_time_limit_kills_the_installer(
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="installing build-essential needs root")
 def test_a_build_without_a_compiler_gets_build_essential_once_and_a_retry(
-    make_runtime: Callable[..., Runtime], fake_bin: Callable[[str, str], Path], body: Body,
-    tmp_path: Path, uv_log: Path,
+    make_runtime: Callable[..., Runtime],
+    fake_bin: Callable[[str, str], Path],
+    body: Body,
+    tmp_path: Path,
+    uv_log: Path,
 ) -> None:
     tried = tmp_path / "tried"
     uv = _fake_uv(
-        fake_bin, uv_log,
+        fake_bin,
+        uv_log,
         f"if [ -e {tried} ]; then exit 0; fi; touch {tried}\n"
         "echo \"error: command 'gcc' failed: No such file or directory\"; false",
     )
@@ -291,6 +310,6 @@ def test_python_validation_happens_in_the_hook_before_any_claim(
     from flashrt_core import DependencyPlan
 
     plan = DependencyPlan(python=("ok-pkg", "-e ."))
-    with pytest.raises(ValueError, match="'-e .'"):
+    with pytest.raises(ValueError, match=re.escape("'-e .'")):
         python_plugin.flashrt_resolve_deps(request=None, plan=plan, runtime=runtime)
     assert not plan.is_claimed("python")

@@ -24,8 +24,10 @@ pytestmark = pytest.mark.timeout(30)
         ("  NumPy >= 1.20 , <3 ", "numpy<3,>=1.20"),
         ("Foo_Bar[Socks,Extra2]==1.0", "foo-bar[extra2,socks]==1.0"),
         ('idna==3.7; python_version >= "3.8"', 'idna==3.7; python_version >= "3.8"'),
-        ("pkg @ https://example.invalid/pkg-1.0-py3-none-any.whl",
-         "pkg @ https://example.invalid/pkg-1.0-py3-none-any.whl"),
+        (
+            "pkg @ https://example.invalid/pkg-1.0-py3-none-any.whl",
+            "pkg @ https://example.invalid/pkg-1.0-py3-none-any.whl",
+        ),
         ("pkg@git+https://example.invalid/a/b@v1", "pkg @ git+https://example.invalid/a/b@v1"),
     ],
 )
@@ -149,8 +151,15 @@ def test_dpkg_status_parsing_and_missing_packages() -> None:
     installed = installed_debian_packages(STATUS)
     assert installed == {("coreutils", "amd64"): "9.1-1", ("tzdata", "all"): "2024a-0"}
     pkgs = parse_debian_packages(
-        ["coreutils", "coreutils:amd64", "tzdata:amd64", "coreutils=9.1-1", "removed-pkg",
-         "coreutils=9.2-1", "fake"]
+        [
+            "coreutils",
+            "coreutils:amd64",
+            "tzdata:amd64",
+            "coreutils=9.1-1",
+            "removed-pkg",
+            "coreutils=9.2-1",
+            "fake",
+        ]
     )
     missing = [p.spec for p in missing_debian_packages(pkgs, installed)]
     assert missing == ["removed-pkg", "coreutils=9.2-1", "fake"]

@@ -1,0 +1,52 @@
+"""Run requests through a Runtime inside a throwaway venv (the interpreter that runs this file).
+
+Usage: ``python venv_driver.py SCENARIO.json``; the scenario is ``{"rounds": [[body, ...], ...]}``.
+The bodies of one round run concurrently, rounds one after the other, all in one Runtime loaded
+the way a worker loads it (entry points). Prints one JSON document: per response its fields, the
+decoded result, and the installer counters right after its round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import sys
+from typing import Any
+
+
+async def main(scenario: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    import cloudpickle
+    from flashrt_core import Runtime
+    from flashrt_installers import proc, python
+
+    runtime = Runtime()
+    await runtime.start()
+    rounds = []
+    for bodies in scenario["rounds"]:
+        responses = await asyncio.gather(*(runtime.execute(b) for b in bodies))
+        installer = runtime.state.get(python.STATE_KEY)
+        out = []
+        for r in responses:
+            value = r.json_result
+            if r.result is not None:
+                value = cloudpickle.loads(base64.b64decode(r.result))
+            out.append(
+                {
+                    "success": r.success,
+                    "value": value,
+                    "error": r.error,
+                    "stdout": r.stdout,
+                    "python_installs": installer.installs if installer else 0,
+                    "processes_started": proc.STATS.started,
+                }
+            )
+        rounds.append(out)
+    await runtime.shutdown()
+    return rounds
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as fh:
+        scenario = json.load(fh)
+    print(json.dumps(asyncio.run(main(scenario))))
