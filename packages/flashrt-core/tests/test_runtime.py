@@ -1,0 +1,329 @@
+"""Runtime.execute end to end: function kinds, failures by stage, timeouts, BaseExceptions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+
+import pytest
+
+from flashrt_core import FunctionRequest, FunctionResponse, Runtime, hookimpl
+
+
+def _ok_after(worker, wire):
+    """The worker still serves a plain request."""
+    response = worker.execute(wire.function("def alive():\n    return 'alive'\n", "alive"))
+    assert wire.dec(response) == "alive"
+
+
+# --- kinds of functions --------------------------------------------------------------------------
+
+
+def test_sync_function_runs_in_a_worker_thread_not_on_the_loop(worker, wire):
+    code = (
+        "def where():\n"
+        "    import asyncio, threading\n"
+        "    try:\n"
+        "        asyncio.get_running_loop()\n"
+        "        on_loop = True\n"
+        "    except RuntimeError:\n"
+        "        on_loop = False\n"
+        "    return threading.current_thread().name, on_loop\n"
+    )
+    name, on_loop = wire.dec(worker.execute(wire.function(code, "where")))
+    assert on_loop is False
+    assert name != threading.current_thread().name
+    assert name.startswith("flashrt")
+
+
+def test_async_function_is_awaited_on_the_loop(worker, wire):
+    code = (
+        "async def where(x):\n"
+        "    import asyncio\n"
+        "    await asyncio.sleep(0)\n"
+        "    asyncio.get_running_loop()\n"
+        "    return x + 1\n"
+    )
+    assert wire.dec(worker.execute(wire.function(code, "where", 41))) == 42
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "def gen(n):\n    for i in range(n):\n        yield i * i\n",
+        "async def gen(n):\n    import asyncio\n    for i in range(n):\n"
+        "        await asyncio.sleep(0)\n        yield i * i\n",
+        "def gen(n):\n    return (i * i for i in range(n))\n",
+    ],
+    ids=["generator", "async-generator", "returns-generator"],
+)
+def test_generator_results_are_collected_into_a_list(worker, wire, code):
+    assert wire.dec(worker.execute(wire.function(code, "gen", 4))) == [0, 1, 4, 9]
+
+
+def test_sync_function_returning_a_coroutine_is_awaited(worker, wire):
+    code = "def outer():\n    async def inner():\n        return 'awaited'\n    return inner()\n"
+    assert wire.dec(worker.execute(wire.function(code, "outer"))) == "awaited"
+
+
+def test_code_runs_with_a_proper_module_name_in_a_fresh_namespace(worker, wire):
+    code = (
+        "counter = []\n"
+        "def f():\n"
+        "    counter.append(1)\n"
+        "    return __name__, len(counter)\n"
+    )
+    first = wire.dec(worker.execute(wire.function(code, "f")))
+    second = wire.dec(worker.execute(wire.function(code, "f")))
+    # Same source twice: cached compile, but a fresh namespace each time.
+    assert first == second
+    assert first[1] == 1
+    assert first[0] not in ("__main__", "builtins") and first[0].startswith("__")
+
+
+def test_stacked_call_stub_imports_are_available(worker, wire):
+    code = "def f():\n    import aiohttp, cloudpickle\n    return 'ok'\n"
+    assert wire.dec(worker.execute(wire.function(code, "f"))) == "ok"
+
+
+# --- failures and their stages ---------------------------------------------------------------
+
+
+def test_function_not_found_lists_the_names_the_code_defines(worker, wire):
+    code = "import os\ndef alpha():\n    pass\ndef beta():\n    pass\nclass Gamma:\n    pass\n"
+    response = worker.execute(wire.function(code, "delta"))
+    assert response.success is False
+    assert "function 'delta' not found" in response.error
+    assert "it defines: Gamma, alpha, beta" in response.error
+    assert "failed during load code" in response.error
+
+
+def test_code_that_does_not_compile_is_a_load_code_failure(worker, wire):
+    response = worker.execute(wire.function("def f(:\n    pass\n", "f"))
+    assert response.success is False
+    assert "does not compile" in response.error
+    assert "failed during load code" in response.error
+
+
+def test_code_raising_at_module_level_is_a_load_code_failure_with_traceback(worker, wire):
+    response = worker.execute(wire.function("print('loading')\nraise ImportError('nope')\n", "f"))
+    assert response.success is False
+    assert "raised ImportError: nope" in response.error
+    assert "failed during load code" in response.error
+    assert "Traceback" in response.error
+    assert response.stdout == "loading\n"
+
+
+def test_user_exception_reports_the_call_stage_with_the_users_traceback(worker, wire):
+    code = "def f(x):\n    return helper(x)\ndef helper(x):\n    return 1 / x\n"
+    response = worker.execute(wire.function(code, "f", 0))
+    assert response.success is False
+    assert response.error.startswith("division by zero")
+    assert "failed during call (ZeroDivisionError)" in response.error
+    assert "in helper" in response.error
+    assert "return 1 / x" in response.error
+    # The runtime's own plumbing is not part of the user's story.
+    assert "flashrt_core" not in response.error
+
+
+def test_failure_response_is_a_failure_for_the_client(worker, wire, client):
+    response = worker.execute(wire.function("def f():\n    raise KeyError('k')\n", "f"))
+    with pytest.raises(Exception, match="^Remote execution failed: 'k'"):
+        client.decode(response)
+
+
+# --- timeouts ------------------------------------------------------------------------------------
+
+
+def test_sync_timeout_from_the_request_field(worker, wire):
+    request = wire.function("def slow():\n    import time\n    time.sleep(1.0)\n", "slow")
+    request["timeout_s"] = 0.2
+    response = worker.execute(request)
+    assert response.success is False
+    assert "timed out after 0.2 s" in response.error
+    _ok_after(worker, wire)
+
+
+def test_async_timeout_cancels_the_coroutine(make_worker, wire, tmp_path):
+    worker = make_worker(timeout_s=0.3)
+    marker = tmp_path / "cancelled"
+    code = (
+        "async def slow(path):\n"
+        "    import asyncio\n"
+        "    try:\n"
+        "        await asyncio.sleep(30)\n"
+        "    except asyncio.CancelledError:\n"
+        "        open(path, 'w').write('cancelled')\n"
+        "        raise\n"
+    )
+    response = worker.execute(wire.function(code, "slow", str(marker)))
+    assert response.success is False
+    assert "timed out after 0.3 s" in response.error
+    assert marker.read_text() == "cancelled"
+    _ok_after(worker, wire)
+
+
+def test_request_timeout_is_capped_by_the_worker_maximum(make_worker, wire):
+    worker = make_worker(max_timeout_s=0.2)
+    request = wire.function(
+        "async def slow():\n    import asyncio\n    await asyncio.sleep(30)\n", "slow"
+    )
+    request["timeout_s"] = 100
+    response = worker.execute(request)
+    assert "timed out after 0.2 s" in response.error
+
+
+# --- BaseExceptions from user code ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        ("def f():\n    raise SystemExit(3)\n", "SystemExit: 3"),
+        ("def f():\n    raise KeyboardInterrupt('stop')\n", "KeyboardInterrupt: stop"),
+        ("async def f():\n    raise SystemExit(4)\n", "SystemExit: 4"),
+        ("async def f():\n    raise KeyboardInterrupt\n", "KeyboardInterrupt"),
+        ("def f():\n    import sys\n    sys.exit('bye')\n", "SystemExit: bye"),
+        ("def f():\n    raise GeneratorExit\n", "GeneratorExit"),
+        ("def f():\n    yield 1\n    raise SystemExit(5)\n", "SystemExit: 5"),
+    ],
+    ids=["sync-exit", "sync-interrupt", "async-exit", "async-interrupt", "sys.exit", "genexit", "gen"],
+)
+def test_base_exceptions_become_error_responses(worker, wire, code, expected):
+    response = worker.execute(wire.function(code, "f"))
+    assert response.success is False
+    assert response.error.startswith(expected)
+    assert "failed during call" in response.error
+    _ok_after(worker, wire)
+
+
+def test_system_exit_while_loading_code_is_a_failure(worker, wire):
+    response = worker.execute(wire.function("raise SystemExit(9)\n", "f"))
+    assert response.success is False
+    assert "SystemExit" in response.error
+    _ok_after(worker, wire)
+
+
+def test_system_exit_in_a_constructor_is_a_failure(worker, wire):
+    code = "class A:\n    def __init__(self):\n        raise SystemExit(2)\n    def m(self):\n        pass\n"
+    response = worker.execute(wire.method(code, "A", "m", instance_id="A_1"))
+    assert response.success is False
+    assert "SystemExit" in response.error
+    _ok_after(worker, wire)
+
+
+# --- the Runtime object -------------------------------------------------------------------------
+
+
+def test_execute_accepts_a_request_object(worker, wire):
+    request = FunctionRequest(
+        function_name="f", function_code="def f(a):\n    return a * 2\n", args=[wire.enc(21)]
+    )
+    assert wire.dec(worker.execute(request)) == 42
+
+
+def test_start_is_idempotent_and_marks_ready(worker):
+    assert worker.rt.ready is True
+    assert worker.rt.startup_error is None
+    worker.run(worker.rt.start())
+    assert worker.rt.ready is True
+
+
+class _Lifecycle:
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.events: list[str] = []
+
+    @hookimpl
+    def flashrt_startup(self, runtime):
+        async def go():
+            self.events.append("startup")
+            if self.fail:
+                raise RuntimeError("artifact missing")
+
+        return go()
+
+    @hookimpl
+    def flashrt_sync_cache(self, phase, runtime):
+        self.events.append(f"cache:{phase}")
+
+    @hookimpl
+    def flashrt_request_started(self, request, runtime):
+        self.events.append(f"started:{request.function_name}")
+        raise RuntimeError("observers must not break requests")
+
+    @hookimpl
+    def flashrt_request_finished(self, request, response, runtime):
+        self.events.append(f"finished:{response.success}")
+
+    @hookimpl
+    def flashrt_shutdown(self, runtime):
+        async def go():
+            self.events.append("shutdown")
+
+        return go()
+
+
+def test_lifecycle_hooks_run_in_order_and_observers_cannot_break_requests(make_worker, wire):
+    plugin = _Lifecycle()
+    worker = make_worker(extra_plugins=(plugin,))
+    assert wire.dec(worker.execute(wire.function("def f():\n    return 1\n", "f"))) == 1
+    worker.run(worker.rt.shutdown())
+    assert plugin.events == [
+        "startup",
+        "cache:hydrate",
+        "started:f",
+        "finished:True",
+        "shutdown",
+    ]
+
+
+def test_failed_startup_is_reported_not_raised(wire):
+    plugin = _Lifecycle(fail=True)
+    from flashrt_core import Settings, load_settings
+
+    runtime = Runtime(
+        load_settings(Settings, {}, disable_plugin_autoload=True), extra_plugins=(plugin,)
+    )
+
+    async def scenario():
+        await runtime.start()
+        await runtime.shutdown()
+
+    asyncio.run(scenario())
+    assert runtime.ready is False
+    assert runtime.startup_error == "start-up failed: RuntimeError: artifact missing"
+
+
+def test_background_failures_are_logged_and_run_blocking_works(worker, caplog):
+    async def scenario():
+        async def boom():
+            raise ValueError("background went wrong")
+
+        task = worker.rt.background(boom())
+        await asyncio.wait([task])
+        return await worker.rt.run_blocking(lambda a, b=0: threading.current_thread().name + a, "!")
+
+    with caplog.at_level(logging.ERROR, logger="flashrt.runtime"):
+        name = worker.run(scenario())
+    assert name.startswith("flashrt") and name.endswith("!")
+    assert "background task failed" in caplog.text
+    assert "background went wrong" in caplog.text
+
+
+def test_never_raises_even_for_nonsense(worker):
+    for nonsense in (None, 3.5, object(), {"input": None}, b"\x00" * 10):
+        response = worker.execute(nonsense)
+        assert isinstance(response, FunctionResponse)
+        assert response.success is False
+
+
+def test_stdout_is_the_original_stream_after_every_request(worker, wire):
+    out, err = sys.stdout, sys.stderr
+    worker.execute(wire.function("def f():\n    print('x')\n    raise ValueError\n", "f"))
+    worker.execute(wire.function("def f():\n    print('y')\n", "f"))
+    worker.execute(b"garbage")
+    assert sys.stdout is out
+    assert sys.stderr is err
