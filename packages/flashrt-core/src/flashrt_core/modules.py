@@ -65,12 +65,12 @@ class ModuleMount:
 
     def mount(self) -> Path:
         root = Path(tempfile.mkdtemp(prefix="flashrt-modules-", dir=self.tmp_root))
+        self.path = root  # set first: unmount() removes a half-written dir too
         for rel, source in self.files:
             target = root.joinpath(*rel.parts)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(source, encoding="utf-8")
         sys.path.insert(0, str(root))
-        self.path = root
         return root
 
     def unmount(self) -> None:
