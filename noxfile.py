@@ -38,6 +38,17 @@ def typecheck(session: nox.Session) -> None:
 
 
 @nox.session
+def smoke(session: nox.Session) -> None:
+    """The images' Python side without Docker (images/smoke.py; not in the default run).
+
+    Builds the wheels, installs exactly what the images' runtime stage installs into a fresh
+    virtual environment, and starts flashrt-qb (live and deployed) and flashrt-lb as the images do.
+    ``nox -s smoke -- --accelerator gpu`` installs the GPU images' requirements instead.
+    """
+    session.run(*UV_RUN, "python", "images/smoke.py", *session.posargs)
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks, each reported as a ratio against a floor measured in the same run."""
     session.run(*UV_RUN, "python", "benchmarks/run.py", *session.posargs)
