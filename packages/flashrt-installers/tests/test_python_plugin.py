@@ -313,3 +313,24 @@ def test_python_validation_happens_in_the_hook_before_any_claim(
     with pytest.raises(ValueError, match=re.escape("'-e .'")):
         python_plugin.flashrt_resolve_deps(request=None, plan=plan, runtime=runtime)
     assert not plan.is_claimed("python")
+
+
+def test_accelerated_requests_turn_on_hf_transfer_once_it_is_importable(
+    make_runtime: Callable[..., Runtime],
+    body: Body,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("HF_HUB_ENABLE_HF_TRANSFER", raising=False)
+    runtime = make_runtime()
+    plain = body(dependencies=["pluggy"], accelerate_downloads=False)
+    accelerated = body(dependencies=["pluggy"])
+    assert asyncio.run(runtime.execute(accelerated)).success
+    assert "HF_HUB_ENABLE_HF_TRANSFER" not in os.environ  # hf_transfer is not installed here
+    (tmp_path / "hf_transfer.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    runtime = make_runtime()
+    assert asyncio.run(runtime.execute(plain)).success
+    assert "HF_HUB_ENABLE_HF_TRANSFER" not in os.environ
+    assert asyncio.run(runtime.execute(accelerated)).success
+    assert os.environ["HF_HUB_ENABLE_HF_TRANSFER"] == "1"
