@@ -179,6 +179,7 @@ def test_large_arguments_and_results_round_trip(worker, wire):
 HYPOTHESIS = settings(
     max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
+RUNTIME_HYPOTHESIS = settings(HYPOTHESIS, max_examples=60)
 hashables = (
     st.none()
     | st.booleans()
@@ -235,7 +236,7 @@ def test_json_values_round_trip_through_the_codec(value):
     assert decode_value(value, "json", "args[0]") == value
 
 
-@HYPOTHESIS
+@RUNTIME_HYPOTHESIS
 @given(args=st.lists(picklable, max_size=3), kwargs=st.dictionaries(st.text(), picklable))
 def test_picklable_arguments_round_trip_through_the_runtime(make_worker, wire, args, kwargs):
     worker = _shared(make_worker)
@@ -243,7 +244,7 @@ def test_picklable_arguments_round_trip_through_the_runtime(make_worker, wire, a
     assert wire.dec(response) == [args, kwargs]
 
 
-@HYPOTHESIS
+@RUNTIME_HYPOTHESIS
 @given(args=st.lists(json_like, max_size=3), kwargs=st.dictionaries(st.text(), json_like))
 def test_json_arguments_round_trip_through_the_runtime(make_worker, wire, args, kwargs):
     worker = _shared(make_worker)
