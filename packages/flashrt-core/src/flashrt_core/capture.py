@@ -4,7 +4,9 @@ A process has one ``sys.stdout``, so capture cannot swap it per request. Instead
 request runs, ``sys.stdout``/``sys.stderr`` are routers that send each write to the buffer of the
 request whose code is writing, found through a context variable (which follows asyncio tasks and
 the runtime's worker threads) or, for threads the user's code starts itself, through a stamp the
-starting thread leaves on the new thread. With no request running, the original streams are back.
+starting thread leaves on the new thread. Work submitted to any thread pool (the event loop's
+default executor included) carries the submitter's buffer with it, because pool threads serve many
+requests. With no request running, the original streams are back.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextvars
 import logging
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TextIO
 
 __all__ = [
@@ -144,9 +147,21 @@ _saved: dict[str, Any] = {}
 _handler = _LogHandler()
 
 
+_original_start = threading.Thread.start
+_original_submit = ThreadPoolExecutor.submit
+
+
 def _stamping_start(self: threading.Thread) -> None:
     setattr(self, _STAMP, current_buffer())
-    _saved["start"](self)
+    _saved.get("start", _original_start)(self)
+
+
+def _capturing_submit(self: ThreadPoolExecutor, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+    # The task runs in a copy of the submitter's context with its buffer pinned (None included),
+    # so a pool thread's own stamp, left by whichever request created it, is never consulted.
+    ctx = contextvars.copy_context()
+    ctx.run(_current.set, current_buffer())
+    return _saved.get("submit", _original_submit)(self, ctx.run, fn, *args, **kwargs)
 
 
 def activate() -> None:
@@ -158,9 +173,11 @@ def activate() -> None:
             return
         _saved["stdout"], _saved["stderr"] = sys.stdout, sys.stderr
         _saved["start"] = threading.Thread.start
+        _saved["submit"] = ThreadPoolExecutor.submit
         sys.stdout = _Router(sys.stdout)
         sys.stderr = _Router(sys.stderr)
         threading.Thread.start = _stamping_start  # type: ignore[method-assign]
+        ThreadPoolExecutor.submit = _capturing_submit  # type: ignore[method-assign,assignment]
         logging.getLogger().addHandler(_handler)
 
 
@@ -177,5 +194,6 @@ def deactivate() -> None:
         if isinstance(sys.stderr, _Router):
             sys.stderr = _saved["stderr"]
         threading.Thread.start = _saved["start"]  # type: ignore[method-assign]
+        ThreadPoolExecutor.submit = _saved["submit"]  # type: ignore[method-assign]
         logging.getLogger().removeHandler(_handler)
         _saved.clear()
