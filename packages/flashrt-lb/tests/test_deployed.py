@@ -11,6 +11,7 @@ answered. That is the platform's real race (the artifact mount arriving late), n
 
 from __future__ import annotations
 
+import json
 import os
 import textwrap
 import time
@@ -66,6 +67,7 @@ LEGACY_APP = textwrap.dedent(
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield {"greeting": "hello from the app's lifespan"}
+        print("the app's lifespan shut down", flush=True)
 
     api = FastAPI(lifespan=lifespan)
 
@@ -177,8 +179,6 @@ def test_a_broken_artifact_gives_503_with_the_reason_and_the_worker_stays_up(
 ) -> None:
     status, body = deployed.final["broken"]
     assert status == 503, deployed.broken.output()
-    import json
-
     payload = json.loads(body)
     assert payload["status"] == "failed"
     assert "artifact" in payload["reason"]
@@ -209,3 +209,9 @@ def test_the_legacy_mothership_app_is_served_with_its_lifespan(
         execute = client.post("/execute", json=fixture_08)
         assert execute.json()["success"] is True
         assert execute.json()["stdout"] == "adding 4 + 5\n"
+
+
+def test_sigterm_stops_the_worker_cleanly_and_runs_the_apps_shutdown(deployed: Deployed) -> None:
+    # Last in the module: it stops the legacy worker.
+    assert deployed.legacy.stop(timeout=30) == 0, deployed.legacy.output()
+    assert "the app's lifespan shut down" in deployed.legacy.output()

@@ -342,8 +342,9 @@ def create_app(
         openapi_url=None,
     )
     app.state.worker = worker
-    app.add_api_route("/ping", worker.ping, methods=["GET"], include_in_schema=False)
-    app.add_api_route("/execute", worker.execute, methods=["POST"], include_in_schema=False)
+    # Plain Starlette routes: they skip FastAPI's dependency solving (about 40 us a request).
+    app.add_route("/ping", worker.ping, methods=["GET"], include_in_schema=False)
+    app.add_route("/execute", worker.execute, methods=["POST"], include_in_schema=False)
     not_found = app.router.default
 
     async def fallback(scope: Scope, receive: Receive, send: Send) -> None:
@@ -356,5 +357,5 @@ def create_app(
 def create_health_app(worker: Worker) -> FastAPI:
     """Only ``/ping``, for the ``PORT_HEALTH`` listener; it shares the worker's readiness."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_api_route("/ping", worker.ping, methods=["GET"], include_in_schema=False)
+    app.add_route("/ping", worker.ping, methods=["GET"], include_in_schema=False)
     return app

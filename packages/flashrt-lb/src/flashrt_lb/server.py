@@ -1,14 +1,17 @@
 """Serving: uvicorn on ``PORT``, plus a ``/ping``-only listener on ``PORT_HEALTH`` when it differs.
 
 Both servers run in one process and one event loop, so they share the worker's readiness. Only
-the main server handles SIGTERM/SIGINT; the health listener stops when it does.
+the main server handles SIGTERM/SIGINT; the health listener stops when it does. After a graceful
+stop the process exits 0 (uvicorn alone would re-raise the signal and die of it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import sys
+import threading
 from typing import TYPE_CHECKING, Any, Literal
 
 import uvicorn
@@ -19,6 +22,25 @@ if TYPE_CHECKING:
     from collections.abc import Coroutine, Iterator
 
 __all__ = ["run", "serve"]
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _MainServer(uvicorn.Server):
+    """Stops gracefully on SIGINT/SIGTERM, then returns instead of re-raising the signal."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in _SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 class _HealthServer(uvicorn.Server):
@@ -48,7 +70,7 @@ def _config(
 async def serve(worker: Worker) -> None:
     """Serve until SIGTERM/SIGINT; start-up runs in the background meanwhile."""
     lb = worker.lb
-    main = uvicorn.Server(_config(create_app(worker=worker), worker, lb.port, lifespan="on"))
+    main = _MainServer(_config(create_app(worker=worker), worker, lb.port, lifespan="on"))
     health: uvicorn.Server | None = None
     if lb.port_health is not None and lb.port_health != lb.port:
         health = _HealthServer(
