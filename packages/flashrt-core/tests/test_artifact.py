@@ -9,11 +9,9 @@ import sys
 import tarfile
 import threading
 import time
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-
 from flashrt_core import Runtime, load_settings
 from flashrt_core.artifact import ArtifactOutcome, ArtifactUnpacker, add_app_dir_to_sys_path
 from flashrt_core.builtin.artifact_startup import STATE_KEY
@@ -27,6 +25,9 @@ from flashrt_core.safetar import (
     extract_replace,
 )
 from flashrt_core.settings import Settings
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 LIMITS = ExtractLimits(max_members=1000, max_bytes=10 * 1024 * 1024)
 
