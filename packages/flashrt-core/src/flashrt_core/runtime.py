@@ -283,7 +283,7 @@ class Runtime:
         try:
             self.pm.hook.flashrt_resolve_deps(request=request, plan=plan, runtime=self)
         except Exception as exc:
-            raise StageError("dependencies", str(exc)) from exc
+            raise StageError("dependencies", str(exc)) from _plugin_bug(exc)
         for kind, packages in plan.unclaimed().items():
             print(
                 f"[flashrt] no installer plugin for {kind} dependencies; not installed: "
@@ -297,7 +297,7 @@ class Runtime:
                 raise StageError(
                     "dependencies",
                     f"{step.owner} could not install {', '.join(step.packages)}: {exc}",
-                ) from exc
+                ) from _plugin_bug(exc)
         if changed:
             self.background(
                 self._gather(self.pm.hook.flashrt_sync_cache(phase="persist", runtime=self))
@@ -389,6 +389,11 @@ class Runtime:
             finished(request=request, response=response, runtime=self)
         except Exception:
             log.exception("a request_finished hook failed")
+
+
+def _plugin_bug(exc: Exception) -> Exception | None:
+    """An installer's own verdict (bad input, failed tool) needs no traceback; a bug does."""
+    return None if isinstance(exc, (ValueError, RuntimeError, OSError)) else exc
 
 
 def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
