@@ -135,6 +135,10 @@ HOSTILE: dict[str, list[Member]] = {
     "character device": [("chr", "null")],
     "fifo": [("fifo", "pipe")],
     "root replaced by a symlink": [("symlink", ".", "{outside}")],
+    "symlink over an implicit directory": [
+        ("file", "a/b/c", b"x"),
+        ("symlink", "a/b", "."),
+    ],
 }
 
 

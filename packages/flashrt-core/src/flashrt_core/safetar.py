@@ -264,6 +264,11 @@ class _Extractor:
                     f"{self.label}: member {name!r} resolves outside the target directory"
                 )
             self._checked_parents.add(parent_name)
+            # Directories made implicitly count as directories: a later link or file of the
+            # same name is then a clash, refused as such.
+            parts = parent_name.split("/")
+            for i in range(1, len(parts) + 1):
+                self.kinds.setdefault("/".join(parts[:i]), "dir")
 
     def write_file(self, tar: tarfile.TarFile, info: tarfile.TarInfo, path: str) -> None:
         source = tar.extractfile(info)
