@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 USER_HANDLER = textwrap.dedent(
     """
-    from fastapi import FastAPI
+    from fastapi import FastAPI, Request
     from pydantic import BaseModel
 
     import demo_logic
@@ -44,6 +44,11 @@ USER_HANDLER = textwrap.dedent(
     @app.post("/double")
     async def double(body: Numbers) -> dict:
         return {"result": demo_logic.scale(body.x, body.factor)}
+
+
+    @app.get("/where")
+    async def where(request: Request) -> dict:  # the app's own routing must resolve names
+        return {"double": request.url_for("double").path}
 
 
     @app.get("/ping")
@@ -163,6 +168,7 @@ def test_the_deployed_apps_routes_answer_and_ours_are_reserved(deployed: Deploye
         answer = client.post("/double", json={"x": 21})
         assert (answer.status_code, answer.json()) == (200, {"result": 42})
         assert client.post("/double", json={"x": 5, "factor": 3}).json() == {"result": 15}
+        assert client.get("/where").json() == {"double": "/double"}
         # FastAPI's own validation still answers for the user's routes.
         assert client.post("/double", json={"y": 1}).status_code == 422
         # /ping is ours, not the app's.

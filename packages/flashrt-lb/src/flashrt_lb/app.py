@@ -38,7 +38,8 @@ __all__ = ["Worker", "create_app", "create_health_app"]
 
 log = logging.getLogger("flashrt.lb")
 
-RESERVED_PATHS = ("/ping", "/execute")
+#: Scope keys our FastAPI app set that must not leak into the deployed app's request handling.
+_OUR_SCOPE_KEYS = frozenset({"router", "app", "route", "endpoint", "path_params"})
 _JSON = "application/json"
 
 
@@ -288,6 +289,9 @@ class Worker:
         if app is None or scope["type"] not in ("http", "websocket"):
             await not_found(scope, receive, send)
             return
+        # The app's own routing must see a scope ours has not claimed: Starlette keeps the first
+        # router it meets in scope["router"], which would make the app's url_for() search ours.
+        scope = {k: v for k, v in scope.items() if k not in _OUR_SCOPE_KEYS}
         lifespan = self.user_lifespan
         if lifespan is not None and lifespan.state:
             scope["state"] = {**scope.get("state", {}), **lifespan.state}
