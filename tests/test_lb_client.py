@@ -20,6 +20,8 @@ import httpx
 import pytest
 from flashrt_lb.testing import WorkerProcess
 
+pytestmark = pytest.mark.slow  # real uvicorn subprocesses
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 

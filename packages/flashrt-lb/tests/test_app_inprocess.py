@@ -1,0 +1,180 @@
+"""The app in-process (httpx's ASGI transport over a real Runtime): the cases that need no socket.
+
+The subprocess modules cover the platform-facing behaviour; these pin down start-up decisions
+(is /execute on? what does a failing app lifespan report?) quickly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+from flashrt_core.settings import Settings, SettingsError, load_settings
+from flashrt_lb.app import Worker, create_app
+from flashrt_lb.settings import LBSettings
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+def _settings(**overrides: Any) -> Settings:
+    return Settings(disable_plugin_autoload=True, **overrides)
+
+
+async def _started(worker: Worker) -> httpx.AsyncClient:
+    await worker.wait_started()
+    app = create_app(worker=worker)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://worker")
+
+
+def _app_dir(tmp_path: Path, files: dict[str, str]) -> dict[str, str]:
+    for name, text in files.items():
+        (tmp_path / name).write_text(textwrap.dedent(text))
+    return {"FLASHRT_APP_DIR": str(tmp_path)}
+
+
+def test_lb_settings_come_from_the_environment() -> None:
+    lb = load_settings(
+        LBSettings,
+        {
+            "PORT": "8080",
+            "PORT_HEALTH": "8081",
+            "FLASHRT_LB_EXECUTE": "false",
+            "FLASHRT_LB_TOKEN": "t",
+        },
+    )
+    assert (lb.port, lb.port_health, lb.execute, lb.token) == (8080, 8081, False, "t")
+    defaults = load_settings(LBSettings, {})
+    assert (defaults.port, defaults.port_health, defaults.host) == (80, None, "0.0.0.0")
+    assert defaults.execute is None and defaults.token is None
+    with pytest.raises(SettingsError, match="PORT"):
+        load_settings(LBSettings, {"PORT": "eighty"})
+
+
+def test_live_mode_can_switch_execute_off() -> None:
+    async def scenario() -> tuple[int, int]:
+        worker = Worker(_settings(), LBSettings(execute=False))
+        async with await _started(worker) as client:
+            ping = await client.get("/ping")
+            execute = await client.post("/execute", json={"function_name": "f"})
+        await worker.stop()
+        return ping.status_code, execute.status_code
+
+    assert asyncio.run(scenario()) == (200, 404)
+
+
+def test_deployed_execute_follows_the_manifest(tmp_path: Path) -> None:
+    environ = _app_dir(
+        tmp_path,
+        {
+            "handler_inproc_live.py": """
+                from fastapi import FastAPI
+                app = FastAPI()
+            """,
+            "flash_manifest.json": '{"resources": {"inproc_live": {"is_live_resource": true}}}',
+        },
+    )
+
+    async def scenario() -> Any:
+        worker = Worker(
+            _settings(resource_name="inproc_live", disable_unpack=True), environ=environ
+        )
+        async with await _started(worker) as client:
+            body = {
+                "function_name": "f",
+                "function_code": "def f():\n    return 7\n",
+                "serialization_format": "json",
+            }
+            answer = (await client.post("/execute", json=body)).json()
+        await worker.stop()
+        return worker.execute_enabled, answer
+
+    enabled, answer = asyncio.run(scenario())
+    assert enabled is True
+    assert answer["success"] is True and answer["json_result"] == 7
+
+
+def test_an_app_whose_lifespan_fails_makes_start_up_fail_with_its_message(
+    tmp_path: Path,
+) -> None:
+    environ = _app_dir(
+        tmp_path,
+        {
+            "handler_inproc_failing.py": """
+                import contextlib
+                from fastapi import FastAPI
+
+                @contextlib.asynccontextmanager
+                async def lifespan(app):
+                    raise RuntimeError("the model file is missing")
+                    yield
+
+                app = FastAPI(lifespan=lifespan)
+            """
+        },
+    )
+
+    async def scenario() -> tuple[int, dict[str, Any]]:
+        worker = Worker(
+            _settings(resource_name="inproc_failing", disable_unpack=True), environ=environ
+        )
+        async with await _started(worker) as client:
+            ping = await client.get("/ping")
+        await worker.stop()
+        return ping.status_code, ping.json()
+
+    status, body = asyncio.run(scenario())
+    assert status == 503
+    assert body["status"] == "failed"
+    assert "the model file is missing" in body["reason"]
+
+
+def test_a_plain_asgi_app_without_lifespan_support_is_served(tmp_path: Path) -> None:
+    environ = _app_dir(
+        tmp_path,
+        {
+            "plain_asgi.py": """
+                async def application(scope, receive, send):
+                    if scope["type"] != "http":
+                        raise RuntimeError("lifespan is not supported")
+                    await send({"type": "http.response.start", "status": 200,
+                                "headers": [(b"content-type", b"text/plain")]})
+                    await send({"type": "http.response.body", "body": scope["path"].encode()})
+            """
+        },
+    )
+
+    async def scenario() -> tuple[int, str, int]:
+        worker = Worker(
+            _settings(disable_unpack=True),
+            LBSettings(is_mothership=True, main_file="plain_asgi.py", app_variable="application"),
+            environ=environ,
+        )
+        async with await _started(worker) as client:
+            ping = await client.get("/ping")
+            answer = await client.get("/any/path")
+            execute = await client.post("/execute", json={})
+        await worker.stop()
+        return ping.status_code, answer.text, execute.status_code
+
+    # Legacy apps get no /execute unless FLASHRT_LB_EXECUTE turns it on.
+    assert asyncio.run(scenario()) == (200, "/any/path", 404)
+
+
+def test_a_missing_app_variable_is_named(tmp_path: Path) -> None:
+    environ = _app_dir(tmp_path, {"handler_inproc_noapp.py": "def handler(job):\n    return 1\n"})
+
+    async def scenario() -> dict[str, Any]:
+        worker = Worker(
+            _settings(resource_name="inproc_noapp", disable_unpack=True), environ=environ
+        )
+        async with await _started(worker) as client:
+            body: dict[str, Any] = (await client.get("/ping")).json()
+        await worker.stop()
+        return body
+
+    reason = asyncio.run(scenario())["reason"]
+    assert "handler_inproc_noapp.py defines no 'app'" in reason
