@@ -116,10 +116,9 @@ class Worker:
             self._fail("start-up was cancelled (the worker is stopping)")
             raise
         except AppLoadError as exc:
-            self._fail(str(exc))
+            self._fail(str(exc), exc.__cause__)
         except Exception as exc:
-            log.exception("start-up failed")
-            self._fail(f"start-up failed: {type(exc).__name__}: {exc}")
+            self._fail(f"start-up failed: {type(exc).__name__}: {exc}", exc)
         else:
             self.phase = "ready"
             log.info(
@@ -131,10 +130,10 @@ class Worker:
         finally:
             self._done.set()
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, cause: BaseException | None = None) -> None:
         self.phase = "failed"
         self.reason = reason
-        log.error("not ready: %s", reason)
+        log.error("not ready: %s", reason, exc_info=cause)
 
     async def _start(self) -> None:
         if self.runtime is None:
@@ -235,13 +234,12 @@ class Worker:
             if self.phase == "failed":
                 return _json(503, {"error": "worker start-up failed", "reason": self.reason})
         if not self.execute_enabled:
-            return _json(
-                404,
-                {
-                    "error": "/execute is disabled on this deployed worker (the resource is not"
-                    " live); set FLASHRT_LB_EXECUTE=true to enable it"
-                },
+            why = (
+                "FLASHRT_LB_EXECUTE is false"
+                if self.lb.execute is False
+                else "this deployed resource is not live; set FLASHRT_LB_EXECUTE=true to enable it"
             )
+            return _json(404, {"error": f"/execute is disabled: {why}"})
         try:
             body = await self._read_body(request)
         except _BodyTooLarge:
