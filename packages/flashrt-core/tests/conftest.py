@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 import pytest
-
 from flashrt_core import FunctionResponse, Runtime, Settings, encode_response, load_settings
 
 if TYPE_CHECKING:
@@ -172,7 +171,7 @@ class Client:
         self.stub = LiveServerlessStub(None)
 
     def decode(self, response: FunctionResponse) -> Any:
-        """What the client's call returns: JSON over the wire, its model, its ``handle_response``."""
+        """What the client's call returns: JSON on the wire, its model, its ``handle_response``."""
         output = json.loads(encode_response(response))
         return self.stub.handle_response(self.models.FunctionResponse(**output))
 

@@ -13,11 +13,10 @@ import sys
 import cloudpickle
 import msgspec
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from flashrt_core import StageError, encode_response
 from flashrt_core.codecs import decode_arguments, decode_value, encode_result
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 IDENTITY = "def ident(*args, **kwargs):\n    return [list(args), kwargs]\n"
 ECHO = "def echo(x):\n    return x\n"
@@ -66,7 +65,9 @@ def test_non_string_argument_in_cloudpickle_format_is_named(worker, wire):
 
 
 def test_constructor_arguments_are_named_as_such(worker, wire):
-    request = wire.method("class A:\n    def m(self):\n        return 1\n", "A", "m", ctor=((1,), {}))
+    request = wire.method(
+        "class A:\n    def m(self):\n        return 1\n", "A", "m", ctor=((1,), {})
+    )
     request["constructor_kwargs"] = {"size": "%%%"}
     response = worker.execute(request)
     assert response.success is False
@@ -120,9 +121,7 @@ def test_json_result_that_is_not_json_names_its_type(worker, wire):
     assert response.stdout == "here\n"
 
 
-def test_dataclasses_defined_by_the_remote_code_reach_the_client(
-    worker, wire, client, monkeypatch
-):
+def test_dataclasses_defined_by_the_remote_code_reach_the_client(worker, wire, client, monkeypatch):
     code = (
         "from dataclasses import dataclass\n"
         "@dataclass\n"
@@ -257,7 +256,9 @@ def test_json_arguments_round_trip_through_the_runtime(make_worker, wire, args, 
 def test_functions_and_special_floats_round_trip():
     result, _ = encode_result(lambda x: x * 2, "cloudpickle")
     assert decode_value(result, "cloudpickle", "args[0]")(21) == 42
-    result, _ = encode_result([math.inf, -0.0, decimal.Decimal("1.5"), fractions.Fraction(1, 3)], "cloudpickle")
+    result, _ = encode_result(
+        [math.inf, -0.0, decimal.Decimal("1.5"), fractions.Fraction(1, 3)], "cloudpickle"
+    )
     assert decode_value(result, "cloudpickle", "args[0]") == [
         math.inf,
         -0.0,

@@ -85,7 +85,9 @@ def test_fifty_concurrent_requests_each_get_only_their_own_output(worker, wire):
 
 
 def test_sync_sleep_does_not_delay_a_concurrent_async_request(worker, wire):
-    sleeper = wire.function("def nap():\n    import time\n    time.sleep(2.0)\n    return 'rested'\n", "nap")
+    sleeper = wire.function(
+        "def nap():\n    import time\n    time.sleep(2.0)\n    return 'rested'\n", "nap"
+    )
     quick = wire.function("async def quick():\n    return 'quick'\n", "quick")
 
     async def scenario():

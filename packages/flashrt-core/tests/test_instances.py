@@ -8,7 +8,6 @@ import time
 from datetime import datetime, timezone
 
 import pytest
-
 from flashrt_core import InstanceRegistry
 
 COUNTER = (
@@ -108,7 +107,13 @@ def test_instance_id_is_generated_when_the_request_has_none(worker, wire):
 
 
 def test_constructor_failure_is_reported_and_nothing_is_kept(worker, wire):
-    code = "class Bad:\n    def __init__(self):\n        raise ValueError('no config')\n    def m(self):\n        return 1\n"
+    code = (
+        "class Bad:\n"
+        "    def __init__(self):\n"
+        "        raise ValueError('no config')\n"
+        "    def m(self):\n"
+        "        return 1\n"
+    )
     response = worker.execute(wire.method(code, "Bad", "m", instance_id="Bad_1"))
     assert response.success is False
     assert "no config" in response.error
@@ -158,7 +163,10 @@ def test_same_id_with_another_class_is_replaced(worker, wire):
 
 
 def test_concurrent_first_calls_build_one_instance(worker, wire):
-    slow = COUNTER.replace("        self.value = start\n", "        import time\n        time.sleep(0.2)\n        self.value = start\n")
+    slow = COUNTER.replace(
+        "        self.value = start\n",
+        "        import time\n        time.sleep(0.2)\n        self.value = start\n",
+    )
 
     async def scenario():
         requests = [

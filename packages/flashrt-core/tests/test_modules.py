@@ -6,7 +6,6 @@ import asyncio
 import sys
 
 import pytest
-
 from flashrt_core import StageError
 from flashrt_core.modules import validate_modules
 
@@ -61,7 +60,9 @@ def test_each_request_imports_its_own_version(worker, wire, clean_state):
     _assert_clean(clean_state)
 
 
-def test_concurrent_requests_with_colliding_module_names_each_get_their_own(worker, wire, clean_state):
+def test_concurrent_requests_with_colliding_module_names_each_get_their_own(
+    worker, wire, clean_state
+):
     code = (
         "async def f(x):\n"
         "    import asyncio\n"
@@ -73,7 +74,9 @@ def test_concurrent_requests_with_colliding_module_names_each_get_their_own(work
 
     async def scenario():
         requests = [
-            _with_modules(wire, code, "f", {"helper_mod.py": f"def scale(x):\n    return x * {k}\n"}, 1)
+            _with_modules(
+                wire, code, "f", {"helper_mod.py": f"def scale(x):\n    return x * {k}\n"}, 1
+            )
             for k in range(6)
         ]
         return await asyncio.gather(*(worker.rt.execute(r) for r in requests))

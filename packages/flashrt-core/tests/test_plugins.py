@@ -10,7 +10,6 @@ import types
 from pathlib import Path
 
 import pytest
-
 from flashrt_core import Runtime, Settings, StageError, hookimpl, hookspecs, load_settings
 from flashrt_core.builtin import executors
 from flashrt_core.plugins import (

@@ -8,7 +8,6 @@ import sys
 import threading
 
 import pytest
-
 from flashrt_core import FunctionRequest, FunctionResponse, Runtime, hookimpl
 
 
@@ -69,12 +68,7 @@ def test_sync_function_returning_a_coroutine_is_awaited(worker, wire):
 
 
 def test_code_runs_with_a_proper_module_name_in_a_fresh_namespace(worker, wire):
-    code = (
-        "counter = []\n"
-        "def f():\n"
-        "    counter.append(1)\n"
-        "    return __name__, len(counter)\n"
-    )
+    code = "counter = []\ndef f():\n    counter.append(1)\n    return __name__, len(counter)\n"
     first = wire.dec(worker.execute(wire.function(code, "f")))
     second = wire.dec(worker.execute(wire.function(code, "f")))
     # Same source twice: cached compile, but a fresh namespace each time.
@@ -130,7 +124,7 @@ def test_user_exception_reports_the_call_stage_with_the_users_traceback(worker, 
 
 def test_failure_response_is_a_failure_for_the_client(worker, wire, client):
     response = worker.execute(wire.function("def f():\n    raise KeyError('k')\n", "f"))
-    with pytest.raises(Exception, match="^Remote execution failed: 'k'"):
+    with pytest.raises(Exception, match=r"^Remote execution failed: 'k'"):
         client.decode(response)
 
 
@@ -189,7 +183,15 @@ def test_request_timeout_is_capped_by_the_worker_maximum(make_worker, wire):
         ("def f():\n    raise GeneratorExit\n", "GeneratorExit"),
         ("def f():\n    yield 1\n    raise SystemExit(5)\n", "SystemExit: 5"),
     ],
-    ids=["sync-exit", "sync-interrupt", "async-exit", "async-interrupt", "sys.exit", "genexit", "gen"],
+    ids=[
+        "sync-exit",
+        "sync-interrupt",
+        "async-exit",
+        "async-interrupt",
+        "sys.exit",
+        "genexit",
+        "gen",
+    ],
 )
 def test_base_exceptions_become_error_responses(worker, wire, code, expected):
     response = worker.execute(wire.function(code, "f"))
@@ -207,7 +209,13 @@ def test_system_exit_while_loading_code_is_a_failure(worker, wire):
 
 
 def test_system_exit_in_a_constructor_is_a_failure(worker, wire):
-    code = "class A:\n    def __init__(self):\n        raise SystemExit(2)\n    def m(self):\n        pass\n"
+    code = (
+        "class A:\n"
+        "    def __init__(self):\n"
+        "        raise SystemExit(2)\n"
+        "    def m(self):\n"
+        "        pass\n"
+    )
     response = worker.execute(wire.method(code, "A", "m", instance_id="A_1"))
     assert response.success is False
     assert "SystemExit" in response.error
