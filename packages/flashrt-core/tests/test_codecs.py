@@ -237,16 +237,14 @@ def test_json_values_round_trip_through_the_codec(value):
 
 @RUNTIME_HYPOTHESIS
 @given(args=st.lists(picklable, max_size=3), kwargs=st.dictionaries(st.text(), picklable))
-def test_picklable_arguments_round_trip_through_the_runtime(make_worker, wire, args, kwargs):
-    worker = _shared(make_worker)
+def test_picklable_arguments_round_trip_through_the_runtime(worker, wire, args, kwargs):
     response = worker.execute(wire.function(IDENTITY, "ident", *args, **kwargs))
     assert wire.dec(response) == [args, kwargs]
 
 
 @RUNTIME_HYPOTHESIS
 @given(args=st.lists(json_like, max_size=3), kwargs=st.dictionaries(st.text(), json_like))
-def test_json_arguments_round_trip_through_the_runtime(make_worker, wire, args, kwargs):
-    worker = _shared(make_worker)
+def test_json_arguments_round_trip_through_the_runtime(worker, wire, args, kwargs):
     response = worker.execute(json.dumps(wire.json_function(IDENTITY, "ident", *args, **kwargs)))
     assert response.result is None
     decoded = msgspec.json.decode(encode_response(response))
@@ -267,14 +265,3 @@ def test_functions_and_special_floats_round_trip():
     ]
     nan = decode_value(encode_result(math.nan, "cloudpickle")[0], "cloudpickle", "args[0]")
     assert math.isnan(nan)
-
-
-_workers: dict[int, object] = {}
-
-
-def _shared(make_worker):
-    key = id(make_worker)
-    if key not in _workers:
-        _workers.clear()
-        _workers[key] = make_worker()
-    return _workers[key]

@@ -205,12 +205,17 @@ FIELDS = list(FunctionRequest.__struct_fields__)
 request_like = st.dictionaries(st.sampled_from([*FIELDS, "input", "other"]), json_values)
 
 
+@pytest.fixture
+def fuzz_worker(make_worker: Any) -> Any:
+    """One runtime for all of a test's hypothesis examples (function fixtures are not reset)."""
+    return make_worker(timeout_s=2.0, max_instances=4, max_request_bytes=1 << 16)
+
+
 @HYPOTHESIS
 @given(body=json_values | request_like | st.builds(lambda d: {"input": d}, request_like))
-def test_arbitrary_json_in_gives_a_response_out(make_worker, body):
-    worker = _shared(make_worker)
+def test_arbitrary_json_in_gives_a_response_out(fuzz_worker, body):
     for form in (body, json.dumps(body)):
-        response = worker.execute(form)
+        response = fuzz_worker.execute(form)
         assert isinstance(response, FunctionResponse)
         assert isinstance(response.success, bool)
         assert response.success or response.error
@@ -220,22 +225,10 @@ def test_arbitrary_json_in_gives_a_response_out(make_worker, body):
 
 @HYPOTHESIS
 @given(raw=st.binary(max_size=200))
-def test_arbitrary_bytes_in_gives_a_response_out(make_worker, raw):
-    response = _shared(make_worker).execute(raw)
+def test_arbitrary_bytes_in_gives_a_response_out(fuzz_worker, raw):
+    response = fuzz_worker.execute(raw)
     assert isinstance(response, FunctionResponse)
     assert response.success or response.error
-
-
-_workers: dict[int, Any] = {}
-
-
-def _shared(make_worker: Any) -> Any:
-    """One runtime per test function across hypothesis examples (registry bounds are small)."""
-    key = id(make_worker)
-    if key not in _workers:
-        _workers.clear()
-        _workers[key] = make_worker(timeout_s=2.0, max_instances=4, max_request_bytes=1 << 16)
-    return _workers[key]
 
 
 version_strings = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-=<>.", max_size=12)
