@@ -30,10 +30,16 @@ async def _started(worker: Worker) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://worker")
 
 
-def _app_dir(tmp_path: Path, files: dict[str, str]) -> dict[str, str]:
-    for name, text in files.items():
-        (tmp_path / name).write_text(textwrap.dedent(text))
-    return {"FLASHRT_APP_DIR": str(tmp_path)}
+@pytest.fixture
+def app_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``app_dir(files)``: an already-unpacked app (``FLASH_DISABLE_UNPACK``) in a temp dir."""
+
+    def write(files: dict[str, str]) -> None:
+        for name, text in files.items():
+            (tmp_path / name).write_text(textwrap.dedent(text))
+        monkeypatch.setenv("FLASHRT_APP_DIR", str(tmp_path))
+
+    return write
 
 
 def test_lb_settings_come_from_the_environment() -> None:
@@ -66,9 +72,8 @@ def test_live_mode_can_switch_execute_off() -> None:
     assert asyncio.run(scenario()) == (200, 404)
 
 
-def test_deployed_execute_follows_the_manifest(tmp_path: Path) -> None:
-    environ = _app_dir(
-        tmp_path,
+def test_deployed_execute_follows_the_manifest(app_dir: Any) -> None:
+    app_dir(
         {
             "handler_inproc_live.py": """
                 from fastapi import FastAPI
@@ -79,9 +84,7 @@ def test_deployed_execute_follows_the_manifest(tmp_path: Path) -> None:
     )
 
     async def scenario() -> Any:
-        worker = Worker(
-            _settings(resource_name="inproc_live", disable_unpack=True), environ=environ
-        )
+        worker = Worker(_settings(resource_name="inproc_live", disable_unpack=True))
         async with await _started(worker) as client:
             body = {
                 "function_name": "f",
@@ -97,11 +100,8 @@ def test_deployed_execute_follows_the_manifest(tmp_path: Path) -> None:
     assert answer["success"] is True and answer["json_result"] == 7
 
 
-def test_an_app_whose_lifespan_fails_makes_start_up_fail_with_its_message(
-    tmp_path: Path,
-) -> None:
-    environ = _app_dir(
-        tmp_path,
+def test_an_app_whose_lifespan_fails_makes_start_up_fail_with_its_message(app_dir: Any) -> None:
+    app_dir(
         {
             "handler_inproc_failing.py": """
                 import contextlib
@@ -118,9 +118,7 @@ def test_an_app_whose_lifespan_fails_makes_start_up_fail_with_its_message(
     )
 
     async def scenario() -> tuple[int, dict[str, Any]]:
-        worker = Worker(
-            _settings(resource_name="inproc_failing", disable_unpack=True), environ=environ
-        )
+        worker = Worker(_settings(resource_name="inproc_failing", disable_unpack=True))
         async with await _started(worker) as client:
             ping = await client.get("/ping")
         await worker.stop()
@@ -132,9 +130,8 @@ def test_an_app_whose_lifespan_fails_makes_start_up_fail_with_its_message(
     assert "the model file is missing" in body["reason"]
 
 
-def test_a_plain_asgi_app_without_lifespan_support_is_served(tmp_path: Path) -> None:
-    environ = _app_dir(
-        tmp_path,
+def test_a_plain_asgi_app_without_lifespan_support_is_served(app_dir: Any) -> None:
+    app_dir(
         {
             "plain_asgi.py": """
                 async def application(scope, receive, send):
@@ -151,7 +148,6 @@ def test_a_plain_asgi_app_without_lifespan_support_is_served(tmp_path: Path) -> 
         worker = Worker(
             _settings(disable_unpack=True),
             LBSettings(is_mothership=True, main_file="plain_asgi.py", app_variable="application"),
-            environ=environ,
         )
         async with await _started(worker) as client:
             ping = await client.get("/ping")
@@ -164,13 +160,11 @@ def test_a_plain_asgi_app_without_lifespan_support_is_served(tmp_path: Path) -> 
     assert asyncio.run(scenario()) == (200, "/any/path", 404)
 
 
-def test_a_missing_app_variable_is_named(tmp_path: Path) -> None:
-    environ = _app_dir(tmp_path, {"handler_inproc_noapp.py": "def handler(job):\n    return 1\n"})
+def test_a_missing_app_variable_is_named(app_dir: Any) -> None:
+    app_dir({"handler_inproc_noapp.py": "def handler(job):\n    return 1\n"})
 
     async def scenario() -> dict[str, Any]:
-        worker = Worker(
-            _settings(resource_name="inproc_noapp", disable_unpack=True), environ=environ
-        )
+        worker = Worker(_settings(resource_name="inproc_noapp", disable_unpack=True))
         async with await _started(worker) as client:
             body: dict[str, Any] = (await client.get("/ping")).json()
         await worker.stop()

@@ -72,7 +72,6 @@ class Worker:
         )
         self.lb = lb_settings or load_settings(LBSettings, environ)
         self.runtime = runtime
-        self._environ = environ
         #: "starting", "ready" or "failed".
         self.phase = "starting"
         self.reason: str | None = None
@@ -154,29 +153,32 @@ class Worker:
         """The unpacked app's directory, as the core's artifact step recorded it.
 
         The built-in artifact plugin unpacks when ``FLASH_RESOURCE_NAME`` is set; a legacy
-        mothership app without it is unpacked here through the same helper. With
-        ``FLASH_DISABLE_UNPACK`` the app is already in ``FLASHRT_APP_DIR``.
+        mothership app without it is unpacked here through the same helper.
         """
         from flashrt_core.artifact import add_app_dir_to_sys_path
         from flashrt_core.builtin.artifact_startup import STATE_KEY, ensure_artifact
+        from flashrt_core.builtin.deployed import DeployedAppUnavailable, deployed_app_dir
+        from flashrt_core.builtin.volume_settings import VolumeSettings
 
+        if self.settings.resource_name:
+            try:
+                app_dir = deployed_app_dir(runtime)
+            except DeployedAppUnavailable as exc:
+                raise AppLoadError(str(exc)) from None
+            assert app_dir is not None
+            return app_dir
         if self.settings.disable_unpack:
-            from flashrt_core.builtin.volume_settings import VolumeSettings
-
-            unpacked = Path(load_settings(VolumeSettings, self._environ).app_dir)
+            unpacked = Path(load_settings(VolumeSettings).app_dir)
             add_app_dir_to_sys_path(unpacked)
             return unpacked
+        with contextlib.suppress(Exception):  # the outcome it records carries the reason
+            await ensure_artifact(runtime)
         outcome = runtime.state.get(STATE_KEY)
-        if outcome is None:
-            with contextlib.suppress(Exception):  # the outcome recorded carries the reason
-                await ensure_artifact(runtime)
-            outcome = runtime.state.get(STATE_KEY)
-        status = getattr(outcome, "status", None)
-        app_dir = getattr(outcome, "app_dir", None)
-        if status != "ready" or app_dir is None:
-            reason = getattr(outcome, "reason", None) or "the artifact was not unpacked"
-            raise AppLoadError(f"artifact {status or 'missing'}: {reason}")
-        return Path(app_dir)
+        unpacked_dir = getattr(outcome, "app_dir", None)
+        if getattr(outcome, "status", None) != "ready" or unpacked_dir is None:
+            reason = getattr(outcome, "reason", None) or "unpacking did not run"
+            raise AppLoadError(f"the artifact could not be unpacked: {reason}")
+        return Path(unpacked_dir)
 
     async def _load_user_app(self, runtime: Runtime, app_dir: Path) -> None:
         if self.lb.is_mothership:
@@ -196,8 +198,17 @@ class Worker:
             return True
         if app_dir is None or not self.settings.resource_name:
             return False
-        resource = _manifest_resource(app_dir, self.settings.resource_name)
-        return bool(resource.get("is_live_resource"))
+        from flashrt_core.builtin.deployed import DeployedAppUnavailable, load_manifest
+
+        try:
+            resources = load_manifest(app_dir).get("resources")
+        except DeployedAppUnavailable as exc:
+            log.warning("/execute stays off: %s", exc)
+            return False
+        resource = (
+            resources.get(self.settings.resource_name) if isinstance(resources, dict) else None
+        )
+        return isinstance(resource, dict) and resource.get("is_live_resource") is True
 
     async def stop(self) -> None:
         """Cancel an unfinished start-up, stop the deployed app, then the Runtime."""
@@ -303,19 +314,6 @@ def _decode_status(body: bytes) -> int:
     except msgspec.DecodeError:
         return 400
     return 422
-
-
-def _manifest_resource(app_dir: Path, name: str) -> dict[str, Any]:
-    path = app_dir / "flash_manifest.json"
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise AppLoadError(f"flash_manifest.json is unreadable: {exc}") from exc
-    resources = manifest.get("resources") if isinstance(manifest, dict) else None
-    resource = resources.get(name) if isinstance(resources, dict) else None
-    return resource if isinstance(resource, dict) else {}
 
 
 def create_app(
