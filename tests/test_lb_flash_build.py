@@ -98,7 +98,11 @@ def worker(built: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Wo
         "FLASHRT_DISABLE_VOLUME_CACHE": "1",
         "RUNPOD_FLASH_SILENCE_DEPRECATION": "1",
     }
-    with WorkerProcess(env, cwd=tmp) as process:
+    # Started the way the HTTP images start it: the `flashrt-lb` console script.
+    script = Path(sys.executable).with_name("flashrt-lb")
+    with WorkerProcess(
+        env, cwd=tmp, command=[str(script)] if script.is_file() else None
+    ) as process:
         # The client's import is slow: pay it while the worker starts.
         import runpod_flash.stubs.load_balancer_sls  # noqa: F401
 
