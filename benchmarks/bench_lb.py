@@ -76,21 +76,25 @@ def _body() -> bytes:
     ).encode()
 
 
-@contextlib.contextmanager
-def _server(kind: str) -> Iterator[Any]:
+def _worker(kind: str) -> Any:
+    """A not yet started ``flashrt`` worker or bare ``echo`` server on a free loopback port."""
     from flashrt_lb.testing import WorkerProcess, free_port
 
     if kind == "flashrt":
-        worker = WorkerProcess(
-            {"FLASHRT_DISABLE_VOLUME_CACHE": "1", "FLASHRT_LOG_LEVEL": "WARNING"}
-        )
-    else:
-        port = free_port()
-        worker = WorkerProcess(command=[sys.executable, "-c", ECHO_SERVER, str(port)])
-        worker.port = port
+        return WorkerProcess({"FLASHRT_DISABLE_VOLUME_CACHE": "1", "FLASHRT_LOG_LEVEL": "WARNING"})
+    port = free_port()
+    worker = WorkerProcess(command=[sys.executable, "-c", ECHO_SERVER, str(port)])
+    worker.port = port
+    return worker
+
+
+@contextlib.contextmanager
+def _server(kind: str, poll_s: float = 0.02) -> Iterator[Any]:
+    """A running server (``ready_after_s``: seconds from spawn to the first ``/ping`` 200)."""
+    worker = _worker(kind)
     try:
         worker.start()
-        status, _ = worker.wait_ready(timeout=60)
+        status, _ = worker.wait_ready(timeout=60, poll_s=poll_s)
         if status != 200:
             raise RuntimeError(f"{kind} server not ready ({status}):\n{worker.output()}")
         yield worker
@@ -100,30 +104,10 @@ def _server(kind: str) -> Iterator[Any]:
 
 def _spawn_to_ready_s(kind: str) -> float:
     """Median over a few spawns of the time from ``Popen`` to the first ``/ping`` 200."""
-    from flashrt_lb.testing import WorkerProcess, free_port
-
     samples = []
     for _ in range(SPAWNS):
-        if kind == "flashrt":
-            worker = WorkerProcess({"FLASHRT_DISABLE_VOLUME_CACHE": "1"})
-        else:
-            port = free_port()
-            worker = WorkerProcess(command=[sys.executable, "-c", ECHO_SERVER, str(port)])
-            worker.port = port
-        try:
-            worker.start()
-            while True:
-                try:
-                    if worker.ping(timeout=2)[0] == 200:
-                        break
-                except OSError:
-                    pass
-                if worker.proc is not None and worker.proc.poll() is not None:
-                    raise RuntimeError(worker.output())
-                time.sleep(0.005)
-            samples.append(time.monotonic() - worker.spawned_at)
-        finally:
-            worker.cleanup()
+        with _server(kind, poll_s=0.005) as server:
+            samples.append(server.ready_after_s)
     return statistics.median(samples)
 
 

@@ -61,6 +61,7 @@ class WorkerProcess:
         self.cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None
         self.spawned_at = 0.0
+        self.ready_after_s: float | None = None
         fd, name = tempfile.mkstemp(prefix="flashrt-lb-", suffix=".log")
         os.close(fd)
         self.log_path = Path(name)
@@ -93,13 +94,20 @@ class WorkerProcess:
 
     def wait_listening(self, timeout: float = 30.0) -> None:
         """Wait until the main port accepts connections."""
-        self._poll(timeout, lambda status: True, "to listen")
+        self._poll(timeout, lambda status: True, "to listen", 0.02)
 
-    def wait_ready(self, timeout: float = 60.0) -> tuple[int, bytes]:
-        """Wait until ``/ping`` stops answering 204; return its final (status, body)."""
-        return self._poll(timeout, lambda status: status != 204, "to finish start-up")
+    def wait_ready(self, timeout: float = 60.0, *, poll_s: float = 0.02) -> tuple[int, bytes]:
+        """Wait until ``/ping`` stops answering 204; return its final (status, body).
 
-    def _poll(self, timeout: float, done: Callable[[int], bool], what: str) -> tuple[int, bytes]:
+        :attr:`ready_after_s` then holds the seconds from spawn to that answer.
+        """
+        answer = self._poll(timeout, lambda status: status != 204, "to finish start-up", poll_s)
+        self.ready_after_s = time.monotonic() - self.spawned_at
+        return answer
+
+    def _poll(
+        self, timeout: float, done: Callable[[int], bool], what: str, poll_s: float
+    ) -> tuple[int, bytes]:
         deadline = time.monotonic() + timeout
         while True:
             self._check_alive()
@@ -114,7 +122,7 @@ class WorkerProcess:
                 raise TimeoutError(
                     f"flashrt-lb did not manage {what} in {timeout} s:\n{self.output()}"
                 )
-            time.sleep(0.02)
+            time.sleep(poll_s)
 
     def _check_alive(self) -> None:
         if self.proc is None:
