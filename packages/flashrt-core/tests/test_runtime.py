@@ -335,3 +335,31 @@ def test_stdout_is_the_original_stream_after_every_request(worker, wire):
     worker.execute(b"garbage")
     assert sys.stdout is out
     assert sys.stderr is err
+
+
+def test_a_task_spawned_by_user_code_raising_systemexit_does_not_stop_the_worker(worker) -> None:
+    code = (
+        "async def spawn():\n"
+        "    import asyncio\n"
+        "    async def bad():\n"
+        "        raise SystemExit(3)\n"
+        "    asyncio.create_task(bad())\n"
+        "    await asyncio.sleep(0.05)\n"
+        "    return 'survived'\n"
+    )
+    body = {"function_name": "spawn", "function_code": code, "serialization_format": "json"}
+    first = worker.execute(body)
+    assert first.success, first.error
+    assert first.json_result == "survived"
+    again = worker.execute(body)
+    assert again.json_result == "survived"
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_non_positive_timeout_is_rejected_at_decode(worker, bad: float) -> None:
+    response = worker.execute(
+        {"function_name": "f", "function_code": "def f():\n    return 1\n", "timeout_s": bad}
+    )
+    assert not response.success
+    assert "timeout_s must be a positive number" in response.error
+    assert "failed during decode" in response.error

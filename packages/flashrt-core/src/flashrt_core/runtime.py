@@ -89,7 +89,9 @@ class Runtime:
         if self._started is not None:
             await asyncio.shield(self._started)
             return
-        self._started = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._started = loop.create_future()
+        _contain_user_tasks(loop)
         try:
             await self._gather(self.pm.hook.flashrt_startup(runtime=self))
             await self._gather(self.pm.hook.flashrt_sync_cache(phase="hydrate", runtime=self))
@@ -228,6 +230,11 @@ class Runtime:
             raise StageError(
                 "decode", f"request of about {size} bytes exceeds the limit of {limit}"
             )
+        if decoded.timeout_s is not None and not decoded.timeout_s > 0:
+            raise StageError(
+                "decode",
+                f"timeout_s must be a positive number of seconds, got {decoded.timeout_s!r}",
+            )
         if decoded.execution_type not in ("function", "class"):
             raise StageError(
                 "decode",
@@ -254,7 +261,7 @@ class Runtime:
             if request.modules
             else []
         )
-        timeout = request.timeout_s or self.settings.timeout_s
+        timeout = self.settings.timeout_s if request.timeout_s is None else request.timeout_s
         timeout = min(timeout, self.settings.max_timeout_s)
         if files:
             value = await self._with_modules(files, invocation, timeout)
@@ -389,6 +396,35 @@ class Runtime:
             finished(request=request, response=response, runtime=self)
         except Exception:
             log.exception("a request_finished hook failed")
+
+
+def _contain_user_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Make tasks that user code creates unable to stop the worker.
+
+    asyncio re-raises ``SystemExit``/``KeyboardInterrupt`` from any task into the event loop. The
+    runtime guards the coroutines it awaits itself; this task factory guards the tasks a request's
+    code spawns (recognised by the request's capture context), chaining any existing factory.
+    """
+    previous = loop.get_task_factory()
+    if getattr(previous, "_flashrt_contains", False):
+        return
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        if capture.current_buffer() is not None and inspect.iscoroutine(coro):
+            coro = _contained(coro)
+        if previous is not None:
+            return previous(loop, coro, **kwargs)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    factory._flashrt_contains = True  # type: ignore[attr-defined]
+    loop.set_task_factory(factory)
+
+
+async def _contained(coro: Any) -> Any:
+    try:
+        return await coro
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise UserBaseException(exc) from exc
 
 
 def _plugin_bug(exc: Exception) -> Exception | None:
