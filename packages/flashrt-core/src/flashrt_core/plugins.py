@@ -29,6 +29,8 @@ ENTRY_POINT_GROUP = "flashrt"
 #: ``trylast``; block one by name with ``FLASHRT_BLOCKED_PLUGINS`` to drop it entirely.
 BUILTIN_PLUGINS: dict[str, str] = {
     "flashrt.executors": "flashrt_core.builtin.executors",
+    # After the executors: pluggy asks later registrations first; it declines requests with code.
+    "flashrt.deployed": "flashrt_core.builtin.deployed",
     "flashrt.artifact": "flashrt_core.builtin.artifact_startup",
     "flashrt.volume-cache": "flashrt_core.builtin.volume_cache",
     "flashrt.manifest": "flashrt_core.builtin.manifest",
@@ -77,7 +79,9 @@ def get_plugin_manager(
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {exc.plugin!r} is invalid: {exc}") from None
+        name = pm.get_name(exc.plugin) or repr(exc.plugin)
+        origin = pm.origins.get(name, "registered in code")
+        raise PluginError(f"plugin {name!r} ({origin}) is invalid: {exc}") from None
     return pm
 
 

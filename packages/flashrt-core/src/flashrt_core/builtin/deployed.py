@@ -1,0 +1,250 @@
+"""Built-in plugin ``flashrt.deployed``: serve code-less requests from the deployed app.
+
+A deployed worker (``FLASH_RESOURCE_NAME`` set) has its code in the unpacked ``flash build``
+artifact, not in the requests. A :class:`~flashrt_core.protocol.FunctionRequest` without
+``function_code`` / ``class_code`` that names a function or class of the manifest's
+``function_registry`` is served by importing the entry's ``module`` from the app directory and
+calling it (classes are built from the request's constructor arguments and kept in the runtime's
+:class:`~flashrt_core.instances.InstanceRegistry`, like live ones). This is the path worker-flash
+1.0 served for older manifests.
+
+The plugin declines (returns ``None``) whenever the request carries code, so the exec-based
+executors handle live requests, and whenever the worker is not deployed. In deployed mode a name
+the manifest does not list, or an app that failed to unpack, is a clear error naming the cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import StageError
+from ..hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Mapping
+
+    from ..instances import InstanceRegistry
+    from ..invocation import Invocation
+    from ..protocol import FunctionRequest
+    from ..runtime import Runtime
+
+__all__ = [
+    "MANIFEST_FILE",
+    "DeployedAppUnavailable",
+    "deployed_app_dir",
+    "flashrt_execute_class",
+    "flashrt_execute_function",
+    "load_manifest",
+]
+
+MANIFEST_FILE = "flash_manifest.json"
+
+
+class DeployedAppUnavailable(RuntimeError):
+    """Deployed mode, but the app directory cannot be used; the message says why."""
+
+
+def deployed_app_dir(runtime: Runtime) -> Path | None:
+    """The unpacked app's directory, ``None`` when this worker is not deployed.
+
+    Raises :class:`DeployedAppUnavailable` with the reason when unpacking failed or has not run.
+    With ``FLASH_DISABLE_UNPACK`` the app is expected, already unpacked, in ``FLASHRT_APP_DIR``
+    (put on ``sys.path`` here, the way the artifact step does after unpacking).
+    """
+    settings = runtime.settings
+    if not settings.resource_name:
+        return None
+    if settings.disable_unpack:
+        from ..artifact import add_app_dir_to_sys_path
+        from ..settings import load_settings
+        from .volume_settings import VolumeSettings
+
+        app_dir = Path(load_settings(VolumeSettings).app_dir)
+        add_app_dir_to_sys_path(app_dir)
+        return app_dir
+    outcome = runtime.state.get("artifact")
+    status = getattr(outcome, "status", None)
+    unpacked = getattr(outcome, "app_dir", None)
+    if status == "ready" and unpacked is not None:
+        return Path(unpacked)
+    if outcome is None:
+        raise DeployedAppUnavailable(
+            "the artifact has not been unpacked (start-up did not run or was blocked)"
+        )
+    reason = getattr(outcome, "reason", None) or f"unpacking is {status}"
+    raise DeployedAppUnavailable(f"the artifact could not be unpacked: {reason}")
+
+
+_manifest_cache: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}
+_manifest_lock = threading.Lock()
+
+
+def load_manifest(app_dir: Path) -> dict[str, Any]:
+    """Read ``flash_manifest.json`` of the app (parsed once per file version). Blocking."""
+    path = app_dir / MANIFEST_FILE
+    try:
+        st = path.stat()
+        key = (st.st_size, st.st_mtime_ns)
+        with _manifest_lock:
+            cached = _manifest_cache.get(path)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DeployedAppUnavailable(
+            f"the deployed app has no {MANIFEST_FILE} in {app_dir}"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise DeployedAppUnavailable(f"{path} cannot be read: {exc}") from None
+    if not isinstance(data, dict):
+        raise DeployedAppUnavailable(f"{path} is not a JSON object")
+    with _manifest_lock:
+        _manifest_cache[path] = (key, data)
+    return data
+
+
+async def _manifest(runtime: Runtime, app_dir: Path) -> Mapping[str, Any]:
+    """The manifest, refreshed through ``flashrt_reconcile_manifest`` when a plugin offers to.
+
+    The wait for a refresh is bounded; on a timeout, a failure or no answer, the local copy
+    counts.
+    """
+    path = app_dir / MANIFEST_FILE
+    pending = runtime.pm.hook.flashrt_reconcile_manifest(path=path, runtime=runtime)
+    if pending is not None:
+        from ..settings import load_settings
+        from .volume_settings import VolumeSettings
+
+        wait_s = load_settings(VolumeSettings).manifest_wait_s
+        try:
+            fresh = await asyncio.wait_for(pending, timeout=max(wait_s, 0.01) + 1.0)
+        except Exception:  # a refresh problem must not fail the request: use the local copy
+            fresh = None
+        if isinstance(fresh, dict):
+            return fresh
+    try:
+        return await runtime.run_blocking(load_manifest, app_dir)
+    except DeployedAppUnavailable as exc:
+        raise StageError("load code", str(exc)) from None
+
+
+def _entry(manifest: Mapping[str, Any], name: str, kind: str) -> dict[str, Any]:
+    """The manifest's function entry for ``name``; a clear error when it has none."""
+    registry = manifest.get("function_registry")
+    registry = registry if isinstance(registry, dict) else {}
+    resource = registry.get(name)
+    if resource is None:
+        known = ", ".join(sorted(registry)) or "nothing"
+        raise StageError(
+            "load code",
+            f"{kind} {name!r} is not in the deployed app's function_registry (it lists: {known}); "
+            "send its code (live mode) or deploy a build that includes it",
+        )
+    resources = manifest.get("resources")
+    spec = resources.get(resource) if isinstance(resources, dict) else None
+    functions = spec.get("functions") if isinstance(spec, dict) else None
+    for entry in functions if isinstance(functions, list) else ():
+        if isinstance(entry, dict) and entry.get("name") == name:
+            if not isinstance(entry.get("module"), str) or not entry["module"]:
+                break
+            return entry
+    raise StageError(
+        "load code",
+        f"the deployed manifest lists {kind} {name!r} under resource {resource!r} but gives no "
+        "module to import it from",
+    )
+
+
+def _import_attr(module_name: str, attr: str) -> Any:
+    """Import ``module_name`` (from the app directory on ``sys.path``) and return ``attr``."""
+    try:
+        module = importlib.import_module(module_name)
+    except BaseException as exc:  # user code at import: any failure is a load-code failure
+        raise StageError(
+            "load code",
+            f"importing deployed module {module_name!r} failed: {type(exc).__name__}: {exc}",
+        ) from exc
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise StageError(
+            "load code", f"deployed module {module_name!r} has no attribute {attr!r}"
+        ) from None
+
+
+async def _resolve(call: Invocation, name: str, kind: str) -> tuple[Any, dict[str, Any]]:
+    runtime = call.runtime
+    try:
+        app_dir = deployed_app_dir(runtime)
+    except DeployedAppUnavailable as exc:
+        raise StageError("load code", f"the deployed app is unavailable: {exc}") from None
+    assert app_dir is not None
+    manifest = await _manifest(runtime, app_dir)
+    entry = _entry(manifest, name, kind)
+    is_class = bool(entry.get("is_class"))
+    if is_class != (kind == "class"):
+        actual = "class" if is_class else "function"
+        raise StageError(
+            "load code",
+            f"{name!r} is a deployed {actual}; the request asked for a {kind} "
+            f"(execution_type {kind!r})",
+        )
+    target = await runtime.run_blocking(_import_attr, entry["module"], name)
+    return target, entry
+
+
+def _is_deployed_codeless(code: str | None, runtime: Runtime) -> bool:
+    return code is None and bool(runtime.settings.resource_name)
+
+
+@hookimpl(trylast=True)
+def flashrt_execute_function(request: FunctionRequest, call: Invocation) -> Awaitable[Any] | None:
+    """Call a deployed function named by a code-less request; decline otherwise."""
+    if not _is_deployed_codeless(request.function_code, call.runtime):
+        return None
+    return _run_function(request, call)
+
+
+async def _run_function(request: FunctionRequest, call: Invocation) -> Any:
+    name = request.function_name or ""
+    fn, _ = await _resolve(call, name, "function")
+    if isinstance(fn, type) or not callable(fn):
+        raise StageError("load code", f"deployed {name!r} is not a function")
+    return await call.call(fn, *call.args, **call.kwargs)
+
+
+@hookimpl(trylast=True)
+def flashrt_execute_class(
+    request: FunctionRequest, call: Invocation, instances: InstanceRegistry
+) -> Awaitable[Any] | None:
+    """Call a method of a deployed class's instance named by a code-less request."""
+    if not _is_deployed_codeless(request.class_code, call.runtime):
+        return None
+    return _run_method(request, call, instances)
+
+
+async def _run_method(
+    request: FunctionRequest, call: Invocation, instances: InstanceRegistry
+) -> Any:
+    from .executors import call_method
+
+    class_name = request.class_name or ""
+    cls, _ = await _resolve(call, class_name, "class")
+    if not isinstance(cls, type):
+        raise StageError("load code", f"deployed {class_name!r} is not a class")
+
+    async def build() -> Any:
+        return await call.call(cls, *call.constructor_args, **call.constructor_kwargs)
+
+    entry = await instances.get_or_create(
+        request.instance_id or class_name,
+        build,
+        class_name=class_name,
+        replace=request.create_new_instance,
+    )
+    return await call_method(entry.instance, request.method_name, call, entry.record_call)

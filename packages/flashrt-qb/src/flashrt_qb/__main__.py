@@ -1,0 +1,54 @@
+"""``flashrt-qb`` / ``python -m flashrt_qb``: the queue worker's entry point.
+
+Arguments are the runpod SDK's own (``--test_input '{"input": {...}}'`` runs one job locally and
+exits 0 or 1, ``--rp_log_level``, ...); everything else is configured with environment variables.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+__all__ = ["main"]
+
+USAGE = """\
+usage: flashrt-qb [--test_input JSON] [runpod SDK options]
+
+Runs the flashrt queue worker on the runpod serverless job loop. Without RUNPOD_WEBHOOK_GET_JOB
+(or with --test_input) the SDK runs one local job (--test_input, else ./test_input.json) and
+exits 0 on success, 1 on failure. Settings come from environment variables (see the README).
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Read the settings and serve; exit 2 on a bad setting."""
+    from flashrt_core.settings import Settings, SettingsError, load_settings
+
+    from .settings import QBSettings
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
+        print(USAGE, end="")
+        return 0
+    try:
+        settings = load_settings(Settings)
+        qb = load_settings(QBSettings)
+    except SettingsError as exc:
+        print(f"flashrt-qb: bad setting: {exc}", file=sys.stderr)
+        return 2
+    if qb.concurrency < 1:
+        print("flashrt-qb: bad setting: FLASHRT_QB_CONCURRENCY must be at least 1", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from .worker import QueueWorker
+
+    QueueWorker(settings, qb).serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

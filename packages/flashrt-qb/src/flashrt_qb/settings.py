@@ -1,0 +1,56 @@
+"""Settings of the queue worker shell, read once with ``flashrt_core.load_settings``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flashrt_core.settings import setting
+
+__all__ = ["QBSettings"]
+
+
+@dataclasses.dataclass(frozen=True)
+class QBSettings:
+    """How many jobs run at once, how many wait in hand, and how long start-up may take."""
+
+    concurrency: int = setting(
+        "FLASHRT_QB_CONCURRENCY", 1, "Jobs the queue worker runs at once (at least 1)."
+    )
+    prefetch: int = setting(
+        "FLASHRT_QB_PREFETCH",
+        1,
+        "Jobs taken from the queue beyond those running: a freed slot starts the next job at "
+        "once instead of after the runpod job loop's 1 s re-poll (0: take only what can run).",
+    )
+    startup_timeout_s: float = setting(
+        "FLASHRT_QB_STARTUP_TIMEOUT_S",
+        600.0,
+        "Longest a job waits for start-up (plugins, artifact, deployed handler import) before "
+        "it fails with the reason; later jobs are served once start-up finishes.",
+    )
+    fast_sdk_import: bool = setting(
+        "FLASHRT_QB_FAST_SDK_IMPORT",
+        True,
+        "While the runpod SDK is imported, answer its one CPU-brand query from /proc/cpuinfo "
+        "instead of py-cpuinfo's 1 s frequency probe (a subprocess that sleeps 1 s).",
+    )
+
+    sdk_log_level: str | None = setting(
+        "RUNPOD_LOG_LEVEL",
+        None,
+        "Level of the runpod SDK's own log (NOTSET, TRACE, DEBUG, INFO, WARN, ERROR); unset: "
+        "RUNPOD_DEBUG_LEVEL, else INFO (the SDK alone defaults to DEBUG, a line per poll).",
+    )
+    sdk_debug_level: str | None = setting(
+        "RUNPOD_DEBUG_LEVEL", None, "The SDK's older name for RUNPOD_LOG_LEVEL."
+    )
+
+    @property
+    def sdk_level(self) -> str:
+        """The runpod SDK's log level in force."""
+        return (self.sdk_log_level or self.sdk_debug_level or "INFO").upper()
+
+    @property
+    def window(self) -> int:
+        """Jobs the runpod job loop may hold: running plus prefetched."""
+        return max(1, self.concurrency) + self.prefetch

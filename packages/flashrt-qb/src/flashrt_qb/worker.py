@@ -1,0 +1,306 @@
+"""The queue worker: the runpod SDK's job loop in front of one process-wide ``Runtime``.
+
+Shape of the process:
+
+* The ``Runtime`` lives on an event loop in a thread of its own. Its start-up (plugins, cache
+  hydration, artifact unpacking, the deployed handler's import) begins at once, while the main
+  thread is still importing the runpod SDK, so a cold start costs the longer of the two instead
+  of their sum; the SDK's loop and ours never stall each other either.
+* ``runpod.serverless.start`` runs in the main thread with :meth:`QueueWorker.handler`, an async
+  handler that hands the job to the runtime loop and awaits the answer; when the SDK cancels a
+  job (its stop channel), the cancellation reaches the job's task on the runtime loop.
+* Every job waits for start-up (bounded by ``FLASHRT_QB_STARTUP_TIMEOUT_S``); if start-up failed,
+  every job answers with the reason.
+
+Concurrency: ``FLASHRT_QB_CONCURRENCY`` jobs run at once (a semaphore on the runtime loop). The
+SDK's loop is told, through ``concurrency_modifier``, to hold ``FLASHRT_QB_CONCURRENCY +
+FLASHRT_QB_PREFETCH`` jobs: whenever it holds as many as it may, it sleeps a whole second before
+asking the platform again, so without prefetch a freed slot idles for up to 1 s and a burst of
+short jobs drains at about one batch per second.
+
+Output: in live mode (and for FunctionRequests in deployed mode) the job output is the
+``FunctionResponse`` as a dict without its empty fields. The SDK moves an ``error`` key from the
+output to the job, marking it FAILED; runpod-flash then builds the response from the job's error
+and the rest of the output (``stdout`` included) and raises ``Exception("Remote execution
+failed: <error>")``. In deployed mode plain-JSON jobs get what the generated handler returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import traceback
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from flashrt_core.settings import Settings, load_settings
+
+from .settings import QBSettings
+
+if TYPE_CHECKING:
+    import concurrent.futures
+    from collections.abc import Coroutine, Mapping
+
+    from flashrt_core.protocol import FunctionResponse
+    from flashrt_core.runtime import Runtime
+
+    from .deployed import DeployedHandler
+
+__all__ = ["QueueWorker", "RuntimeLoop", "response_output"]
+
+log = logging.getLogger("flashrt.qb")
+T = TypeVar("T")
+
+
+class RuntimeLoop:
+    """An asyncio event loop running forever in a daemon thread of its own."""
+
+    def __init__(self, name: str = "flashrt-runtime") -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def start(self) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedule ``coro`` on the loop from any thread."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the loop and wait (bounded) for its thread."""
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout)
+        if not self._thread.is_alive() and not self.loop.is_closed():
+            self.loop.close()
+
+
+def response_output(response: FunctionResponse) -> dict[str, Any]:
+    """The job output for a response: its non-empty fields; a failure always has an error."""
+    from flashrt_core.protocol import response_to_dict
+
+    out = {k: v for k, v in response_to_dict(response).items() if v is not None}
+    if not response.success and not out.get("error"):
+        # An empty error would not fail the job, and the client would see an invalid response.
+        out["error"] = "the request failed without an error message"
+    return out
+
+
+class QueueWorker:
+    """One process's queue worker: the runtime thread, the SDK handler and its configuration."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        qb: QBSettings | None = None,
+        *,
+        runtime: Runtime | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.settings = settings or (
+            runtime.settings if runtime is not None else load_settings(Settings, environ)
+        )
+        self.qb = qb or load_settings(QBSettings, environ)
+        self.runtime = runtime
+        self.loop = RuntimeLoop()
+        #: "starting", "ready" or "failed".
+        self.phase = "starting"
+        self.startup_error: str | None = None
+        self.deployed_handler: DeployedHandler | None = None
+        self._startup: asyncio.Task[None] | None = None
+        self._slots = asyncio.Semaphore(max(1, self.qb.concurrency))
+
+    @property
+    def deployed(self) -> bool:
+        """Deployed mode: the code comes from a built artifact (``FLASH_RESOURCE_NAME`` set)."""
+        return bool(self.settings.resource_name)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Start the runtime thread and, on it, start-up (idempotent; returns at once)."""
+        self.loop.start()
+        self.loop.loop.call_soon_threadsafe(self._ensure_startup)
+
+    def _ensure_startup(self) -> asyncio.Task[None]:
+        if self._startup is None:
+            self._startup = asyncio.ensure_future(self._start())
+        return self._startup
+
+    async def _start(self) -> None:
+        try:
+            await self._start_steps()
+        except asyncio.CancelledError:
+            self._fail("start-up was cancelled (the worker is stopping)")
+            raise
+        except _StartupFailed as exc:
+            self._fail(str(exc))
+        except Exception as exc:
+            log.exception("start-up failed")
+            self._fail(f"start-up failed: {type(exc).__name__}: {exc}")
+        else:
+            self.phase = "ready"
+            log.info(
+                "ready: %s mode, %d job(s) at once, %d prefetched",
+                f"deployed ({self.settings.resource_name})" if self.deployed else "live",
+                max(1, self.qb.concurrency),
+                self.qb.prefetch,
+            )
+
+    def _fail(self, reason: str) -> None:
+        self.phase = "failed"
+        self.startup_error = reason
+        log.error("not ready: %s", reason)
+
+    async def _start_steps(self) -> None:
+        if self.runtime is None:
+            from flashrt_core.runtime import Runtime
+
+            # Nothing else runs on this loop yet: building it here (plugin discovery imports
+            # third-party modules) delays no job that could otherwise run.
+            self.runtime = Runtime(self.settings)
+        runtime = self.runtime
+        await runtime.start()
+        if runtime.startup_error:
+            raise _StartupFailed(runtime.startup_error)
+        if self.deployed:
+            self.deployed_handler = await self._load_deployed(runtime)
+
+    async def _load_deployed(self, runtime: Runtime) -> DeployedHandler:
+        from flashrt_core.builtin.deployed import DeployedAppUnavailable, deployed_app_dir
+
+        from .deployed import DeployedHandlerError, load_handler
+
+        resource = self.settings.resource_name or ""
+        try:
+            app_dir = deployed_app_dir(runtime)
+            assert app_dir is not None
+            return await runtime.run_blocking(load_handler, app_dir, resource)
+        except (DeployedAppUnavailable, DeployedHandlerError) as exc:
+            raise _StartupFailed(f"deployed app {resource!r} unavailable: {exc}") from None
+
+    async def _wait_ready(self) -> str | None:
+        """On the runtime loop: wait (bounded) for start-up; the reason it failed, if it did."""
+        task = self._ensure_startup()
+        if not task.done():
+            timeout = self.qb.startup_timeout_s
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout)
+            except asyncio.TimeoutError:
+                return f"worker start-up has not finished after {timeout:g} s"
+            except Exception:  # _start records its own failures
+                pass
+        return self.startup_error if self.phase == "failed" else None
+
+    def close(self, timeout: float = 15.0) -> None:
+        """Shut the runtime down (bounded) and stop its thread."""
+        if not self.loop.running:
+            return
+        try:
+            self.loop.submit(self._shutdown()).result(timeout)
+        except Exception:
+            log.exception("runtime shutdown did not finish cleanly")
+        self.loop.stop()
+
+    async def _shutdown(self) -> None:
+        if self._startup is not None and not self._startup.done():
+            self._startup.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._startup  # cancelled: _start records it
+        if self.runtime is not None:
+            await self.runtime.shutdown()
+
+    # --- the SDK side ---------------------------------------------------------------------
+
+    async def handler(self, job: dict[str, Any]) -> Any:
+        """The runpod handler: run the job on the runtime loop and return its output."""
+        return await asyncio.wrap_future(self.loop.submit(self.handle(job)))
+
+    def concurrency_modifier(self, current: int) -> int:
+        """The SDK's job window: the jobs we run at once plus those we keep in hand."""
+        del current
+        return self.qb.window
+
+    def sdk_config(self) -> dict[str, Any]:
+        """The ``runpod.serverless.start`` configuration."""
+        return {
+            "handler": self.handler,
+            "concurrency_modifier": self.concurrency_modifier,
+            "return_aggregate_stream": False,
+        }
+
+    # --- one job, on the runtime loop -----------------------------------------------------
+
+    async def handle(self, job: Mapping[str, Any]) -> Any:
+        """Answer one job (runs on the runtime loop; usable directly from tests on that loop)."""
+        job_input = job.get("input") if isinstance(job, dict) else None
+        async with self._slots:
+            problem = await self._wait_ready()
+            if self.deployed:
+                from .deployed import is_function_request
+
+                if not is_function_request(job_input):
+                    return await self._plain(job, problem)
+            if problem is not None:
+                return {"success": False, "error": problem}
+            if not isinstance(job_input, dict):
+                return {
+                    "success": False,
+                    "error": "the job's input must be a FunctionRequest object, got "
+                    f"{type(job_input).__name__}",
+                }
+            assert self.runtime is not None
+            response = await self.runtime.execute(job_input)
+            return response_output(response)
+
+    async def _plain(self, job: Mapping[str, Any], problem: str | None) -> Any:
+        """A deployed endpoint's plain-JSON job, through the generated handler."""
+        if problem is not None:
+            return {"success": False, "error": problem}
+        handler = self.deployed_handler
+        assert handler is not None and self.runtime is not None
+        timeout = self.settings.timeout_s
+        try:
+            return await asyncio.wait_for(handler(self.runtime, job), timeout)
+        except asyncio.TimeoutError:
+            return {
+                "success": False,
+                "error": f"the deployed handler timed out after {timeout:g} s",
+            }
+        except Exception as exc:  # pragma: no cover - DeployedHandler catches its own
+            return {"success": False, "error": f"{exc}\n{traceback.format_exc()}"}
+
+    # --- the process ----------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Start up in the background, import the SDK meanwhile, then run its loop until done.
+
+        Returns when the SDK returns (SIGTERM drained the running jobs); ``--test_input`` ends
+        with the SDK's ``SystemExit``, which propagates after the runtime is shut down.
+        """
+        from .sdk import import_serverless, set_sdk_log_level
+
+        self.begin()
+        serverless = import_serverless(self.qb.fast_sdk_import)
+        set_sdk_log_level(self.qb.sdk_level)
+        try:
+            serverless.start(self.sdk_config())
+        finally:
+            self.close()
+
+
+class _StartupFailed(Exception):
+    """Start-up ended with a reason that is already the whole message."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])

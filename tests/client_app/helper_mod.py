@@ -1,0 +1,2 @@
+def scale(x, factor=10):
+    return x * factor

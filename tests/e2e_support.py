@@ -1,0 +1,227 @@
+"""Helpers of the cross-package end-to-end tests (the fixtures that use them are in conftest).
+
+* :class:`WorkerProcess`: a worker as a real subprocess in a process group of its own, its
+  output in a log file, always stopped with SIGTERM then SIGKILL of the group.
+* :func:`make_layered_venv`: a throwaway venv over the workspace's, so a worker that installs
+  packages (fixture 03's numpy) installs them there, never into the workspace.
+* :class:`FlashClient`: the real runpod-flash client pointed at the fake control plane, with its
+  resource cache pre-seeded so nothing is provisioned (REFERENCE §9).
+* :class:`RunningWorker` / :func:`start_qb_worker`: a ``flashrt-qb`` worker of one endpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import venv
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import ModuleType
+
+    from fake_runpod import FakeRunPod
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+CLIENT_REQUESTS = ROOT.parent / "shared" / "fixtures" / "client-requests"
+
+#: Environment variables a worker must not inherit from the machine (platform/client state).
+_SCRUB_PREFIXES = ("RUNPOD_", "FLASH_", "FLASHRT_")
+
+
+def fixture_bodies(name: str) -> list[dict[str, Any]]:
+    """The request bodies of one captured fixture file (``"01"`` ... ``"10"``)."""
+    matches = sorted(CLIENT_REQUESTS.glob(f"{name}*.json"))
+    assert matches, f"no fixture {name} in {CLIENT_REQUESTS}"
+    return [entry["body"] for entry in json.loads(matches[0].read_text())]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without platform/flash settings, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUB_PREFIXES)}
+    env.pop("PYTHONPATH", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` (bounded); fail the test naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+
+
+class WorkerProcess:
+    """A worker subprocess in a process group of its own, its output in a log file."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path, cwd: Path) -> None:
+        self.argv = argv
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM (the worker drains), then SIGKILL the whole group if it does not exit."""
+        try:
+            if self.proc.poll() is None:
+                self.signal(signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout)
+        finally:
+            # The SDK's heartbeat child too, whatever happened to the parent.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            if self.proc.poll() is None:
+                self.proc.wait(5)
+            self._log.close()
+        return self.proc.returncode
+
+
+def make_layered_venv(root: Path) -> Path:
+    """A venv in ``root`` whose interpreter also sees the workspace's packages, after its own.
+
+    Returns its ``python``; installs by a process running on it land in ``root`` only.
+    """
+    venv.EnvBuilder(with_pip=False, symlinks=True).create(root)
+    python = root / "bin" / "python"
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    workspace = sysconfig.get_paths()["purelib"]
+    assert Path(workspace).is_dir(), workspace
+    # addsitedir also processes the workspace's .pth files (its editable installs).
+    (Path(purelib) / "_flashrt_workspace.pth").write_text(
+        f"import site; site.addsitedir({workspace!r})\n"
+    )
+    return python
+
+
+def load_client_functions() -> ModuleType:
+    """Import ``tests/client_app/functions.py`` once (its decorators build client stubs)."""
+    name = "flashrt_tests_client_functions"
+    if name in sys.modules:
+        return sys.modules[name]
+    os.environ.setdefault("RUNPOD_FLASH_SILENCE_DEPRECATION", "1")
+    path = TESTS / "client_app" / "functions.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    with warnings.catch_warnings():  # remote() and CpuLiveServerless are deprecated aliases
+        warnings.simplefilter("ignore", DeprecationWarning)
+        spec.loader.exec_module(module)
+    return module
+
+
+class FlashClient:
+    """The real runpod-flash client, aimed at the fake control plane."""
+
+    def __init__(self, fake: FakeRunPod) -> None:
+        self.fake = fake
+
+    def seed(self, remote_obj: Any, endpoint_id: str) -> Any:
+        """Pre-seed the client's resource cache: ``remote_obj`` runs on ``endpoint_id``."""
+        from runpod_flash.core.resources import ResourceManager
+
+        cfg = remote_obj.__remote_config__["resource_config"]
+        cfg.id = endpoint_id
+        ResourceManager()._add_resource(cfg.get_resource_key(), cfg)
+        return cfg
+
+    def stub(self, remote_obj: Any) -> Any:
+        """The client's ``LiveServerlessStub`` for a seeded resource (hand-built requests)."""
+        from runpod_flash.stubs.live_serverless import LiveServerlessStub
+
+        return LiveServerlessStub(remote_obj.__remote_config__["resource_config"])
+
+
+class RunningWorker:
+    """A worker process serving one endpoint of the fake control plane."""
+
+    def __init__(self, fake: FakeRunPod, endpoint: str, process: WorkerProcess) -> None:
+        self.fake = fake
+        self.endpoint = endpoint
+        self.process = process
+        self.worker_id = worker_id_of(endpoint)
+
+    def wait_polling(self, timeout: float = 90.0) -> None:
+        """Until the SDK's job loop asks for jobs (start-up may still be running)."""
+
+        def polling() -> bool:
+            if self.process.proc.poll() is not None:
+                pytest.fail(
+                    f"worker exited with {self.process.proc.returncode}:\n{self.process.log()}"
+                )
+            with self.fake.cond:
+                return any(t["worker"] == self.worker_id for t in self.fake.takes)
+
+        wait_until(polling, timeout, f"{self.endpoint}'s worker to poll for jobs")
+
+    def run(self, job_input: Any, timeout: float = 60.0) -> dict[str, Any]:
+        """Queue one job and return its final status payload."""
+        return self.fake.wait(self.fake.submit(self.endpoint, job_input), timeout)
+
+
+def worker_id_of(endpoint: str) -> str:
+    return f"{endpoint}-worker"
+
+
+def qb_worker_env(fake: FakeRunPod, endpoint: str, tmp: Path, **extra: str) -> dict[str, str]:
+    """The environment of a queue worker of ``endpoint`` (no volume, quiet SDK log)."""
+    return clean_env(
+        **fake.worker_env(endpoint, worker_id=worker_id_of(endpoint)),
+        FLASHRT_VOLUME_DIR=str(tmp / "no-volume"),
+        FLASHRT_CACHE_DIR=str(tmp / "cache"),
+        FLASHRT_APP_DIR=str(tmp / "app"),
+        RUNPOD_LOG_LEVEL="INFO",
+        **extra,
+    )
+
+
+def start_qb_worker(
+    spawn_worker: Callable[..., WorkerProcess],
+    fake: FakeRunPod,
+    endpoint: str,
+    tmp: Path,
+    *,
+    python: Path | str = sys.executable,
+    args: tuple[str, ...] = (),
+    **extra: str,
+) -> RunningWorker:
+    """Spawn ``python -m flashrt_qb`` serving ``endpoint`` (``extra``: more environment)."""
+    env = qb_worker_env(fake, endpoint, tmp, **extra)
+    process = spawn_worker([str(python), "-m", "flashrt_qb", *args], env, name=endpoint)
+    return RunningWorker(fake, endpoint, process)

@@ -1,0 +1,413 @@
+"""A fake RunPod control plane on 127.0.0.1, for driving real workers and the real client.
+
+It serves both sides of a queue endpoint, the way ``runpod`` 1.12 and ``runpod-flash`` 1.21 talk
+to the real one (REFERENCE §3 and §9):
+
+worker side (under ``/v2/{endpoint}/``, reached through the ``RUNPOD_WEBHOOK_*`` variables that
+:meth:`FakeRunPod.worker_env` returns)
+    ``GET job-take/{worker}`` (one job or 204), ``GET job-take-batch/{worker}?batch_size=N`` (a
+    list or 204), ``GET job-stop/{worker}`` (``{"jobsToStop": [...]}`` or 204), ``POST
+    job-done/{worker}/{job}`` (the body is JSON sent with a form content type), ``POST
+    job-stream/{worker}/{job}``, ``GET ping/{worker}``. Takes and stop polls are long polls held
+    up to ``hold_s``, like the platform's, so an idle SDK loop does not spin.
+
+client side (under :attr:`FakeRunPod.api_base`, which is what ``RUNPOD_ENDPOINT_BASE_URL`` /
+``runpod.endpoint_url_base`` must point at; the ``/v2`` prefix is optional)
+    ``POST {endpoint}/run``, ``POST {endpoint}/runsync``, ``GET {endpoint}/status/{job}``,
+    ``POST {endpoint}/cancel/{job}``, ``GET {endpoint}/health`` and the deployed-app route
+    ``POST flash/runsync`` (the ``X-Flash-Endpoint`` header names the endpoint).
+
+Tests can also enqueue and wait without HTTP (:meth:`submit`, :meth:`wait`). Everything runs in
+one background thread per request (``ThreadingHTTPServer``); state is guarded by one condition.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+__all__ = ["FakeJob", "FakeRunPod"]
+
+FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT")
+
+
+@dataclass
+class FakeJob:
+    """One job as the fake platform tracks it."""
+
+    id: str
+    endpoint: str
+    input: Any
+    status: str = "IN_QUEUE"
+    output: Any = None
+    error: Any = None
+    worker_id: str | None = None
+    created: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    finished: float | None = None
+    stream: list[Any] = field(default_factory=list)
+    done_posts: int = 0
+
+    def status_payload(self) -> dict[str, Any]:
+        """What ``GET /status/{job}`` answers: the fields the runpod-flash client requires."""
+        now = time.monotonic()
+        started = self.started if self.started is not None else now
+        finished = self.finished if self.finished is not None else now
+        payload: dict[str, Any] = {
+            "id": self.id,
+            "status": self.status,
+            "delayTime": int((started - self.created) * 1000),
+            "executionTime": int((finished - started) * 1000) if self.started else 0,
+            "workerId": self.worker_id or "",
+        }
+        if self.output is not None:
+            payload["output"] = self.output
+        if self.error:
+            payload["error"] = self.error
+        return payload
+
+
+class FakeRunPod:
+    """The fake control plane; use as a context manager or call :meth:`start` / :meth:`stop`."""
+
+    def __init__(self, *, hold_s: float = 0.5, runsync_wait_s: float = 90.0) -> None:
+        self.hold_s = hold_s
+        self.runsync_wait_s = runsync_wait_s
+        self.jobs: dict[str, FakeJob] = {}
+        self.queues: dict[str, deque[str]] = {}
+        self.stop_signals: dict[str, list[str]] = {}
+        self.pings: list[dict[str, Any]] = []
+        self.takes: list[dict[str, Any]] = []
+        self.requests: list[tuple[str, str]] = []
+        #: X-Flash-Endpoint name -> endpoint id for ``/flash/runsync`` (default: the name itself)
+        self.flash_routes: dict[str, str] = {}
+        self.cond = threading.Condition()
+        self._closing = False
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> FakeRunPod:
+        handler = type("_Handler", (_Handler,), {"fake": self})
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server.daemon_threads = True
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, name="fake-runpod", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.cond:
+            self._closing = True
+            self.cond.notify_all()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> FakeRunPod:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "start() the fake first"
+        return int(self._server.server_address[1])
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api_base(self) -> str:
+        """The client's ``RUNPOD_ENDPOINT_BASE_URL`` (the real default ends in ``/v2`` too)."""
+        return f"{self.base_url}/v2"
+
+    def worker_env(self, endpoint: str, worker_id: str = "worker-1") -> dict[str, str]:
+        """The environment the platform gives a worker of ``endpoint``, pointed at this fake."""
+        root = f"{self.base_url}/v2/{endpoint}"
+        return {
+            "RUNPOD_WEBHOOK_GET_JOB": f"{root}/job-take/$ID?gpu=fake",
+            "RUNPOD_WEBHOOK_POST_OUTPUT": f"{root}/job-done/$RUNPOD_POD_ID/$ID?gpu=fake",
+            "RUNPOD_WEBHOOK_POST_STREAM": f"{root}/job-stream/$RUNPOD_POD_ID/$ID?gpu=fake",
+            "RUNPOD_WEBHOOK_PING": f"{root}/ping/$RUNPOD_POD_ID",
+            "RUNPOD_PING_INTERVAL": "10000",
+            "RUNPOD_POD_ID": worker_id,
+            "RUNPOD_AI_API_KEY": "fake-worker-key",
+            "RUNPOD_ENDPOINT_ID": endpoint,
+            "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
+            "RUNPOD_SKIP_GPU_CHECK": "true",
+        }
+
+    # --- direct API for tests --------------------------------------------------------------
+
+    def submit(self, endpoint: str, job_input: Any, *, job_id: str | None = None) -> str:
+        """Queue a job as ``POST /{endpoint}/run`` would; returns its id."""
+        job = FakeJob(
+            id=job_id or f"job-{uuid.uuid4().hex[:12]}", endpoint=endpoint, input=job_input
+        )
+        with self.cond:
+            self.jobs[job.id] = job
+            self.queues.setdefault(endpoint, deque()).append(job.id)
+            self.cond.notify_all()
+        return job.id
+
+    def wait(self, job_id: str, timeout: float = 30.0) -> dict[str, Any]:
+        """Block until the job is final; returns its status payload. Raises TimeoutError."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while self.jobs[job_id].status not in FINAL:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"job {job_id} still {self.jobs[job_id].status}")
+                self.cond.wait(left)
+            return self.jobs[job_id].status_payload()
+
+    def wait_all(self, job_ids: list[str], timeout: float = 60.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        return [self.wait(j, max(0.0, deadline - time.monotonic())) for j in job_ids]
+
+    def wait_for(self, predicate: Any, timeout: float = 30.0) -> None:
+        """Block until ``predicate(self)`` holds (checked on every state change)."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not predicate(self):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("condition not reached")
+                self.cond.wait(left)
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Cancel: a queued job never runs; a running one is signalled on the stop channel."""
+        with self.cond:
+            job = self.jobs[job_id]
+            if job.status == "IN_QUEUE":
+                self.queues[job.endpoint].remove(job_id)
+            elif job.status == "IN_PROGRESS" and job.worker_id:
+                self.stop_signals.setdefault(job.worker_id, []).append(job_id)
+            if job.status not in FINAL:
+                job.status = "CANCELLED"
+                job.finished = time.monotonic()
+            self.cond.notify_all()
+            return {"id": job.id, "status": job.status}
+
+    def counts(self, endpoint: str) -> dict[str, int]:
+        with self.cond:
+            mine = [j for j in self.jobs.values() if j.endpoint == endpoint]
+        return {
+            "completed": sum(j.status == "COMPLETED" for j in mine),
+            "failed": sum(j.status == "FAILED" for j in mine),
+            "inProgress": sum(j.status == "IN_PROGRESS" for j in mine),
+            "inQueue": sum(j.status == "IN_QUEUE" for j in mine),
+            "retried": 0,
+        }
+
+    # --- worker side -----------------------------------------------------------------------
+
+    def _take(self, endpoint: str, worker: str, count: int, hold: bool = True) -> list[FakeJob]:
+        deadline = time.monotonic() + self.hold_s
+        with self.cond:
+            queue = self.queues.setdefault(endpoint, deque())
+            while not queue and not self._closing and hold:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(left)
+            taken: list[FakeJob] = []
+            while queue and len(taken) < count:
+                job = self.jobs[queue.popleft()]
+                job.status = "IN_PROGRESS"
+                job.worker_id = worker
+                job.started = time.monotonic()
+                taken.append(job)
+            self.takes.append(
+                {"worker": worker, "asked": count, "got": len(taken), "t": time.monotonic()}
+            )
+            self.cond.notify_all()
+            return taken
+
+    def _job_done(self, job_id: str, body: Any, *, stream: bool) -> None:
+        with self.cond:
+            job = self.jobs.get(job_id)
+            if job is None:
+                return
+            job.done_posts += 1
+            if job.status in FINAL:  # cancelled meanwhile: the platform keeps CANCELLED
+                self.cond.notify_all()
+                return
+            body = body if isinstance(body, dict) else {"output": body}
+            job.output = body.get("output", job.stream if stream else None)
+            job.error = body.get("error")
+            job.status = "FAILED" if job.error else "COMPLETED"
+            job.finished = time.monotonic()
+            self.cond.notify_all()
+
+    def _stream(self, job_id: str, body: Any) -> None:
+        with self.cond:
+            job = self.jobs.get(job_id)
+            if job is not None and isinstance(body, dict):
+                job.stream.append(body.get("output"))
+            self.cond.notify_all()
+
+    def _stop_poll(self, worker: str) -> list[str]:
+        deadline = time.monotonic() + self.hold_s
+        with self.cond:
+            while not self.stop_signals.get(worker) and not self._closing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(left)
+            return self.stop_signals.pop(worker, [])
+
+    # --- client side -----------------------------------------------------------------------
+
+    def _runsync(self, endpoint: str, job_input: Any) -> dict[str, Any]:
+        job_id = self.submit(endpoint, job_input)
+        try:
+            return self.wait(job_id, self.runsync_wait_s)
+        except TimeoutError:
+            with self.cond:
+                return {"id": job_id, "status": self.jobs[job_id].status}
+
+    def _health(self, endpoint: str) -> dict[str, Any]:
+        recent = time.monotonic() - 30
+        with self.cond:
+            workers = {t["worker"] for t in self.takes if t["t"] > recent}
+            busy = {j.worker_id for j in self.jobs.values() if j.status == "IN_PROGRESS"}
+        return {
+            "jobs": self.counts(endpoint),
+            "workers": {
+                "idle": len(workers - busy),
+                "initializing": 0,
+                "ready": len(workers),
+                "running": len(busy & workers),
+                "throttled": 0,
+                "unhealthy": 0,
+            },
+        }
+
+
+class _Handler(BaseHTTPRequestHandler):
+    fake: FakeRunPod
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        return
+
+    # --- plumbing --------------------------------------------------------------------------
+
+    def _body(self) -> Any:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return raw.decode("utf-8", "replace")
+
+    def _send(self, status: int, payload: Any = None) -> None:
+        data = b"" if payload is None else json.dumps(payload).encode()
+        self.send_response(status)
+        if payload is not None:
+            self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if data:
+            self.wfile.write(data)
+
+    def _route(self, method: str) -> None:
+        url = urlsplit(self.path)
+        parts = [p for p in url.path.split("/") if p]
+        if parts and parts[0] == "v2":
+            parts = parts[1:]
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        fake = self.fake
+        with fake.cond:
+            fake.requests.append((method, url.path))
+        body = self._body() if method == "POST" else None
+        try:
+            self._dispatch(method, parts, query, body)
+        except (KeyError, ValueError) as exc:
+            self._send(404, {"error": f"not found: {exc}"})
+
+    def _dispatch(self, method: str, parts: list[str], query: dict[str, str], body: Any) -> None:
+        fake = self.fake
+        if len(parts) < 2:
+            self._send(404, {"error": "unknown route"})
+            return
+        endpoint, action = parts[0], parts[1]
+        rest = parts[2:]
+        if method == "GET" and action in ("job-take", "job-take-batch") and rest:
+            count = int(query.get("batch_size", "1")) if action == "job-take-batch" else 1
+            jobs = fake._take(endpoint, rest[0], max(1, count))
+            if not jobs:
+                self._send(204)
+            elif action == "job-take":
+                self._send(200, {"id": jobs[0].id, "input": jobs[0].input})
+            else:
+                self._send(200, [{"id": j.id, "input": j.input} for j in jobs])
+        elif method == "GET" and action == "job-stop" and rest:
+            ids = fake._stop_poll(rest[0])
+            if ids:
+                self._send(200, {"jobsToStop": ids})
+            else:
+                self._send(204)
+        elif method == "POST" and action == "job-done" and len(rest) >= 2:
+            fake._job_done(rest[1], body, stream=query.get("isStream") == "true")
+            self._send(200, {})
+        elif method == "POST" and action == "job-stream" and len(rest) >= 2:
+            fake._stream(rest[1], body)
+            self._send(200, {})
+        elif method == "GET" and action == "ping" and rest:
+            with fake.cond:
+                fake.pings.append({"worker": rest[0], **query})
+            self._send(200, {})
+        elif endpoint == "flash" and action == "runsync" and method == "POST":
+            name = self.headers.get("X-Flash-Endpoint") or ""
+            target = fake.flash_routes.get(name, name)
+            if not target:
+                self._send(404, {"error": "X-Flash-Endpoint header missing"})
+                return
+            self._send(200, fake._runsync(target, (body or {}).get("input")))
+        elif method == "POST" and action == "run":
+            job_input = (body or {}).get("input") if isinstance(body, dict) else None
+            if job_input is None:
+                self._send(400, {"error": "body needs an input"})
+                return
+            job_id = fake.submit(endpoint, job_input)
+            self._send(200, {"id": job_id, "status": "IN_QUEUE"})
+        elif method == "POST" and action == "runsync":
+            self._send(200, fake._runsync(endpoint, (body or {}).get("input")))
+        elif method == "GET" and action in ("status", "stream") and rest:
+            with fake.cond:
+                job = fake.jobs[rest[0]]
+                payload = job.status_payload()
+                if action == "stream":
+                    payload["stream"] = [{"output": o} for o in job.stream]
+            self._send(200, payload)
+        elif method == "POST" and action == "cancel" and rest:
+            self._send(200, fake.cancel(rest[0]))
+        elif method == "GET" and action == "health":
+            self._send(200, fake._health(endpoint))
+        else:
+            self._send(404, {"error": f"unknown route {method} {'/'.join(parts)}"})
+
+    def do_GET(self) -> None:
+        self._route("GET")
+
+    def do_POST(self) -> None:
+        self._route("POST")
