@@ -145,6 +145,18 @@ _lock = threading.Lock()
 _active = 0
 _saved: dict[str, Any] = {}
 _handler = _LogHandler()
+#: One router per stream it wraps, kept for the life of the process. CPython's print() (before
+#: 3.13) holds only a borrowed reference to sys.stdout: a router that deactivate() dropped while
+#: another thread was printing through it would be freed mid-call, a segfault. Kept, it is not.
+_routers: dict[int, tuple[TextIO, _Router]] = {}
+
+
+def _router_for(stream: TextIO) -> _Router:
+    found = _routers.get(id(stream))
+    if found is None or found[0] is not stream:
+        found = (stream, _Router(stream))  # the stream is kept too, so its id stays unique
+        _routers[id(stream)] = found
+    return found[1]
 
 
 _original_start = threading.Thread.start
@@ -174,8 +186,8 @@ def activate() -> None:
         _saved["stdout"], _saved["stderr"] = sys.stdout, sys.stderr
         _saved["start"] = threading.Thread.start
         _saved["submit"] = ThreadPoolExecutor.submit
-        sys.stdout = _Router(sys.stdout)
-        sys.stderr = _Router(sys.stderr)
+        sys.stdout = _router_for(sys.stdout)
+        sys.stderr = _router_for(sys.stderr)
         threading.Thread.start = _stamping_start  # type: ignore[method-assign]
         ThreadPoolExecutor.submit = _capturing_submit  # type: ignore[method-assign,assignment]
         logging.getLogger().addHandler(_handler)
