@@ -229,6 +229,7 @@ class Smoke:
         self.dist = work / "dist"
         self.venv = work / "venv"
         self.timings: list[tuple[str, float]] = []
+        self.last_output = ""
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:
@@ -369,10 +370,11 @@ class Smoke:
             timeout=SHELL_TIMEOUT_S,
         )
         output = done.stdout + done.stderr
-        found = re.search(r"Job result: (\{.*\})\s*$", output, re.MULTILINE)
+        self.last_output = output
+        found = _sdk_job_result(output)
         if found is None:
             raise SmokeError(f"flashrt-qb printed no job result:\n{_tail(output)}")
-        result: dict[str, Any] = ast.literal_eval(found.group(1))
+        result: dict[str, Any] = ast.literal_eval(found)
         if "output" not in result:
             raise SmokeError(f"flashrt-qb job has no output: {result}")
         return result["output"]
@@ -407,6 +409,8 @@ class Smoke:
         )
         if output != 50:
             raise SmokeError(f"deployed job answered {output!r}, expected 50")
+        if "adding 2 + 3" not in self.last_output:
+            raise SmokeError("the deployed function's print did not reach the worker's output")
 
     def lb_live(self) -> dict[str, Any]:
         """``flashrt-lb`` on a loopback port: /ping 204 then 200, /execute fixture 08 -> 18."""
@@ -454,6 +458,22 @@ class Smoke:
         total = sum(elapsed for _, elapsed in self.timings)
         print("[smoke] timings: " + ", ".join(f"{n} {t:.1f} s" for n, t in self.timings))
         print(f"[smoke] all steps passed in {total:.1f} s")
+
+
+def _sdk_job_result(output: str) -> str | None:
+    """The ``Job result: {...}`` the runpod SDK logs after a local job, as a Python literal.
+
+    The SDK logs plain ``LEVEL | message`` lines, or JSON lines once RUNPOD_ENDPOINT_ID is set.
+    """
+    for line in output.splitlines():
+        message = line
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                message = str(json.loads(line).get("message", ""))
+        _, marker, result = message.partition("Job result: ")
+        if marker:
+            return result.strip()
+    return None
 
 
 def _pins(text: str) -> list[str]:
