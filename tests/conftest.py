@@ -5,6 +5,7 @@
 * ``layered_python``: a throwaway venv over the workspace's, for workers that install packages.
 * ``flash_client``: the real runpod-flash client pointed at the fake (REFERENCE §9).
 * ``client_functions``: ``tests/client_app/functions.py``, the user code of fixtures 01-07.
+* ``deployed_artifact``: a real ``flash build`` of ``tests/deployed_app``.
 * ``qb_live_worker``: one live-mode ``flashrt-qb`` worker shared by the session's tests.
 """
 
@@ -24,6 +25,7 @@ from e2e_support import (  # noqa: E402
     FlashClient,
     RunningWorker,
     WorkerProcess,
+    flash_build,
     load_client_functions,
     make_layered_venv,
     start_qb_worker,
@@ -89,6 +91,12 @@ def flash_client(
 @pytest.fixture(scope="session")
 def client_functions() -> ModuleType:
     return load_client_functions()
+
+
+@pytest.fixture(scope="session")
+def deployed_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real ``flash build`` of ``tests/deployed_app``: resources sync_worker and calc_worker."""
+    return flash_build(TESTS / "deployed_app", tmp_path_factory.mktemp("flash-build"))
 
 
 @pytest.fixture(scope="session")

@@ -225,3 +225,29 @@ def start_qb_worker(
     env = qb_worker_env(fake, endpoint, tmp, **extra)
     process = spawn_worker([str(python), "-m", "flashrt_qb", *args], env, name=endpoint)
     return RunningWorker(fake, endpoint, process)
+
+
+def flash_build(project: Path, workdir: Path) -> Path:
+    """Copy ``project`` into ``workdir`` and run the real ``flash build`` there (offline).
+
+    Returns the artifact (``.flash/artifact.tar.gz``); its ``.flash/.build`` stays for reading.
+    """
+    import shutil
+
+    target = workdir / project.name
+    shutil.copytree(project, target, ignore=shutil.ignore_patterns("__pycache__", ".flash"))
+    flash = Path(sys.executable).parent / "flash"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    result = subprocess.run(
+        [str(flash), "build", "--python-version", version],
+        cwd=target,
+        env=clean_env(RUNPOD_FLASH_SILENCE_DEPRECATION="1", NO_COLOR="1"),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    artifact = target / ".flash" / "artifact.tar.gz"
+    assert result.returncode == 0 and artifact.is_file(), (
+        f"flash build failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    )
+    return artifact

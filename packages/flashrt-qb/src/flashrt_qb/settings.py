@@ -16,11 +16,12 @@ class QBSettings:
     concurrency: int = setting(
         "FLASHRT_QB_CONCURRENCY", 1, "Jobs the queue worker runs at once (at least 1)."
     )
-    prefetch: int = setting(
+    prefetch: int | None = setting(
         "FLASHRT_QB_PREFETCH",
-        1,
-        "Jobs taken from the queue beyond those running: a freed slot starts the next job at "
-        "once instead of after the runpod job loop's 1 s re-poll (0: take only what can run).",
+        None,
+        "Jobs taken from the queue beyond those running, so the runpod job loop neither idles "
+        "a freed slot nor sleeps 1 s after taking a single job; unset: one per slot, at least "
+        "2; 0: take only what can run, as the plain SDK does.",
     )
     startup_timeout_s: float = setting(
         "FLASHRT_QB_STARTUP_TIMEOUT_S",
@@ -51,6 +52,21 @@ class QBSettings:
         return (self.sdk_log_level or self.sdk_debug_level or "INFO").upper()
 
     @property
+    def slots(self) -> int:
+        """Jobs run at once."""
+        return max(1, self.concurrency)
+
+    @property
+    def extra(self) -> int:
+        """Jobs held beyond the running ones.
+
+        The SDK counts a job it just took twice until its runner picks it up (within 0.1 s),
+        and sleeps 1 s whenever that count reaches its window: taking one job sleeps unless the
+        window is at least 3, hence at least 2 here.
+        """
+        return max(self.slots, 2) if self.prefetch is None else self.prefetch
+
+    @property
     def window(self) -> int:
         """Jobs the runpod job loop may hold: running plus prefetched."""
-        return max(1, self.concurrency) + self.prefetch
+        return self.slots + self.extra

@@ -3,9 +3,10 @@
 Shape of the process:
 
 * The ``Runtime`` lives on an event loop in a thread of its own. Its start-up (plugins, cache
-  hydration, artifact unpacking, the deployed handler's import) begins at once, while the main
-  thread is still importing the runpod SDK, so a cold start costs the longer of the two instead
-  of their sum; the SDK's loop and ours never stall each other either.
+  hydration, artifact unpacking) begins at once, while the main thread is still importing the
+  runpod SDK, so a cold start costs the longer of the two instead of their sum; only the
+  deployed handler's import (user code, which imports runpod itself) waits for the SDK's. The
+  SDK's loop and ours never stall each other either.
 * ``runpod.serverless.start`` runs in the main thread with :meth:`QueueWorker.handler`, an async
   handler that hands the job to the runtime loop and awaits the answer; when the SDK cancels a
   job (its stop channel), the cancellation reaches the job's task on the runtime loop.
@@ -13,10 +14,14 @@ Shape of the process:
   every job answers with the reason.
 
 Concurrency: ``FLASHRT_QB_CONCURRENCY`` jobs run at once (a semaphore on the runtime loop). The
-SDK's loop is told, through ``concurrency_modifier``, to hold ``FLASHRT_QB_CONCURRENCY +
-FLASHRT_QB_PREFETCH`` jobs: whenever it holds as many as it may, it sleeps a whole second before
-asking the platform again, so without prefetch a freed slot idles for up to 1 s and a burst of
-short jobs drains at about one batch per second.
+SDK's job loop is told, through ``concurrency_modifier``, to hold that many plus
+``FLASHRT_QB_PREFETCH`` (default: as many again, at least 2). The loop sleeps a whole second
+whenever the jobs it holds reach that window, and it counts a job it just took twice until its
+runner picks it up: at a window of 1 or 2 it sleeps after *every* take, so one-at-a-time calls
+wait about 1 s each, a freed slot idles until the sleep ends, and a burst drains one window per
+second. A larger window keeps single takes from sleeping and starts a waiting job the moment a
+slot frees; the price is that a prefetched job waits for a slot here, not in the platform's
+queue where another worker could take it. ``FLASHRT_QB_PREFETCH=0`` is the plain SDK's way.
 
 Output: in live mode (and for FunctionRequests in deployed mode) the job output is the
 ``FunctionResponse`` as a dict without its empty fields. The SDK moves an ``error`` key from the
@@ -118,7 +123,12 @@ class QueueWorker:
         self.startup_error: str | None = None
         self.deployed_handler: DeployedHandler | None = None
         self._startup: asyncio.Task[None] | None = None
-        self._slots = asyncio.Semaphore(max(1, self.qb.concurrency))
+        self._slots = asyncio.Semaphore(self.qb.slots)
+        # Set while no import of the SDK is in progress. User code (the deployed handler's
+        # module) imports runpod too, and two threads importing a package with import cycles
+        # at once can deadlock (Python raises _DeadlockError), so that import waits for it.
+        self._sdk_import_done = threading.Event()
+        self._sdk_import_done.set()
 
     @property
     def deployed(self) -> bool:
@@ -153,8 +163,8 @@ class QueueWorker:
             log.info(
                 "ready: %s mode, %d job(s) at once, %d prefetched",
                 f"deployed ({self.settings.resource_name})" if self.deployed else "live",
-                max(1, self.qb.concurrency),
-                self.qb.prefetch,
+                self.qb.slots,
+                self.qb.extra,
             )
 
     def _fail(self, reason: str) -> None:
@@ -172,6 +182,11 @@ class QueueWorker:
         runtime = self.runtime
         await runtime.start()
         if runtime.startup_error:
+            if self.deployed:
+                resource = self.settings.resource_name
+                raise _StartupFailed(
+                    f"deployed app {resource!r} unavailable: {runtime.startup_error}"
+                )
             raise _StartupFailed(runtime.startup_error)
         if self.deployed:
             self.deployed_handler = await self._load_deployed(runtime)
@@ -182,9 +197,16 @@ class QueueWorker:
         from .deployed import DeployedHandlerError, load_handler
 
         resource = self.settings.resource_name or ""
+        if not self.settings.endpoint_id:
+            log.warning(
+                "FLASH_RESOURCE_NAME is set but RUNPOD_ENDPOINT_ID is not: runpod-flash decides "
+                "which functions run here by the endpoint and pod ids, and without them treats "
+                "the app's functions as remote ones"
+            )
         try:
             app_dir = deployed_app_dir(runtime)
             assert app_dir is not None
+            await runtime.run_blocking(self._sdk_import_done.wait)
             return await runtime.run_blocking(load_handler, app_dir, resource)
         except (DeployedAppUnavailable, DeployedHandlerError) as exc:
             raise _StartupFailed(f"deployed app {resource!r} unavailable: {exc}") from None
@@ -290,8 +312,12 @@ class QueueWorker:
         """
         from .sdk import import_serverless, set_sdk_log_level
 
+        self._sdk_import_done.clear()
         self.begin()
-        serverless = import_serverless(self.qb.fast_sdk_import)
+        try:
+            serverless = import_serverless(self.qb.fast_sdk_import)
+        finally:
+            self._sdk_import_done.set()
         set_sdk_log_level(self.qb.sdk_level)
         try:
             serverless.start(self.sdk_config())
