@@ -29,6 +29,7 @@ from e2e_support import (  # noqa: E402
     load_client_functions,
     make_layered_venv,
     start_qb_worker,
+    stop_all,
 )
 from fake_runpod import FakeRunPod  # noqa: E402
 
@@ -60,8 +61,7 @@ def spawn_worker(
         return worker
 
     yield spawn
-    for worker in started:
-        worker.stop()
+    stop_all(started)
 
 
 @pytest.fixture(scope="session")

@@ -107,6 +107,15 @@ class WorkerProcess:
         return self.proc.returncode
 
 
+def stop_all(workers: list[WorkerProcess]) -> None:
+    """SIGTERM every worker first, so their drains overlap, then stop each (bounded)."""
+    for worker in workers:
+        with contextlib.suppress(ProcessLookupError):
+            worker.signal(signal.SIGTERM)
+    for worker in workers:
+        worker.stop()
+
+
 def make_layered_venv(root: Path) -> Path:
     """A venv in ``root`` whose interpreter also sees the workspace's packages, after its own.
 
@@ -201,13 +210,14 @@ def worker_id_of(endpoint: str) -> str:
 
 def qb_worker_env(fake: FakeRunPod, endpoint: str, tmp: Path, **extra: str) -> dict[str, str]:
     """The environment of a queue worker of ``endpoint`` (no volume, quiet SDK log)."""
+    defaults = {
+        "FLASHRT_VOLUME_DIR": str(tmp / "no-volume"),
+        "FLASHRT_CACHE_DIR": str(tmp / "cache"),
+        "FLASHRT_APP_DIR": str(tmp / "app"),
+        "RUNPOD_LOG_LEVEL": "INFO",
+    }
     return clean_env(
-        **fake.worker_env(endpoint, worker_id=worker_id_of(endpoint)),
-        FLASHRT_VOLUME_DIR=str(tmp / "no-volume"),
-        FLASHRT_CACHE_DIR=str(tmp / "cache"),
-        FLASHRT_APP_DIR=str(tmp / "app"),
-        RUNPOD_LOG_LEVEL="INFO",
-        **extra,
+        **fake.worker_env(endpoint, worker_id=worker_id_of(endpoint)), **{**defaults, **extra}
     )
 
 

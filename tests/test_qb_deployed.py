@@ -14,10 +14,10 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from e2e_support import clean_env, start_qb_worker
+from e2e_support import clean_env, start_qb_worker, stop_all
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
     from e2e_support import RunningWorker, WorkerProcess
@@ -32,6 +32,7 @@ class Deployed:
         self.cls = workers["cls"]
         self.missing = workers["missing"]
         self.corrupt = workers["corrupt"]
+        self.unpacked = workers["unpacked"]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def deployed(
     spawn_worker: Callable[..., WorkerProcess],
     deployed_artifact: Path,
     tmp_path_factory: pytest.TempPathFactory,
-) -> Deployed:
+) -> Iterator[Deployed]:
     corrupt = tmp_path_factory.mktemp("corrupt") / "artifact.tar.gz"
     data = deployed_artifact.read_bytes()
     corrupt.write_bytes(data[: len(data) // 2])  # a truncated copy
@@ -50,6 +51,7 @@ def deployed(
         "missing": ("sync_worker", tmp_path_factory.mktemp("nothing") / "artifact.tar.gz"),
         "corrupt": ("sync_worker", corrupt),
     }
+    common = {"FLASHRT_ARTIFACT_WAIT_S": "1", "FLASHRT_ARTIFACT_BACKOFF_S": "0.2"}
     workers = {
         key: start_qb_worker(
             spawn_worker,
@@ -58,15 +60,25 @@ def deployed(
             tmp_path_factory.mktemp(f"dep-{key}"),
             FLASH_RESOURCE_NAME=resource,
             FLASH_BUILD_ARTIFACT_PATH=str(artifact),
-            FLASHRT_ARTIFACT_WAIT_S="1",
-            FLASHRT_ARTIFACT_BACKOFF_S="0.2",
             FLASHRT_QB_CONCURRENCY="2",
+            **common,
         )
         for key, (resource, artifact) in plans.items()
     }
+    # An image with the app already unpacked (flash build's own .build directory).
+    workers["unpacked"] = start_qb_worker(
+        spawn_worker,
+        fake_runpod,
+        "ep-dep-unpacked",
+        tmp_path_factory.mktemp("dep-unpacked"),
+        FLASH_RESOURCE_NAME="sync_worker",
+        FLASH_DISABLE_UNPACK="1",
+        FLASHRT_APP_DIR=str(deployed_artifact.parent / ".build"),
+    )
     for worker in workers.values():
         worker.wait_polling()
-    return Deployed(workers)
+    yield Deployed(workers)
+    stop_all([w.process for w in workers.values()])
 
 
 def _json_request(**fields: Any) -> dict[str, Any]:
@@ -78,6 +90,15 @@ def test_plain_json_jobs_return_the_function_result(deployed: Deployed) -> None:
     done = deployed.fn.run({"a": 2, "b": 3, "scale": 10})
     assert done["status"] == "COMPLETED", done
     assert done["output"] == 50
+
+
+def test_an_already_unpacked_app_is_served_without_an_artifact(deployed: Deployed) -> None:
+    plain = deployed.unpacked.run({"a": 1, "b": 1, "scale": 3})
+    codeless = deployed.unpacked.run(
+        _json_request(function_name="add", execution_type="function", args=[1, 2])
+    )
+    assert (plain["status"], plain["output"]) == ("COMPLETED", 6)
+    assert codeless["output"]["json_result"] == 3
 
 
 def test_plain_json_job_with_bad_kwargs_fails_with_the_handler_error(deployed: Deployed) -> None:

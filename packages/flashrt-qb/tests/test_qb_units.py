@@ -1,0 +1,162 @@
+"""flashrt-qb's parts in-process: settings, job output shape, start-up bound, deployed handler."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from flashrt_core import hookimpl
+from flashrt_core.protocol import FunctionResponse
+from flashrt_core.runtime import Runtime
+from flashrt_core.settings import Settings, load_settings
+from flashrt_qb.deployed import DeployedHandlerError, is_function_request, load_handler
+from flashrt_qb.sdk import cpu_brand
+from flashrt_qb.settings import QBSettings
+from flashrt_qb.worker import QueueWorker, response_output
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+ADD = {
+    "function_name": "add",
+    "function_code": "def add(a, b):\n    print('adding')\n    return a + b\n",
+    "args": [2, 3],
+    "serialization_format": "json",
+}
+
+
+@pytest.mark.parametrize(
+    ("env", "window"),
+    [({}, 3), ({"FLASHRT_QB_CONCURRENCY": "4"}, 8), ({"FLASHRT_QB_PREFETCH": "0"}, 1)],
+)
+def test_the_sdk_window_is_running_plus_prefetched_jobs(env: dict[str, str], window: int) -> None:
+    qb = load_settings(QBSettings, env)
+    worker = QueueWorker(Settings(disable_plugin_autoload=True), qb)
+    assert worker.concurrency_modifier(1) == window
+    assert worker.sdk_config()["concurrency_modifier"](7) == window
+
+
+def test_sdk_log_level_defaults_to_info_and_follows_either_variable() -> None:
+    assert load_settings(QBSettings, {}).sdk_level == "INFO"
+    assert load_settings(QBSettings, {"RUNPOD_DEBUG_LEVEL": "debug"}).sdk_level == "DEBUG"
+    both = {"RUNPOD_DEBUG_LEVEL": "debug", "RUNPOD_LOG_LEVEL": "ERROR"}
+    assert load_settings(QBSettings, both).sdk_level == "ERROR"
+
+
+def test_response_output_drops_empty_fields_and_never_fails_without_an_error() -> None:
+    ok = response_output(FunctionResponse(success=True, json_result=5, stdout=""))
+    assert ok == {"success": True, "json_result": 5, "stdout": ""}
+    failed = response_output(FunctionResponse(success=False, stdout="out\n"))
+    assert failed["error"] and failed["stdout"] == "out\n" and failed["success"] is False
+
+
+@pytest.mark.parametrize(
+    ("job_input", "expected"),
+    [
+        ({"a": 1, "b": 2}, False),
+        ({"method": "bump", "by": 2}, False),
+        ({"function_name": "add"}, False),  # a user function may take such a kwarg
+        ({"function_name": "add", "execution_type": "function"}, True),
+        ({"class_name": "C", "execution_type": "class"}, True),
+        ({"function_code": "def f(): pass", "function_name": "f"}, True),
+        ("text", False),
+        (None, False),
+    ],
+)
+def test_deployed_mode_tells_function_requests_from_plain_kwargs(
+    job_input: Any, expected: bool
+) -> None:
+    assert is_function_request(job_input) is expected
+
+
+class _SlowStartup:
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    @hookimpl
+    def flashrt_startup(self, runtime: Runtime) -> Any:
+        return self.release.wait()
+
+
+def test_a_job_waits_for_start_up_only_as_long_as_the_bound_then_jobs_are_served() -> None:
+    plugin = _SlowStartup()
+    settings = Settings(disable_plugin_autoload=True)
+    runtime = Runtime(settings, extra_plugins=(plugin,))
+    worker = QueueWorker(settings, QBSettings(startup_timeout_s=0.2), runtime=runtime)
+    worker.begin()
+    try:
+        early = worker.loop.submit(worker.handle({"id": "1", "input": ADD})).result(30)
+        assert early == {
+            "success": False,
+            "error": "worker start-up has not finished after 0.2 s",
+        }
+        worker.loop.loop.call_soon_threadsafe(plugin.release.set)
+        later = asyncio.run(worker.handler({"id": "2", "input": ADD}))
+        assert later["success"] is True and later["json_result"] == 5
+        assert later["stdout"] == "adding\n"
+    finally:
+        worker.close()
+
+
+def test_a_job_whose_input_is_not_an_object_fails_clearly() -> None:
+    worker = QueueWorker(Settings(disable_plugin_autoload=True), QBSettings())
+    worker.begin()
+    try:
+        out = asyncio.run(worker.handler({"id": "1", "input": ["add", 2, 3]}))
+        assert out["success"] is False
+        assert "must be a FunctionRequest object, got list" in out["error"]
+    finally:
+        worker.close()
+
+
+def test_load_handler_names_the_handlers_a_build_has(tmp_path: Path) -> None:
+    (tmp_path / "handler_other.py").write_text("def handler(job):\n    return 1\n")
+    with pytest.raises(DeployedHandlerError, match=r"handler_mine\.py is not in .*for: other"):
+        load_handler(tmp_path, "mine")
+    with pytest.raises(DeployedHandlerError, match="not a valid resource name"):
+        load_handler(tmp_path, "../etc")
+
+
+def test_load_handler_reports_an_import_failure_with_its_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "handler_broken_qb_unit.py").write_text("raise RuntimeError('no model file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(DeployedHandlerError) as failure:
+        load_handler(tmp_path, "broken_qb_unit")
+    assert "RuntimeError: no model file" in str(failure.value)
+    assert "Traceback" in str(failure.value)
+
+
+def test_cpu_brand_is_the_model_name_line(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Example CPU @ 3.00GHz\n")
+    assert cpu_brand(info) == "Example CPU @ 3.00GHz"
+    info.write_text("processor\t: 0\nFeatures\t: fp asimd\n")
+    assert cpu_brand(info) is None
+    assert cpu_brand(tmp_path / "missing") is None
+
+
+def test_the_fast_sdk_import_gives_the_sdk_the_same_brand_and_restores_cpuinfo() -> None:
+    probe = textwrap.dedent(
+        """
+        import cpuinfo
+        original = cpuinfo.get_cpu_info
+        from flashrt_qb.sdk import cpu_brand, import_serverless
+        import_serverless(True)
+        from runpod.serverless.utils import rp_debugger
+        assert cpuinfo.get_cpu_info is original, "cpuinfo not restored"
+        brand = cpu_brand()
+        assert brand is None or rp_debugger.PROCESSOR == brand, (rp_debugger.PROCESSOR, brand)
+        print("ok", rp_debugger.PROCESSOR)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ok ")
