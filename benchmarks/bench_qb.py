@@ -9,6 +9,8 @@
 * Burst: 20 trivial jobs queued at once on the fake control plane, drained by a real worker in
   the SDK's production loop, at concurrency 1 and 4; the floor is the same worker taking only
   what it can run (``FLASHRT_QB_PREFETCH=0``, how the plain SDK is used).
+* One at a time: the next job is queued when the last one's result is in (how a client calls a
+  remote function in a loop); median submit -> result, against the same floor.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ if str(TESTS) not in sys.path:
 ROUNDS = 3
 WARM_N = 2000
 BURST = 20
+SEQUENTIAL = 8
 
 
 def _body(name: str) -> dict[str, Any]:
@@ -152,6 +155,13 @@ def _warm_rows() -> list[dict[str, Any]]:
 
 
 def _drain(concurrency: int, prefetch: int | None, workdir: Path) -> float:
+    return _through_loop(concurrency, prefetch, workdir, sequential=False)
+
+
+def _through_loop(
+    concurrency: int, prefetch: int | None, workdir: Path, *, sequential: bool
+) -> float:
+    """A burst's drain time, or (``sequential``) the median latency of one-at-a-time jobs."""
     from e2e_support import WorkerProcess, qb_worker_env
     from fake_runpod import FakeRunPod
 
@@ -168,10 +178,18 @@ def _drain(concurrency: int, prefetch: int | None, workdir: Path) -> float:
         try:
             fake.wait_for(lambda f: bool(f.takes), 90)
             fake.wait(fake.submit(endpoint, body), 60)  # warm: first request compiles the code
-            start = time.perf_counter()
-            ids = [fake.submit(endpoint, body) for _ in range(BURST)]
-            done = fake.wait_all(ids, 120)
-            elapsed = time.perf_counter() - start
+            if sequential:
+                latencies = []
+                for _ in range(SEQUENTIAL):
+                    start = time.perf_counter()
+                    done = [fake.wait(fake.submit(endpoint, body), 60)]
+                    latencies.append(time.perf_counter() - start)
+                elapsed = statistics.median(latencies)
+            else:
+                start = time.perf_counter()
+                ids = [fake.submit(endpoint, body) for _ in range(BURST)]
+                done = fake.wait_all(ids, 120)
+                elapsed = time.perf_counter() - start
         finally:
             worker.stop()
     assert all(d["status"] == "COMPLETED" for d in done)
@@ -195,6 +213,17 @@ def _burst_rows() -> list[dict[str, Any]]:
                     "ratio": ours / plain,
                 }
             )
+        plain = _through_loop(1, 0, Path(tmp), sequential=True)
+        ours = _through_loop(1, None, Path(tmp), sequential=True)
+        rows.append(
+            {
+                "name": "qb one-at-a-time jobs, concurrency 1: submit -> result",
+                "value": ours,
+                "unit": "s",
+                "floor": plain,
+                "ratio": ours / plain,
+            }
+        )
     return rows
 
 
