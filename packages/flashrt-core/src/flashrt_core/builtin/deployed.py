@@ -61,10 +61,9 @@ def deployed_app_dir(runtime: Runtime) -> Path | None:
         return None
     if settings.disable_unpack:
         from ..artifact import add_app_dir_to_sys_path
-        from ..settings import load_settings
-        from .volume_settings import VolumeSettings
+        from .volume_settings import volume_settings
 
-        app_dir = Path(load_settings(VolumeSettings).app_dir)
+        app_dir = Path(volume_settings(runtime).app_dir)
         add_app_dir_to_sys_path(app_dir)
         return app_dir
     outcome = runtime.state.get("artifact")
@@ -117,10 +116,9 @@ async def _manifest(runtime: Runtime, app_dir: Path) -> Mapping[str, Any]:
     path = app_dir / MANIFEST_FILE
     pending = runtime.pm.hook.flashrt_reconcile_manifest(path=path, runtime=runtime)
     if pending is not None:
-        from ..settings import load_settings
-        from .volume_settings import VolumeSettings
+        from .volume_settings import volume_settings
 
-        wait_s = load_settings(VolumeSettings).manifest_wait_s
+        wait_s = volume_settings(runtime).manifest_wait_s
         try:
             fresh = await asyncio.wait_for(pending, timeout=max(wait_s, 0.01) + 1.0)
         except Exception:  # a refresh problem must not fail the request: use the local copy
