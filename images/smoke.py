@@ -52,7 +52,7 @@ import pins  # noqa: E402  (images/ is not a package)
 
 FIXTURES_ENV = "FLASHRT_FIXTURES_DIR"
 #: Where the captured client requests live: shared/fixtures beside the checkout, unless set.
-DEFAULT_FIXTURES = ROOT.parent / "shared" / "fixtures" / "client-requests"
+DEFAULT_FIXTURES = ROOT / "packages" / "flashrt-core" / "tests" / "fixtures" / "client-requests"
 
 WHEELS = ("flashrt_core", "flashrt_installers", "flashrt_lb", "flashrt_qb")
 #: What deployed artifacts import without bundling it (REFERENCE.md section 5), plus our own.

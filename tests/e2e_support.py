@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-CLIENT_REQUESTS = ROOT.parent / "shared" / "fixtures" / "client-requests"
+#: Committed copies of ../shared/fixtures (a core test keeps them equal to the originals).
+CLIENT_REQUESTS = ROOT / "packages" / "flashrt-core" / "tests" / "fixtures" / "client-requests"
 
 #: Environment variables a worker must not inherit from the machine (platform/client state).
 _SCRUB_PREFIXES = ("RUNPOD_", "FLASH_", "FLASHRT_")

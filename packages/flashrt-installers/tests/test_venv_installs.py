@@ -20,11 +20,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
 FIXTURE_03 = (
-    ROOT.parent
-    / "shared"
+    ROOT
+    / "packages"
+    / "flashrt-core"
+    / "tests"
     / "fixtures"
     / "client-requests"
-    / ("03_function_dependencies_numpy.json")
+    / "03_function_dependencies_numpy.json"
 )
 
 
