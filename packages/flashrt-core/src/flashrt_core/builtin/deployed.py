@@ -229,7 +229,7 @@ def flashrt_execute_class(
 async def _run_method(
     request: FunctionRequest, call: Invocation, instances: InstanceRegistry
 ) -> Any:
-    from .executors import call_method
+    from .executors import call_on_instance
 
     class_name = request.class_name or ""
     cls, _ = await _resolve(call, class_name, "class")
@@ -239,10 +239,4 @@ async def _run_method(
     async def build() -> Any:
         return await call.call(cls, *call.constructor_args, **call.constructor_kwargs)
 
-    entry = await instances.get_or_create(
-        request.instance_id or class_name,
-        build,
-        class_name=class_name,
-        replace=request.create_new_instance,
-    )
-    return await call_method(entry.instance, request.method_name, call, entry.record_call)
+    return await call_on_instance(request, call, instances, build)

@@ -8,7 +8,7 @@ from ..errors import StageError
 from ..hookspecs import hookimpl
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable
+    from collections.abc import Awaitable, Callable
 
     from ..instances import InstanceRegistry
     from ..invocation import Invocation
@@ -64,6 +64,18 @@ async def _run_method(
             )
         return await call.call(cls, *call.constructor_args, **call.constructor_kwargs)
 
+    return await call_on_instance(request, call, instances, build)
+
+
+async def call_on_instance(
+    request: FunctionRequest,
+    call: Invocation,
+    instances: InstanceRegistry,
+    build: Callable[[], Awaitable[Any]],
+) -> Any:
+    """Take the request's live instance (built with ``build`` when its id is unknown or
+    ``create_new_instance`` asks for a new one), then call the requested method on it."""
+    class_name = request.class_name or ""
     entry = await instances.get_or_create(
         request.instance_id or class_name,
         build,
