@@ -35,6 +35,11 @@ def test_there_are_hookspecs_to_check() -> None:
     } <= names
 
 
+def test_docs_describe_no_hook_that_does_not_exist() -> None:
+    documented = set(re.findall(r"^#### `(flashrt_\w+)\(", PLUGINS_DOC, re.M))
+    assert documented == {name for name, _ in _hookspecs()}
+
+
 @pytest.mark.parametrize(("hook", "params"), _hookspecs())
 def test_every_hook_and_argument_is_documented(hook: str, params: list[str]) -> None:
     heading = re.search(rf"^#### `{hook}\(([^)]*)\)`$", PLUGINS_DOC, re.M)
