@@ -363,3 +363,38 @@ def test_non_positive_timeout_is_rejected_at_decode(worker, bad: float) -> None:
     assert not response.success
     assert "timeout_s must be a positive number" in response.error
     assert "failed during decode" in response.error
+
+
+class _RecordingInstaller:
+    """Claims Python dependencies and records whether its step ever ran."""
+
+    def __init__(self) -> None:
+        self.ran = False
+
+    @hookimpl
+    def flashrt_resolve_deps(self, request, plan, runtime):
+        async def run() -> bool:
+            self.ran = True
+            return True
+
+        plan.claim("python", "recording", run)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"modules": {"../evil.py": "x = 1"}}, {"serialization_format": "xml"}],
+    ids=["module path", "format"],
+)
+def test_invalid_request_parts_fail_before_any_install(make_worker, bad) -> None:
+    installer = _RecordingInstaller()
+    worker = make_worker(extra_plugins=(installer,))
+    body = {
+        "function_name": "f",
+        "function_code": "def f():\n    return 1\n",
+        "dependencies": ["some-package"],
+        **bad,
+    }
+    response = worker.execute(body)
+    assert not response.success
+    assert "failed during decode" in response.error
+    assert installer.ran is False

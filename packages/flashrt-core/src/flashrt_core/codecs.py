@@ -11,7 +11,7 @@ from typing import Any
 
 from .errors import StageError
 
-__all__ = ["FORMATS", "decode_arguments", "decode_value", "encode_result"]
+__all__ = ["FORMATS", "check_format", "decode_arguments", "decode_value", "encode_result"]
 
 FORMATS = ("cloudpickle", "json")
 
@@ -19,7 +19,8 @@ FORMATS = ("cloudpickle", "json")
 SMALL_TYPES = (int, float, bool, type(None))
 
 
-def _check_format(fmt: str) -> None:
+def check_format(fmt: str) -> None:
+    """Refuse an unknown ``serialization_format`` before any work is done for the request."""
     if fmt not in FORMATS:
         raise StageError(
             "decode", f"serialization_format {fmt!r} is not supported (use 'cloudpickle' or 'json')"
@@ -52,7 +53,7 @@ def decode_arguments(
     args: list[Any], kwargs: dict[str, Any], fmt: str, prefix: str = ""
 ) -> tuple[list[Any], dict[str, Any]]:
     """Decode a positional list and a keyword dict; ``prefix`` marks constructor arguments."""
-    _check_format(fmt)
+    check_format(fmt)
     if fmt == "json":
         return list(args), dict(kwargs)
     out_args = [decode_value(v, fmt, f"{prefix}args[{i}]") for i, v in enumerate(args)]

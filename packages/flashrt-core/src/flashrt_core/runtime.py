@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import capture
-from .codecs import SMALL_TYPES, decode_arguments, encode_result
+from .codecs import SMALL_TYPES, check_format, decode_arguments, encode_result
 from .deps import DependencyPlan
 from .errors import StageError
 from .instances import InstanceRegistry
@@ -235,6 +235,7 @@ class Runtime:
                 "decode",
                 f"timeout_s must be a positive number of seconds, got {decoded.timeout_s!r}",
             )
+        check_format(decoded.serialization_format)
         if decoded.execution_type not in ("function", "class"):
             raise StageError(
                 "decode",
@@ -250,17 +251,18 @@ class Runtime:
                 started(request=request, runtime=self)
             except Exception:
                 log.exception("a request_started hook failed")
+        # Cheap checks first: a bad module path must not cost an install.
+        files = (
+            validate_modules(request.modules, self.settings.max_modules_bytes)
+            if request.modules
+            else []
+        )
         if request.dependencies or request.system_dependencies:
             await self._install(request)
         invocation = await self._decode_arguments(request)
         is_class = request.execution_type == "class"
         if is_class and not request.instance_id:
             request.instance_id = f"{request.class_name}_{uuid.uuid4().hex[:8]}"
-        files = (
-            validate_modules(request.modules, self.settings.max_modules_bytes)
-            if request.modules
-            else []
-        )
         timeout = self.settings.timeout_s if request.timeout_s is None else request.timeout_s
         timeout = min(timeout, self.settings.max_timeout_s)
         if files:
