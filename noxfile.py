@@ -6,6 +6,10 @@ fresh machine with only Python and uv gets exactly the locked tools and nothing 
 
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
+
 import nox
 
 nox.options.default_venv_backend = "none"
@@ -52,3 +56,33 @@ def smoke(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks, each reported as a ratio against a floor measured in the same run."""
     session.run(*UV_RUN, "python", "benchmarks/run.py", *session.posargs)
+
+
+def _find_python(version: str) -> str | None:
+    """uv's interpreter discovery, then pyenv's installs (uv trips over pyenv's shims)."""
+    found = subprocess.run(
+        ["uv", "python", "find", "--no-python-downloads", version],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if found.returncode == 0:
+        return found.stdout.strip()
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    candidates = sorted(root.glob(f"versions/{version}.*/bin/python{version}"))
+    return str(candidates[-1]) if candidates else None
+
+
+@nox.session
+@nox.parametrize("python_version", ["3.10", "3.11", "3.12", "3.13"])
+def compat(session: nox.Session, python_version: str) -> None:
+    """The test suite on another supported Python, when the machine has it (uv finds it).
+
+    Each version gets its own environment under ``.nox/``; a missing interpreter skips.
+    """
+    interpreter = _find_python(python_version)
+    if interpreter is None:
+        session.skip(f"no Python {python_version} on this machine")
+    env = {"UV_PROJECT_ENVIRONMENT": str(Path(".nox") / f"compat-{python_version}")}
+    args = session.posargs or ["-q", "-p", "no:cacheprovider"]
+    session.run("uv", "run", "--locked", "--python", interpreter, "--", "pytest", *args, env=env)
