@@ -398,3 +398,20 @@ def test_invalid_request_parts_fail_before_any_install(make_worker, bad) -> None
     assert not response.success
     assert "failed during decode" in response.error
     assert installer.ran is False
+
+
+def test_compiled_code_and_its_source_lines_stay_bounded(worker) -> None:
+    import linecache
+
+    from flashrt_core import invocation
+
+    before = {k for k in linecache.cache if k.startswith("<remote ")}
+    for i in range(invocation._CODE_CACHE_SIZE + 20):
+        code = f"def f():\n    return {i}\n"
+        response = worker.execute(
+            {"function_name": "f", "function_code": code, "serialization_format": "json"}
+        )
+        assert response.json_result == i
+    remote = {k for k in linecache.cache if k.startswith("<remote ")} - before
+    assert len(invocation._code_cache) <= invocation._CODE_CACHE_SIZE
+    assert len(remote) <= invocation._CODE_CACHE_SIZE

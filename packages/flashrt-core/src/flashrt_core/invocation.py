@@ -58,7 +58,9 @@ def _compile(source: str, name: str) -> CodeType:
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     _code_cache[source] = code
     if len(_code_cache) > _CODE_CACHE_SIZE:
-        _code_cache.popitem(last=False)
+        _, evicted = _code_cache.popitem(last=False)
+        # Keep linecache bounded with the code cache: a long-lived worker sees endless sources.
+        linecache.cache.pop(evicted.co_filename, None)
     return code
 
 
