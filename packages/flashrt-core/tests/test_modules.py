@@ -84,6 +84,33 @@ def test_concurrent_requests_with_colliding_module_names_each_get_their_own(
     results = [wire.dec(r) for r in worker.run(scenario())]
     assert results == [(k, k) for k in range(6)]
     _assert_clean(clean_state)
+    assert len(worker.rt._module_locks) == 0, "a module name's lock outlives its users"
+
+
+def test_a_request_cancelled_while_waiting_for_module_names_releases_them(
+    worker, wire, clean_state
+):
+    slow = "async def f(x):\n    import asyncio\n    await asyncio.sleep(0.3)\n    return x\n"
+    both = {"a_mod.py": "A = 1\n", "b_mod.py": "B = 1\n"}
+
+    async def scenario():
+        holder = asyncio.ensure_future(
+            worker.rt.execute(_with_modules(wire, slow, "f", {"b_mod.py": "B = 2\n"}, 1))
+        )
+        await asyncio.sleep(0.05)  # holder now holds b_mod
+        waiter = asyncio.ensure_future(worker.rt.execute(_with_modules(wire, slow, "f", both, 2)))
+        await asyncio.sleep(0.05)  # waiter holds a_mod, waits for b_mod
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        await holder
+        # a_mod must be free again: this finishes instead of waiting forever.
+        return await asyncio.wait_for(
+            worker.rt.execute(_with_modules(wire, slow, "f", {"a_mod.py": "A = 3\n"}, 3)), 5
+        )
+
+    assert wire.dec(worker.run(scenario())) == 3
+    _assert_clean(clean_state)
+    assert len(worker.rt._module_locks) == 0
 
 
 def test_modules_are_removed_after_a_failure_too(make_worker, wire, tmp_path, clean_state):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -26,7 +27,7 @@ from .protocol import FunctionRequest, FunctionResponse, RequestError, decode_re
 from .settings import Settings, load_settings
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Mapping
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 
     from .plugins import FlashrtPluginManager
 
@@ -76,7 +77,7 @@ class Runtime:
         self._started: asyncio.Future[None] | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._background: set[asyncio.Task[Any]] = set()
-        self._module_locks: dict[str, asyncio.Lock] = {}
+        self._module_locks = _KeyedLocks()
         self.pm.hook.flashrt_configure.call_historic(kwargs={"settings": self.settings})
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -335,22 +336,16 @@ class Runtime:
 
     async def _with_modules(self, files: list[Any], invocation: Invocation, timeout: float) -> Any:
         # Requests whose module names collide take turns: sys.modules is process-wide.
-        locks = [
-            self._module_locks.setdefault(n, asyncio.Lock()) for n in sorted(top_level_names(files))
-        ]
-        for lock in locks:
-            await lock.acquire()
-        mount = ModuleMount(files, self.settings.tmp_dir)
-        try:
+        async with self._module_locks.hold(top_level_names(files)):
+            mount = ModuleMount(files, self.settings.tmp_dir)
             try:
-                mount.mount()
-            except OSError as exc:
-                raise StageError("load code", f"could not write modules: {exc}") from exc
-            return await self._call(invocation, timeout)
-        finally:
-            mount.unmount()
-            for lock in reversed(locks):
-                lock.release()
+                try:
+                    mount.mount()
+                except OSError as exc:
+                    raise StageError("load code", f"could not write modules: {exc}") from exc
+                return await self._call(invocation, timeout)
+            finally:
+                mount.unmount()
 
     async def _call(self, invocation: Invocation, timeout: float) -> Any:
         request = invocation.request
@@ -398,6 +393,37 @@ class Runtime:
             finished(request=request, response=response, runtime=self)
         except Exception:
             log.exception("a request_finished hook failed")
+
+
+class _KeyedLocks:
+    """Locks by name, held in sorted order; a name's lock lives only while someone uses it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, names: Iterable[str]) -> AsyncIterator[None]:
+        entries = []
+        for name in sorted(names):
+            entry = self._locks.setdefault(name, (asyncio.Lock(), [0]))
+            entry[1][0] += 1
+            entries.append((name, entry))
+        held: list[asyncio.Lock] = []
+        try:
+            for _, (lock, _users) in entries:
+                await lock.acquire()  # a cancellation here releases what is already held
+                held.append(lock)
+            yield
+        finally:
+            for lock in reversed(held):
+                lock.release()
+            for name, (_lock, users) in entries:
+                users[0] -= 1
+                if users[0] == 0:
+                    del self._locks[name]
+
+    def __len__(self) -> int:
+        return len(self._locks)
 
 
 def _contain_user_tasks(loop: asyncio.AbstractEventLoop) -> None:
