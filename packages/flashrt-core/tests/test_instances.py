@@ -239,3 +239,19 @@ def test_registry_factory_failure_keeps_nothing():
         assert "y" not in registry
 
     asyncio.run(scenario())
+
+
+def test_failed_constructions_leave_no_lock_behind():
+    registry = InstanceRegistry(max_instances=4, idle_ttl_s=60)
+
+    async def broken() -> object:
+        raise RuntimeError("constructor failed")
+
+    async def scenario() -> None:
+        for i in range(50):
+            with pytest.raises(RuntimeError):
+                await registry.get_or_create(f"id-{i}", broken, class_name="C")
+
+    asyncio.run(scenario())
+    assert len(registry) == 0
+    assert len(registry._locks) == 0

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import OrderedDict
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
+
+from .locks import KeyedLocks
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -65,7 +66,7 @@ class InstanceRegistry:
         self.max_instances = max(1, max_instances)
         self.idle_ttl_s = idle_ttl_s
         self._entries: OrderedDict[str, InstanceEntry] = OrderedDict()
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks = KeyedLocks()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -92,8 +93,7 @@ class InstanceRegistry:
         self._evict_idle()
         if not replace and (entry := self._usable(instance_id, class_name)) is not None:
             return entry
-        lock = self._locks.setdefault(instance_id, asyncio.Lock())
-        async with lock:
+        async with self._locks.hold((instance_id,)):
             # Someone may have built it while we waited for the lock.
             if not replace and (entry := self._usable(instance_id, class_name)) is not None:
                 return entry
@@ -110,8 +110,7 @@ class InstanceRegistry:
         return entry
 
     def remove(self, instance_id: str) -> bool:
-        """Forget an instance (its lock too); ``False`` if there was none."""
-        self._locks.pop(instance_id, None)
+        """Forget an instance; ``False`` if there was none."""
         return self._entries.pop(instance_id, None) is not None
 
     def _evict_idle(self) -> None:
@@ -120,7 +119,6 @@ class InstanceRegistry:
         cutoff = time.monotonic() - self.idle_ttl_s
         for key in [k for k, e in self._entries.items() if e.last_used_mono < cutoff]:
             entry = self._entries.pop(key)
-            self._locks.pop(key, None)
             log.info(
                 "evicted idle instance %s (%s) after %.0f s", key, entry.class_name, self.idle_ttl_s
             )
@@ -128,7 +126,6 @@ class InstanceRegistry:
     def _evict_over_count(self) -> None:
         while len(self._entries) > self.max_instances:
             key, entry = self._entries.popitem(last=False)
-            self._locks.pop(key, None)
             log.info(
                 "evicted instance %s (%s): over the limit of %d",
                 key,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import functools
 import inspect
@@ -22,12 +21,13 @@ from .deps import DependencyPlan
 from .errors import StageError
 from .instances import InstanceRegistry
 from .invocation import Invocation, UserBaseException
+from .locks import KeyedLocks
 from .modules import ModuleMount, top_level_names, validate_modules
 from .protocol import FunctionRequest, FunctionResponse, RequestError, decode_request
 from .settings import Settings, load_settings
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+    from collections.abc import Awaitable, Callable, Mapping
 
     from .plugins import FlashrtPluginManager
 
@@ -77,7 +77,7 @@ class Runtime:
         self._started: asyncio.Future[None] | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._background: set[asyncio.Task[Any]] = set()
-        self._module_locks = _KeyedLocks()
+        self._module_locks = KeyedLocks()
         self.pm.hook.flashrt_configure.call_historic(kwargs={"settings": self.settings})
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -393,37 +393,6 @@ class Runtime:
             finished(request=request, response=response, runtime=self)
         except Exception:
             log.exception("a request_finished hook failed")
-
-
-class _KeyedLocks:
-    """Locks by name, held in sorted order; a name's lock lives only while someone uses it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, names: Iterable[str]) -> AsyncIterator[None]:
-        entries = []
-        for name in sorted(names):
-            entry = self._locks.setdefault(name, (asyncio.Lock(), [0]))
-            entry[1][0] += 1
-            entries.append((name, entry))
-        held: list[asyncio.Lock] = []
-        try:
-            for _, (lock, _users) in entries:
-                await lock.acquire()  # a cancellation here releases what is already held
-                held.append(lock)
-            yield
-        finally:
-            for lock in reversed(held):
-                lock.release()
-            for name, (_lock, users) in entries:
-                users[0] -= 1
-                if users[0] == 0:
-                    del self._locks[name]
-
-    def __len__(self) -> int:
-        return len(self._locks)
 
 
 def _contain_user_tasks(loop: asyncio.AbstractEventLoop) -> None:
