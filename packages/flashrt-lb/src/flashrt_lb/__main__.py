@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 __all__ = ["main"]
@@ -28,10 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"flashrt-lb: bad setting: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from flashrt_core.logs import configure_logging
+
+    configure_logging(settings)
     from .app import Worker
     from .server import run
 

@@ -6,7 +6,6 @@ exits 0 or 1, ``--rp_log_level``, ...); everything else is configured with envir
 
 from __future__ import annotations
 
-import logging
 import sys
 
 __all__ = ["main"]
@@ -40,10 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     if qb.concurrency < 1:
         print("flashrt-qb: bad setting: FLASHRT_QB_CONCURRENCY must be at least 1", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from flashrt_core.logs import configure_logging
+
+    configure_logging(settings)
     from .worker import QueueWorker
 
     QueueWorker(settings, qb).serve()
