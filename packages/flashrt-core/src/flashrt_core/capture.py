@@ -16,6 +16,7 @@ import logging
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from typing import Any, TextIO
 
 __all__ = [
@@ -28,29 +29,43 @@ __all__ = [
 ]
 
 TRUNCATION_MARKER = "\n[flashrt: output truncated after {limit} characters]\n"
+REPLACED_MARKER = "\n[flashrt: {count} character(s) that UTF-8 cannot encode were replaced by '?']\n"
 
 _UNSET: Any = object()
 _current: contextvars.ContextVar[OutputBuffer | None] = contextvars.ContextVar("flashrt_output")
 _STAMP = "_flashrt_output"
 
 
+#: Called with (stream, text) for everything a request writes: 1 is stdout, 2 is stderr.
+Listener = Callable[[int, str], None]
+
+
 class OutputBuffer:
-    """A bounded, thread-safe text buffer; writes after :meth:`close` are dropped."""
+    """A bounded, thread-safe text buffer; writes after :meth:`close` are dropped.
 
-    __slots__ = ("_limit", "_lock", "_parts", "_size", "_truncated", "closed")
+    ``listener`` sees every write as it happens, bound or not (the live echo and the executor's
+    output stream); the buffer itself keeps at most ``limit`` characters for the response.
+    """
 
-    def __init__(self, limit: int) -> None:
+    __slots__ = ("_limit", "_lock", "_parts", "_size", "_truncated", "closed", "listener")
+
+    def __init__(self, limit: int, listener: Listener | None = None) -> None:
         self._limit = limit
         self._parts: list[str] = []
         self._size = 0
         self._truncated = False
         self._lock = threading.Lock()
         self.closed = False
+        self.listener = listener
 
-    def write(self, text: str) -> int:
+    def write(self, text: str, stream: int = 1) -> int:
+        written = len(text)
         with self._lock:
             if self.closed:
-                return len(text)
+                return written
+            listener = self.listener
+            if listener is not None:
+                listener(stream, text)
             room = self._limit - self._size
             if len(text) > room:
                 self._truncated = True
@@ -58,18 +73,31 @@ class OutputBuffer:
             if text:
                 self._parts.append(text)
                 self._size += len(text)
-        return len(text)
+        return written
 
     def getvalue(self) -> str:
         with self._lock:
             text = "".join(self._parts)
             if self._truncated:
                 text += TRUNCATION_MARKER.format(limit=self._limit)
-            return text
+        return encodable(text)
 
     def close(self) -> None:
         with self._lock:
             self.closed = True
+
+
+def encodable(text: str) -> str:
+    """``text`` as UTF-8 can carry it: lone surrogates replaced, and a note saying so."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        fixed = text.encode("utf-8", "replace").decode("utf-8")
+        count = sum(1 for a, b in zip(text, fixed) if a != b and b == "?")
+        return fixed + REPLACED_MARKER.format(count=count)
+    return text
 
 
 def current_buffer() -> OutputBuffer | None:
@@ -99,14 +127,24 @@ def clear_thread_stamp() -> None:
 class _Router:
     """Stands in for ``sys.stdout``/``sys.stderr``; unknown attributes go to the real stream."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, number: int) -> None:
         self._stream = stream
+        self._number = number
 
     def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         buf = current_buffer()
         if buf is None:
             return self._stream.write(text)
-        return buf.write(text)
+        return buf.write(text, self._number)
+
+    def close(self) -> None:
+        """Closing the process's stdout would break every later request: a no-op."""
+
+    @property
+    def closed(self) -> bool:
+        return False
 
     def writelines(self, lines: Any) -> None:
         for line in lines:
@@ -136,7 +174,7 @@ class _LogHandler(logging.Handler):
         buf = current_buffer()
         if buf is not None:
             try:
-                buf.write(self.format(record) + "\n")
+                buf.write(self.format(record) + "\n", 2)
             except Exception:
                 self.handleError(record)
 
@@ -151,10 +189,10 @@ _handler = _LogHandler()
 _routers: dict[int, tuple[TextIO, _Router]] = {}
 
 
-def _router_for(stream: TextIO) -> _Router:
+def _router_for(stream: TextIO, number: int) -> _Router:
     found = _routers.get(id(stream))
     if found is None or found[0] is not stream:
-        found = (stream, _Router(stream))  # the stream is kept too, so its id stays unique
+        found = (stream, _Router(stream, number))  # the stream is kept too, so its id stays unique
         _routers[id(stream)] = found
     return found[1]
 
@@ -176,18 +214,47 @@ def _capturing_submit(self: ThreadPoolExecutor, fn: Any, /, *args: Any, **kwargs
     return _saved.get("submit", _original_submit)(self, ctx.run, fn, *args, **kwargs)
 
 
+def _usable(stream: Any, fallback: Any) -> Any:
+    """``stream`` if it is one a request may write to, else the interpreter's original."""
+    if isinstance(stream, _Router):
+        return stream._stream
+    if stream is None or getattr(stream, "closed", False) or not hasattr(stream, "write"):
+        return fallback
+    return stream
+
+
+def _reinstall_routers() -> None:
+    """A running request replaced a stream: the one starting now still gets captured output."""
+    if not isinstance(sys.stdout, _Router):
+        sys.stdout = _router_for(_saved["stdout"], 1)
+    if not isinstance(sys.stderr, _Router):
+        sys.stderr = _router_for(_saved["stderr"], 2)
+
+
+def real_stream(number: int) -> TextIO:
+    """The process's own stdout (1) or stderr (2), whatever the requests are doing."""
+    saved = _saved.get("stdout" if number == 1 else "stderr")
+    if saved is not None:
+        return saved  # type: ignore[no-any-return]
+    current = sys.stdout if number == 1 else sys.stderr
+    fallback = sys.__stdout__ if number == 1 else sys.__stderr__
+    return _usable(current, fallback)  # type: ignore[no-any-return]
+
+
 def activate() -> None:
     """Install the routers (reference-counted: the first active request installs them)."""
     global _active
     with _lock:
         _active += 1
         if _active > 1:
+            _reinstall_routers()
             return
-        _saved["stdout"], _saved["stderr"] = sys.stdout, sys.stderr
+        _saved["stdout"] = _usable(sys.stdout, sys.__stdout__)
+        _saved["stderr"] = _usable(sys.stderr, sys.__stderr__)
         _saved["start"] = threading.Thread.start
         _saved["submit"] = ThreadPoolExecutor.submit
-        sys.stdout = _router_for(sys.stdout)
-        sys.stderr = _router_for(sys.stderr)
+        sys.stdout = _router_for(_saved["stdout"], 1)
+        sys.stderr = _router_for(_saved["stderr"], 2)
         threading.Thread.start = _stamping_start  # type: ignore[method-assign]
         ThreadPoolExecutor.submit = _capturing_submit  # type: ignore[method-assign,assignment]
         logging.getLogger().addHandler(_handler)
@@ -200,11 +267,10 @@ def deactivate() -> None:
         _active -= 1
         if _active > 0:
             return
-        # Restore only what is still ours: someone may have replaced a stream meanwhile.
-        if isinstance(sys.stdout, _Router):
-            sys.stdout = _saved["stdout"]
-        if isinstance(sys.stderr, _Router):
-            sys.stderr = _saved["stderr"]
+        # Whatever a request left in sys.stdout (None, its own object, a closed file), the
+        # next one starts with the streams the process had.
+        sys.stdout = _saved["stdout"]
+        sys.stderr = _saved["stderr"]
         threading.Thread.start = _saved["start"]  # type: ignore[method-assign]
         ThreadPoolExecutor.submit = _saved["submit"]  # type: ignore[method-assign]
         logging.getLogger().removeHandler(_handler)

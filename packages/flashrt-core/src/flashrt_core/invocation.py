@@ -143,7 +143,7 @@ class Invocation:
             return await _guard(fn(*args, **kwargs))
         if inspect.isasyncgenfunction(fn):
             return await _guard(_drain(fn(*args, **kwargs)))
-        result = await self.runtime.run_blocking(_call_sync, fn, args, kwargs)
+        result = await self.runtime.run_user_sync(self.request, _call_sync, fn, args, kwargs)
         if inspect.isawaitable(result):
             result = await _guard(result)
         elif inspect.isasyncgen(result):

@@ -117,8 +117,40 @@ def _describe(exc: msgspec.ValidationError) -> str:
 
 
 def encode_response(response: FunctionResponse) -> bytes:
-    """JSON bytes the client's pydantic model accepts."""
-    return _json_encoder.encode(response)
+    """JSON bytes the client's pydantic model accepts, whatever characters the user produced."""
+    try:
+        return _json_encoder.encode(response)
+    except (UnicodeEncodeError, msgspec.EncodeError):
+        return _json_encoder.encode(encodable_response(response))
+
+
+def encodable_response(response: FunctionResponse) -> FunctionResponse:
+    """A copy whose strings UTF-8 can carry: lone surrogates replaced, and a note in stdout."""
+    from .capture import REPLACED_MARKER, encodable
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, str):
+            return value.encode("utf-8", "replace").decode("utf-8")
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        if isinstance(value, dict):
+            return {clean(k): clean(v) for k, v in value.items()}
+        return value
+
+    stdout = encodable(response.stdout) if response.stdout is not None else None
+    fixed = FunctionResponse(
+        success=response.success,
+        result=clean(response.result),
+        json_result=clean(response.json_result),
+        error=clean(response.error),
+        stdout=stdout,
+        instance_id=clean(response.instance_id),
+        instance_info=clean(response.instance_info),
+    )
+    if fixed.error != response.error or fixed.json_result != response.json_result:
+        note = REPLACED_MARKER.format(count="some").lstrip("\n")
+        fixed.stdout = (fixed.stdout or "") + note
+    return fixed
 
 
 def response_to_dict(response: FunctionResponse) -> dict[str, Any]:

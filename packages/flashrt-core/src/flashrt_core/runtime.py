@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
 import inspect
 import logging
-import os
 import sys
-import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import capture
 from .codecs import SMALL_TYPES, check_format, decode_arguments, encode_result
 from .deps import DependencyPlan
 from .errors import StageError
+from .failures import failure_response
 from .instances import InstanceRegistry
 from .invocation import Invocation, UserBaseException
 from .locks import KeyedLocks
@@ -29,7 +26,11 @@ from .settings import Settings, load_settings
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
 
+    from typing import TextIO
+
+    from .capture import Listener
     from .plugins import FlashrtPluginManager
+    from .supervisor import Supervisor
 
 __all__ = ["Runtime"]
 
@@ -37,23 +38,25 @@ log = logging.getLogger("flashrt.runtime")
 T = TypeVar("T")
 
 
-@functools.cache
-def _internal_dirs() -> tuple[str, ...]:
-    """Directories whose frames are the runtime's plumbing, not the user's story."""
-    stdlib = Path(functools.__file__).resolve().parent
-    places = (Path(__file__).resolve().parent, stdlib / "asyncio", stdlib / "concurrent")
-    return tuple(str(p) + os.sep for p in places)
-
-
 _ENCODE_INLINE_MAX = 1000
 _DECODE_INLINE_MAX = 64 * 1024
+
+
+ISOLATIONS = ("process", "none")
 
 
 class Runtime:
     """Holds the plugin manager, the instance registry, the thread pool and the caches.
 
     ``await execute(request)`` returns a :class:`FunctionResponse` for anything it is given.
+    With ``FLASHRT_ISOLATION=process`` (the default) it hands the request to a supervised
+    executor process (:mod:`flashrt_core.supervisor`); the executor runs the same pipeline
+    in-process, as ``Runtime`` with ``role == "executor"``.
     """
+
+    #: "worker": the process's runtime; "executor": the one inside an executor process, whose
+    #: start-up hooks ran in the supervisor and whose time limits the supervisor applies.
+    role = "worker"
 
     def __init__(
         self,
@@ -65,6 +68,13 @@ class Runtime:
         from .plugins import get_plugin_manager
 
         self.settings = settings or load_settings(Settings)
+        if self.settings.isolation not in ISOLATIONS:
+            from .settings import SettingsError
+
+            raise SettingsError(
+                f"FLASHRT_ISOLATION={self.settings.isolation!r}: expected 'process' or 'none'"
+            )
+        self.extra_plugins = extra_plugins
         self.pm = plugin_manager or get_plugin_manager(self.settings, extra_plugins=extra_plugins)
         if plugin_manager is not None:
             for plugin in extra_plugins:
@@ -78,6 +88,17 @@ class Runtime:
         self._pool: ThreadPoolExecutor | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._module_locks = KeyedLocks()
+        self.supervisor: Supervisor | None = None
+        #: Where the live echo writes (1: stdout, 2: stderr); the CLI keeps stdout for its JSON.
+        self.echo_streams: Callable[[int], TextIO] = capture.real_stream
+        #: Set inside an executor: how sync user code is called, and who hears of phases.
+        self.user_sync: Callable[..., Awaitable[Any]] | None = None
+        self.on_phase: Callable[[str], None] | None = None
+        self.on_installed: Callable[[], None] | None = None
+        #: Deployed QB mode: the resource whose generated handler serves plain jobs (the shell
+        #: sets it before start; the handler is loaded where user code runs).
+        self.deployed_handler_resource: str | None = None
+        self._deployed_handler: Any = None
         self.pm.hook.flashrt_configure.call_historic(kwargs={"settings": self.settings})
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -94,16 +115,31 @@ class Runtime:
         self._started = loop.create_future()
         _contain_user_tasks(loop)
         try:
-            await self._gather(self.pm.hook.flashrt_startup(runtime=self))
-            await self._gather(self.pm.hook.flashrt_sync_cache(phase="hydrate", runtime=self))
-            # Pay cloudpickle's import before the first request, not during it.
-            await self.run_blocking(__import__, "cloudpickle")
+            if self.isolated:
+                from .supervisor import Supervisor
+
+                # Spawned first: its interpreter starts while the start-up hooks run.
+                self.supervisor = Supervisor(self)
+                self.supervisor.spawn()
+            if self.role != "executor":
+                await self._gather(self.pm.hook.flashrt_startup(runtime=self))
+                await self._gather(self.pm.hook.flashrt_sync_cache(phase="hydrate", runtime=self))
+            if self.supervisor is not None:
+                await self.supervisor.start()
+            else:
+                # Pay cloudpickle's import before the first request, not during it.
+                await self.run_blocking(__import__, "cloudpickle")
             self.ready = True
         except Exception as exc:
             self.startup_error = f"start-up failed: {type(exc).__name__}: {exc}"
-            log.error("%s", self.startup_error, exc_info=True)
+            log.error("%s", self.startup_error, exc_info=not isinstance(exc, OSError))
         finally:
             self._started.set_result(None)
+
+    @property
+    def isolated(self) -> bool:
+        """Whether user code runs in an executor process rather than here."""
+        return self.role == "worker" and self.settings.isolation == "process"
 
     async def shutdown(self) -> None:
         """Let plugins release resources, finish background work (bounded), stop the pool."""
@@ -113,6 +149,8 @@ class Runtime:
                     await result
                 except Exception:
                     log.exception("a plugin's shutdown failed")
+        if self.supervisor is not None:
+            await self.supervisor.stop()
         if self._background:
             await asyncio.wait(set(self._background), timeout=10)
         if self._pool is not None:
@@ -158,6 +196,14 @@ class Runtime:
         self.pool.submit(work)
         return await future
 
+    async def run_user_sync(
+        self, request: FunctionRequest | None, fn: Callable[..., T], /, *args: Any
+    ) -> T:
+        """Call sync user code: off the event loop; in an executor, on its main thread if free."""
+        if self.user_sync is not None:
+            return await self.user_sync(request, fn, *args)  # type: ignore[no-any-return]
+        return await self.run_blocking(fn, *args)
+
     def background(self, awaitable: Awaitable[Any]) -> asyncio.Task[Any]:
         """Run work off the request path; kept referenced and its failures logged."""
 
@@ -182,7 +228,76 @@ class Runtime:
         self, request: FunctionRequest | Mapping[str, Any] | bytes | str
     ) -> FunctionResponse:
         """Turn ``request`` into a response. Never raises (cancellation aside)."""
-        buffer = capture.OutputBuffer(self.settings.max_output_bytes)
+        if self.isolated:
+            return await self._execute_isolated(request)
+        echo = None
+        if self.settings.echo:
+            from .echo import LineEcho
+            from .logs import request_id
+
+            echo = LineEcho(self.settings.echo_max_bytes, request_id.get(), streams=self.echo_streams)
+        try:
+            return await self.execute_here(request, echo)
+        finally:
+            if echo is not None:
+                echo.close()
+
+    async def _execute_isolated(
+        self, request: FunctionRequest | Mapping[str, Any] | bytes | str
+    ) -> FunctionResponse:
+        if self.supervisor is None:
+            await self.start()  # the executor starts on first use
+        supervisor = self.supervisor
+        if supervisor is None:
+            from .failures import stage_failure
+
+            return stage_failure("decode", self.startup_error or "the executor is not running")
+        decoded: FunctionRequest | None = None
+        if self._observed():
+            try:
+                decoded = decode_request(request)
+            except RequestError:
+                decoded = None
+            else:
+                self._notify_started(decoded)
+        response = await supervisor.execute(request)
+        self._notify_finished(decoded, response)
+        return response
+
+    async def run_deployed_job(self, job: Mapping[str, Any]) -> Any:
+        """A deployed endpoint's plain-JSON job through its generated handler, where user code
+        runs (see :mod:`flashrt_core.deployed_handler`)."""
+        if self.isolated:
+            if self.supervisor is None:
+                await self.start()
+            if self.supervisor is None:
+                return {"success": False, "error": self.startup_error or "no executor"}
+            return await self.supervisor.run_deployed(job)
+        handler = self._deployed_handler
+        if handler is None:
+            from .builtin.deployed import deployed_app_dir
+            from .deployed_handler import load_handler
+
+            app_dir = deployed_app_dir(self)
+            assert app_dir is not None and self.deployed_handler_resource is not None
+            handler = await self.run_blocking(load_handler, app_dir, self.deployed_handler_resource)
+            self._deployed_handler = handler
+        return await handler(self, job)
+
+    def _observed(self) -> bool:
+        hook = self.pm.hook
+        return bool(
+            hook.flashrt_request_started.get_hookimpls()
+            or hook.flashrt_request_finished.get_hookimpls()
+        )
+
+    async def execute_here(
+        self,
+        request: FunctionRequest | Mapping[str, Any] | bytes | str,
+        listener: Listener | None = None,
+    ) -> FunctionResponse:
+        """The pipeline in this process; ``listener`` hears every write of the request's code."""
+        buffer = capture.OutputBuffer(self.settings.max_output_bytes, listener)
         token = capture.use_buffer(buffer)
         capture.activate()
         decoded: FunctionRequest | None = None
@@ -210,7 +325,8 @@ class Runtime:
             capture.deactivate()
             capture.reset_buffer(token)
             buffer.close()
-        self._notify_finished(decoded, response)
+        if not self.isolated and self.role != "executor":
+            self._notify_finished(decoded, response)
         return response
 
     def _decode(
@@ -245,13 +361,17 @@ class Runtime:
             )
         return decoded
 
-    async def _run(self, request: FunctionRequest) -> FunctionResponse:
+    def _notify_started(self, request: FunctionRequest) -> None:
         started = self.pm.hook.flashrt_request_started
         if started.get_hookimpls():  # skip pluggy's call machinery when nobody listens
             try:
                 started(request=request, runtime=self)
             except Exception:
                 log.exception("a request_started hook failed")
+
+    async def _run(self, request: FunctionRequest) -> FunctionResponse:
+        if self.role != "executor":
+            self._notify_started(request)
         # Cheap checks first: a bad module path must not cost an install.
         files = (
             validate_modules(request.modules, self.settings.max_modules_bytes)
@@ -259,7 +379,11 @@ class Runtime:
             else []
         )
         if request.dependencies or request.system_dependencies:
+            if self.on_phase is not None:
+                self.on_phase("install")
             await self._install(request)
+            if self.on_phase is not None:
+                self.on_phase("call")
         invocation = await self._decode_arguments(request)
         is_class = request.execution_type == "class"
         if is_class and not request.instance_id:
@@ -308,7 +432,9 @@ class Runtime:
                     "dependencies",
                     f"{step.owner} could not install {', '.join(step.packages)}: {exc}",
                 ) from _plugin_bug(exc)
-        if changed:
+        if changed and self.on_installed is not None:
+            self.on_installed()  # the supervisor persists the cache: its hooks run there
+        elif changed:
             self.background(
                 self._gather(self.pm.hook.flashrt_sync_cache(phase="persist", runtime=self))
             )
@@ -363,6 +489,8 @@ class Runtime:
                 f"no executor accepted {what}: the request carries no code and no deployed app "
                 "provides it",
             )
+        if self.role == "executor":
+            return await pending  # the supervisor applies the time limit, hard
         return await _with_timeout(pending, timeout)
 
     # --- responses ----------------------------------------------------------------------------
@@ -376,14 +504,7 @@ class Runtime:
         message: str | None = None,
         cause: BaseException | None = None,
     ) -> FunctionResponse:
-        text = message if message is not None else (str(exc) or type(exc).__name__)
-        if not isinstance(exc, Exception) and message is None:
-            text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        detail = f"{text}\n[flashrt] failed during {stage}"
-        shown = cause if cause is not None else (None if isinstance(exc, StageError) else exc)
-        if shown is not None:
-            detail += f" ({type(shown).__name__})\n" + _format_traceback(shown, tb)
-        return FunctionResponse(success=False, error=detail.rstrip("\n"))
+        return failure_response(stage, exc, tb, message=message, cause=cause)
 
     def _notify_finished(self, request: FunctionRequest | None, response: FunctionResponse) -> None:
         finished = self.pm.hook.flashrt_request_finished
@@ -463,12 +584,3 @@ def _approximate_size(request: FunctionRequest) -> int:
     for mapping in (request.kwargs, request.constructor_kwargs, request.modules):
         size += sum(len(v) for v in mapping.values() if isinstance(v, str))
     return size
-
-
-def _format_traceback(exc: BaseException, tb: Any) -> str:
-    """The traceback from the first frame that is not the runtime's own plumbing."""
-    internal = _internal_dirs()
-    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(internal):
-        tb = tb.tb_next
-    lines = traceback.format_exception(type(exc), exc, tb)
-    return "".join(lines)

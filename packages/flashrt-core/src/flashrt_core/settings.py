@@ -135,6 +135,43 @@ class Settings:
     instance_ttl_s: float = setting(
         "FLASHRT_INSTANCE_TTL_S", 3600.0, "Idle time after which a class instance is dropped."
     )
+    # Isolation: user code in a supervised executor process
+    isolation: str = setting(
+        "FLASHRT_ISOLATION",
+        "process",
+        "`process`: user code runs in a supervised executor process that is replaced when it "
+        "dies or is poisoned; `none`: in the worker's own process.",
+    )
+    retry_on_executor_death: bool = setting(
+        "FLASHRT_RETRY_ON_EXECUTOR_DEATH",
+        True,
+        "Retry once, on a fresh executor, the requests in flight when the executor died.",
+    )
+    hard_timeout_grace_s: float = setting(
+        "FLASHRT_HARD_TIMEOUT_GRACE_S",
+        5.0,
+        "After a call's time limit, how long its code may keep running before the executor is "
+        "recycled to stop it.",
+    )
+    executor_start_timeout_s: float = setting(
+        "FLASHRT_EXECUTOR_START_TIMEOUT_S", 60.0, "Longest wait for a fresh executor to start."
+    )
+    executor_stop_grace_s: float = setting(
+        "FLASHRT_EXECUTOR_STOP_GRACE_S",
+        5.0,
+        "On shutdown, time between SIGTERM and SIGKILL of the executor.",
+    )
+    # Live output
+    echo: bool = setting(
+        "FLASHRT_ECHO",
+        True,
+        "Copy each line a request's code writes to the worker's stdout/stderr as it is written.",
+    )
+    echo_max_bytes: int = setting(
+        "FLASHRT_ECHO_MAX_BYTES",
+        4 * 1024 * 1024,
+        "Live echo per request; past it the echo is cut (once, with a notice).",
+    )
     log_level: str = setting("FLASHRT_LOG_LEVEL", "INFO", "Level of the worker's own logging.")
     tmp_dir: Path | None = setting(
         "FLASHRT_TMP_DIR",
@@ -173,3 +210,30 @@ class Settings:
     disable_unpack: bool = setting(
         "FLASH_DISABLE_UNPACK", False, "Deployed mode: serve an already-unpacked app."
     )
+
+
+def settings_to_dict(settings: Any) -> dict[str, Any]:
+    """Plain values of a settings dataclass (paths as strings), to hand to another process."""
+    out: dict[str, Any] = {}
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        out[field.name] = str(value) if isinstance(value, Path) else value
+    return out
+
+
+def settings_from_dict(cls: type[T], values: Mapping[str, Any], **overrides: Any) -> T:
+    """The inverse of :func:`settings_to_dict`."""
+    hints = typing.get_type_hints(cls)
+    fields: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if field.name not in values:
+            continue
+        value = values[field.name]
+        kind = hints[field.name]
+        if value is not None and Path in (kind, *typing.get_args(kind)):
+            value = Path(value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        fields[field.name] = value
+    fields.update(overrides)
+    return cls(**fields)

@@ -1,0 +1,203 @@
+"""The supervisor ⇄ executor channel: length-prefixed msgspec msgpack frames over a socketpair.
+
+One frame is a 4-byte big-endian length and a msgpack body, a tagged :class:`msgspec.Struct`.
+Every frame about a request carries its id, so many requests share the one socket. Request and
+response bodies travel as opaque bytes: the transport's JSON goes through untouched and is parsed
+once, by the executor.
+
+Sending is thread-safe and synchronous (user threads stream output from wherever they run), and
+waits with ``poll`` when the socket buffer is full, so it never depends on an event loop: code
+that closed the loop's file descriptors still gets its result back.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import threading
+from typing import Any, Union
+
+import msgspec
+
+__all__ = [
+    "Cancel",
+    "Channel",
+    "Execute",
+    "Exiting",
+    "Frame",
+    "FrameReader",
+    "Hello",
+    "Output",
+    "Phase",
+    "Result",
+    "RunDeployed",
+    "Settled",
+    "Setup",
+]
+
+_HEADER = struct.Struct(">I")
+MAX_FRAME = 1 << 31
+
+
+# --- supervisor → executor ---------------------------------------------------------------------
+
+
+class Setup(msgspec.Struct, tag=True):
+    """Sent once after spawn: the supervisor's settings, import path and start-up hand-over."""
+
+    settings: dict[str, Any]
+    sys_path: list[str]
+    plugins: bytes | None = None  # cloudpickled plugins registered in code
+    app_dir: str | None = None  # the unpacked deployed app, when start-up made one
+    deployed_handler: str | None = None  # resource whose generated QB handler to load
+
+
+class Execute(msgspec.Struct, tag=True):
+    """Run one request; ``body`` is JSON (``form="json"``) or msgpack of a mapping."""
+
+    id: int
+    body: bytes
+    form: str = "json"
+    request_id: str | None = None
+
+
+class RunDeployed(msgspec.Struct, tag=True):
+    """Run the deployed QB handler on one plain-JSON job (``job`` is its JSON)."""
+
+    id: int
+    job: bytes
+    request_id: str | None = None
+
+
+class Cancel(msgspec.Struct, tag=True):
+    """The supervisor gave up on a request (cancelled or timed out): stop what can be stopped."""
+
+    id: int
+
+
+# --- executor → supervisor ---------------------------------------------------------------------
+
+
+class Hello(msgspec.Struct, tag=True):
+    """First frame of a fresh executor: it imported what it needs and read the Setup."""
+
+    pid: int
+    error: str | None = None  # start-up failed in the executor; the reason
+
+
+class Output(msgspec.Struct, tag=True):
+    """Text a request wrote, as it wrote it (1: stdout, 2: stderr)."""
+
+    id: int
+    stream: int
+    text: str
+
+
+class Phase(msgspec.Struct, tag=True):
+    """A request entered a stage the time limit does not cover (installs), or left it."""
+
+    id: int
+    name: str
+
+
+class Result(msgspec.Struct, tag=True):
+    """A request's answer: msgpack of the FunctionResponse, or of a deployed handler's output."""
+
+    id: int
+    body: bytes
+    installed: bool = False
+    instance_id: str | None = None
+
+
+class Settled(msgspec.Struct, tag=True):
+    """Everything a cancelled request started has ended (its threads included)."""
+
+    id: int
+
+
+class Exiting(msgspec.Struct, tag=True):
+    """The executor is about to exit on purpose (poisoned, or a CUDA context lost)."""
+
+    reason: str
+
+
+Frame = Union[Setup, Execute, RunDeployed, Cancel, Hello, Output, Phase, Result, Settled, Exiting]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Frame)
+
+
+def encode(frame: Frame) -> bytes:
+    body = _encoder.encode(frame)
+    return _HEADER.pack(len(body)) + body
+
+
+class FrameReader:
+    """Turns the bytes read from the socket into frames (a frame may arrive in pieces)."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Frame]:
+        buf = self._buf
+        buf += data
+        frames: list[Frame] = []
+        offset = 0
+        end = len(buf)
+        while end - offset >= 4:
+            (size,) = _HEADER.unpack_from(buf, offset)
+            if end - offset - 4 < size:
+                break
+            start = offset + 4
+            frames.append(_decoder.decode(memoryview(buf)[start : start + size]))
+            offset = start + size
+        if offset:
+            del buf[:offset]
+        return frames
+
+
+class Channel:
+    """One end of the socketpair. ``send`` may be called from any thread."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.fd = sock.fileno()
+        self._lock = threading.Lock()
+        self.broken = False
+
+    def send(self, frame: Frame) -> None:
+        """Send one frame whole; raises ``OSError`` when the other end is gone."""
+        self.send_bytes(encode(frame))
+
+    def send_bytes(self, data: bytes) -> None:
+        view = memoryview(data)
+        with self._lock:
+            try:
+                while view:
+                    try:
+                        sent = os.write(self.fd, view)
+                    except BlockingIOError:
+                        poller = select.poll()
+                        poller.register(self.fd, select.POLLOUT)
+                        poller.poll(1000)
+                        continue
+                    view = view[sent:]
+            except OSError:
+                self.broken = True
+                raise
+
+    def recv_available(self) -> bytes:
+        """What the socket holds now (``b""`` at EOF); ``BlockingIOError`` when nothing yet."""
+        return os.read(self.fd, 1 << 20)
+
+    def close(self) -> None:
+        self.broken = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass

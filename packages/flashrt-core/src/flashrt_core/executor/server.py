@@ -1,0 +1,410 @@
+"""The executor's main loop: read frames, run each request through the in-process pipeline.
+
+Threads: the main thread is the :class:`~.mainlane.MainLane` (sync user code when it is the only
+sync call running); the event loop runs in ``flashrt-executor-loop``; extra concurrent sync calls
+go to the runtime's thread pool. The channel is fd 0, close-on-exec, so user code that closes
+every descriptor above 2 cannot cut it, and subprocesses never inherit it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import os
+import select
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from .. import channel as ch
+from ..logs import configure_logging, request_id
+from .integrity import Integrity, cuda_context_lost
+from .mainlane import MainLane
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ..deployed_handler import DeployedHandler
+    from ..protocol import FunctionRequest, FunctionResponse
+    from ..runtime import Runtime
+
+__all__ = ["main"]
+
+_STREAM_HOLD = 4096
+
+
+class _Scope:
+    """What the executor tracks about one request while it runs."""
+
+    __slots__ = ("cancelled", "id", "installed", "sync_running")
+
+    def __init__(self, rid: int) -> None:
+        self.id = rid
+        self.cancelled = False
+        self.installed = False
+        self.sync_running = 0
+
+
+_scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar("flashrt_scope", default=None)
+
+
+def _safe(text: str) -> str:
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
+class _Streamer:
+    """Sends a request's output to the supervisor a line at a time, as it is written."""
+
+    __slots__ = ("_chan", "_held", "_id")
+
+    def __init__(self, chan: ch.Channel, rid: int) -> None:
+        self._chan = chan
+        self._id = rid
+        self._held: dict[int, str] = {}
+
+    def __call__(self, stream: int, text: str) -> None:
+        held = self._held.pop(stream, "") + text
+        if "\n" in text or len(held) > _STREAM_HOLD:
+            self._send(stream, held)
+        elif held:
+            self._held[stream] = held
+
+    def flush(self) -> None:
+        held, self._held = self._held, {}
+        for stream, text in held.items():
+            self._send(stream, text)
+
+    def _send(self, stream: int, text: str) -> None:
+        with contextlib.suppress(OSError):
+            self._chan.send(ch.Output(self._id, stream, _safe(text)))
+
+
+def _encode_response(response: FunctionResponse) -> bytes:
+    try:
+        return msgspec.msgpack.encode(response)
+    except (UnicodeEncodeError, msgspec.EncodeError):
+        from ..protocol import encodable_response
+
+        return msgspec.msgpack.encode(encodable_response(response))
+
+
+class ExecutorServer:
+    """The executor's state: channel, runtime, in-flight tasks and the integrity baseline."""
+
+    def __init__(self, chan: ch.Channel, setup: ch.Setup, lane: MainLane) -> None:
+        self.chan = chan
+        self.setup = setup
+        self.lane = lane
+        self.reader = ch.FrameReader()
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.runtime: Runtime | None = None
+        self.integrity: Integrity | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._handler: DeployedHandler | None = None
+
+    # --- start-up ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Body of the loop thread; the process ends when the supervisor goes away."""
+        try:
+            asyncio.run(self._main())
+        finally:
+            _exit(0)
+
+    async def _main(self) -> None:
+        loop = self.loop = asyncio.get_running_loop()
+        try:
+            runtime = await self._make_runtime()
+        except Exception as exc:
+            self.chan.send(ch.Hello(os.getpid(), error=f"{type(exc).__name__}: {exc}"))
+            return
+        if runtime.startup_error:
+            self.chan.send(ch.Hello(os.getpid(), error=runtime.startup_error))
+            return
+        self.integrity = Integrity(loop, self.chan.fd)
+        gone: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(self.chan.fd, self._on_readable, gone)
+        self.chan.send(ch.Hello(os.getpid()))
+        await gone
+
+    async def _make_runtime(self) -> Runtime:
+        from ..runtime import Runtime
+        from ..settings import Settings, settings_from_dict
+
+        setup = self.setup
+        settings = settings_from_dict(Settings, setup.settings, isolation="none")
+        configure_logging(settings)
+        plugins: tuple[object, ...] = ()
+        if setup.plugins:
+            import cloudpickle
+
+            plugins = tuple(cloudpickle.loads(setup.plugins))
+        runtime = await asyncio.to_thread(Runtime, settings, extra_plugins=plugins)
+        runtime.role = "executor"
+        runtime.user_sync = self._user_sync
+        runtime.on_phase = self._on_phase
+        runtime.on_installed = self._on_installed
+        if setup.app_dir:
+            from ..artifact import ArtifactOutcome, add_app_dir_to_sys_path
+
+            app_dir = Path(setup.app_dir)
+            runtime.state["artifact"] = ArtifactOutcome(
+                status="ready", app_dir=app_dir, artifact=settings.artifact_path
+            )
+            add_app_dir_to_sys_path(app_dir)
+        self.runtime = runtime
+        await runtime.start()
+        if not runtime.startup_error and setup.deployed_handler:
+            from ..deployed_handler import load_handler
+
+            self._handler = await runtime.run_blocking(
+                load_handler, Path(setup.app_dir or "."), setup.deployed_handler
+            )
+        return runtime
+
+    # --- frames -----------------------------------------------------------------------------
+
+    def _on_readable(self, gone: asyncio.Future[None]) -> None:
+        try:
+            data = self.chan.recv_available()
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # the supervisor is gone: so is everything we would answer
+            if not gone.done():
+                gone.set_result(None)
+            return
+        assert self.loop is not None
+        for frame in self.reader.feed(data):
+            if isinstance(frame, ch.Execute):
+                self.tasks[frame.id] = self.loop.create_task(self._execute(frame))
+            elif isinstance(frame, ch.RunDeployed):
+                self.tasks[frame.id] = self.loop.create_task(self._deployed(frame))
+            elif isinstance(frame, ch.Cancel):
+                task = self.tasks.get(frame.id)
+                if task is not None:
+                    task.cancel()
+
+    async def _execute(self, frame: ch.Execute) -> None:
+        assert self.runtime is not None
+        scope = _Scope(frame.id)
+        _scope.set(scope)
+        request_id.set(frame.request_id)
+        streamer = _Streamer(self.chan, frame.id)
+        request: Any = frame.body if frame.form == "json" else msgspec.msgpack.decode(frame.body)
+        try:
+            response = await self.runtime.execute_here(request, streamer)
+        except asyncio.CancelledError:
+            self._cancelled(scope)
+            return
+        finally:
+            self.tasks.pop(frame.id, None)
+            streamer.flush()
+        result = ch.Result(
+            frame.id,
+            _encode_response(response),
+            installed=scope.installed,
+            instance_id=response.instance_id,
+        )
+        self.chan.send(result)
+        self._check(cuda_context_lost(response))
+
+    async def _deployed(self, frame: ch.RunDeployed) -> None:
+        assert self.runtime is not None
+        scope = _Scope(frame.id)
+        _scope.set(scope)
+        request_id.set(frame.request_id)
+        try:
+            if self._handler is None:
+                output: Any = {
+                    "success": False,
+                    "error": "this executor serves no deployed handler (FLASH_RESOURCE_NAME?)",
+                }
+            else:
+                output = await self._handler(self.runtime, msgspec.json.decode(frame.job))
+        except asyncio.CancelledError:
+            self._cancelled(scope)
+            return
+        finally:
+            self.tasks.pop(frame.id, None)
+        try:
+            body = msgspec.msgpack.encode(output)
+        except (TypeError, UnicodeEncodeError, msgspec.EncodeError) as exc:
+            body = msgspec.msgpack.encode(
+                {"success": False, "error": f"the deployed handler's result cannot be sent: {exc}"}
+            )
+        self.chan.send(ch.Result(frame.id, body))
+        self._check(None)
+
+    def _cancelled(self, scope: _Scope) -> None:
+        scope.cancelled = True
+        if scope.sync_running == 0:
+            with contextlib.suppress(OSError):
+                self.chan.send(ch.Settled(scope.id))
+
+    def _check(self, reason: str | None) -> None:
+        """Exit (after the answer went out) when the interpreter can no longer be trusted."""
+        assert self.integrity is not None
+        reason = reason or self.integrity.check()
+        if reason is None:
+            return
+        with contextlib.suppress(OSError):
+            self.chan.send(ch.Exiting(reason))
+        _exit(0)
+
+    # --- hooks into the runtime -------------------------------------------------------------
+
+    def _on_phase(self, name: str) -> None:
+        scope = _scope.get()
+        if scope is not None:
+            with contextlib.suppress(OSError):
+                self.chan.send(ch.Phase(scope.id, name))
+
+    def _on_installed(self) -> None:
+        scope = _scope.get()
+        if scope is not None:
+            scope.installed = True
+
+    async def _user_sync(self, request: FunctionRequest | None, fn: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        ctx = contextvars.copy_context()
+        scope = _scope.get()
+        if scope is not None:
+            scope.sync_running += 1
+        on_main: list[bool] = [False]
+
+        def work() -> None:
+            result: Any = None
+            error: BaseException | None = None
+            try:
+                result = ctx.run(fn, *args)
+            except Exception as exc:
+                error = exc
+            except BaseException as exc:
+                error = RuntimeError(f"{type(exc).__name__} in a worker thread: {exc}")
+            if scope is not None:
+                scope.sync_running -= 1
+            if on_main[0] and request is not None and not self._loop_intact():
+                self._rescue(ctx, request, result, error)
+            loop.call_soon_threadsafe(_settle, future, result, error)
+            if scope is not None and scope.cancelled and scope.sync_running == 0:
+                with contextlib.suppress(OSError):
+                    self.chan.send(ch.Settled(scope.id))
+
+        on_main[0] = True
+        if not self.lane.try_run(work):
+            on_main[0] = False
+            assert self.runtime is not None
+            self.runtime.pool.submit(work)
+        return await future
+
+    def _loop_intact(self) -> bool:
+        return self.integrity is None or self.integrity.loop_intact()
+
+    def _rescue(
+        self,
+        ctx: contextvars.Context,
+        request: FunctionRequest,
+        result: Any,
+        error: BaseException | None,
+    ) -> None:
+        """The request closed the event loop's descriptors: answer from here, then exit."""
+        from .. import capture
+        from ..codecs import encode_result
+        from ..failures import failure_response
+        from ..protocol import FunctionResponse
+
+        scope = ctx.get(_scope)
+        if error is not None:
+            response = failure_response("call", error, error.__traceback__)
+        else:
+            try:
+                encoded, json_result = encode_result(result, request.serialization_format)
+                response = FunctionResponse(success=True, result=encoded, json_result=json_result)
+            except Exception as exc:
+                response = failure_response("encode result", exc, exc.__traceback__)
+        if request.execution_type == "class":
+            response.instance_id = request.instance_id
+        buffer = ctx.run(capture.current_buffer)
+        response.stdout = buffer.getvalue() if buffer is not None else None
+        if scope is not None:
+            with contextlib.suppress(OSError):
+                self.chan.send(ch.Result(scope.id, _encode_response(response)))
+        with contextlib.suppress(OSError):
+            self.chan.send(
+                ch.Exiting("a request closed file descriptors the executor's event loop needs")
+            )
+        _exit(0)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _exit(status: int) -> None:
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):
+            stream.flush()  # type: ignore[union-attr]
+    os._exit(status)
+
+
+def _harden() -> None:
+    """Die with the supervisor, keep the channel from children, give user code no stdin."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    os.set_inheritable(0, False)
+    sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 - the process's life
+
+
+def _read_setup(chan: ch.Channel) -> ch.Setup:
+    reader = ch.FrameReader()
+    poller = select.poll()
+    poller.register(chan.fd, select.POLLIN)
+    while True:
+        poller.poll()
+        try:
+            data = chan.recv_available()
+        except BlockingIOError:
+            continue
+        if not data:
+            raise SystemExit(0)  # the supervisor went away before we started
+        for frame in reader.feed(data):
+            if isinstance(frame, ch.Setup):
+                return frame
+
+
+def main() -> int:
+    """Run the executor until the supervisor closes the channel (or kills us)."""
+    _harden()
+    chan = ch.Channel(socket.socket(fileno=0))
+    setup = _read_setup(chan)
+    for entry in reversed(setup.sys_path):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    lane = MainLane()
+    server = ExecutorServer(chan, setup, lane)
+    thread = threading.Thread(target=server.run, name="flashrt-executor-loop", daemon=True)
+    thread.start()
+    lane.serve_forever()
+    return 0
