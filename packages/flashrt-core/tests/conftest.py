@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,8 @@ from flashrt_core import FunctionResponse, Runtime, Settings, encode_response, l
 if TYPE_CHECKING:
     from collections.abc import Coroutine, Iterator
 
+#: The suite runs under each isolation: ``process`` by default, ``none`` in ``nox -s inprocess``.
+ISOLATION = os.environ.get("FLASHRT_ISOLATION", "process")
 FIXTURES = Path(__file__).parent / "fixtures" / "client-requests"
 
 #: Entry-point plugins of the other workspace packages: tests that need autoload but are not
@@ -53,6 +56,7 @@ class Worker:
 def make_settings(*, autoload: bool = False, **overrides: Any) -> Settings:
     """Settings for a test: defaults plus ``overrides``; the process environment is ignored."""
     overrides.setdefault("timeout_s", 30.0)
+    overrides.setdefault("isolation", ISOLATION)
     return load_settings(Settings, {}, disable_plugin_autoload=not autoload, **overrides)
 
 

@@ -8,6 +8,7 @@ import logging
 import sys
 import threading
 
+import pytest
 from flashrt_core import capture
 from flashrt_core.capture import TRUNCATION_MARKER, OutputBuffer
 
@@ -82,16 +83,22 @@ def test_router_sends_output_of_no_request_to_the_real_stream(capsys):
     assert capsys.readouterr().out == "nobody's output\nnobody's again\n"
 
 
-def test_a_stream_replaced_meanwhile_is_left_alone():
+@pytest.mark.parametrize("left", [None, "own", "closed"])
+def test_a_stream_a_request_replaced_is_restored_for_the_next(left):
     out = sys.stdout
-    replacement = io.StringIO()
     capture.activate()
     try:
-        sys.stdout = replacement
+        if left == "own":
+            sys.stdout = io.StringIO()
+        elif left == "closed":
+            sys.stdout.close()  # the router ignores it: the process's stdout stays open
+        else:
+            sys.stdout = None  # type: ignore[assignment]
     finally:
         capture.deactivate()
     try:
-        assert sys.stdout is replacement
+        assert sys.stdout is out
+        assert not sys.stdout.closed
     finally:
         sys.stdout = out
 
@@ -150,8 +157,9 @@ def test_output_of_a_thread_the_user_starts_is_captured(worker, wire):
 
 
 def test_output_after_the_request_ended_goes_to_the_real_stream_not_the_next_response(
-    worker, wire, capfd
+    capfd, make_worker, wire
 ):
+    worker = make_worker()  # after capfd: an executor process inherits the captured fds
     starts_late_printer = (
         "def a():\n"
         "    import threading, time\n"

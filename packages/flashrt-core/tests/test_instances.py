@@ -121,7 +121,7 @@ def test_constructor_failure_is_reported_and_nothing_is_kept(worker, wire):
 
 
 def test_registry_is_bounded_by_count_and_eviction_is_logged(make_worker, wire, caplog):
-    worker = make_worker(max_instances=2)
+    worker = make_worker(max_instances=2, isolation="none")  # inspects the registry itself
     with caplog.at_level(logging.INFO, logger="flashrt.instances"):
         for name in ("A", "B", "C"):
             assert worker.execute(_bump(wire, f"Counter_{name}")).success
@@ -133,7 +133,7 @@ def test_registry_is_bounded_by_count_and_eviction_is_logged(make_worker, wire, 
 
 
 def test_least_recently_used_goes_first(make_worker, wire):
-    worker = make_worker(max_instances=2)
+    worker = make_worker(max_instances=2, isolation="none")  # inspects the registry itself
     worker.execute(_bump(wire, "Counter_A"))
     worker.execute(_bump(wire, "Counter_B"))
     worker.execute(_bump(wire, "Counter_A"))  # A is now the most recent
@@ -143,7 +143,7 @@ def test_least_recently_used_goes_first(make_worker, wire):
 
 
 def test_idle_instances_expire_after_the_ttl(make_worker, wire, caplog):
-    worker = make_worker(instance_ttl_s=0.2)
+    worker = make_worker(instance_ttl_s=0.2, isolation="none")  # reads the registry's log
     assert wire.dec(worker.execute(_bump(wire, "Counter_t"))) == 15
     assert wire.dec(worker.execute(_bump(wire, "Counter_t"))) == 20
     time.sleep(0.3)

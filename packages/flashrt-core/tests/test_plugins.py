@@ -204,7 +204,8 @@ class _BadResolver:
 
 def test_installer_plugin_claims_python_and_unclaimed_kinds_are_reported(make_worker, wire):
     installer = _Installer()
-    worker = make_worker(extra_plugins=(installer,))
+    # The plugin object records its calls: it must run in this process to be read here.
+    worker = make_worker(extra_plugins=(installer,), isolation="none")
     request = wire.function(PLAIN, "plain", 2)
     request["dependencies"] = ["numpy==2.0", "rich"]
     request["system_dependencies"] = ["libgl1"]
@@ -229,7 +230,9 @@ def test_resolver_failure_is_a_dependencies_stage_error(make_worker, wire):
 
 
 def test_trace_hooks_writes_hook_calls_to_stderr(wire, capsys):
-    settings = _settings({"FLASHRT_TRACE_HOOKS": "true"}, disable_plugin_autoload=True)
+    settings = _settings(
+        {"FLASHRT_TRACE_HOOKS": "true"}, disable_plugin_autoload=True, isolation="none"
+    )
     runtime = Runtime(settings)
     response = _execute_once(runtime, wire.function(PLAIN, "plain", 1))
     assert wire.dec(response) == 2

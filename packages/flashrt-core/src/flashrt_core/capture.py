@@ -15,8 +15,8 @@ import contextvars
 import logging
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TextIO
 
 __all__ = [
@@ -29,7 +29,9 @@ __all__ = [
 ]
 
 TRUNCATION_MARKER = "\n[flashrt: output truncated after {limit} characters]\n"
-REPLACED_MARKER = "\n[flashrt: {count} character(s) that UTF-8 cannot encode were replaced by '?']\n"
+REPLACED_MARKER = (
+    "\n[flashrt: {count} character(s) that UTF-8 cannot encode were replaced by '?']\n"
+)
 
 _UNSET: Any = object()
 _current: contextvars.ContextVar[OutputBuffer | None] = contextvars.ContextVar("flashrt_output")

@@ -33,6 +33,8 @@ def _exec(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         runtime = Runtime()
+        # The request's output echoes live on stderr: stdout is kept for the response JSON.
+        runtime.echo_streams = lambda _number: sys.stderr
         await runtime.start()
         try:
             if runtime.startup_error:

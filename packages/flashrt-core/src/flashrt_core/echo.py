@@ -23,7 +23,9 @@ __all__ = ["LineEcho"]
 
 #: A partial line older than this is written out by the flusher thread.
 PARTIAL_FLUSH_S = 0.5
-CUT_NOTICE = "[flashrt] live echo of request {rid} cut after {size} characters; its stdout is kept\n"
+CUT_NOTICE = (
+    "[flashrt] live echo of request {rid} cut after {size} characters; its stdout is kept\n"
+)
 
 _write_lock = threading.Lock()
 _open: set[LineEcho] = set()
@@ -53,7 +55,17 @@ def _flush_loop() -> None:
 class LineEcho:
     """The echo of one request: a listener for :class:`~flashrt_core.capture.OutputBuffer`."""
 
-    __slots__ = ("__weakref__", "_lock", "_partial", "_since", "_size", "_streams", "cut", "limit", "rid")
+    __slots__ = (
+        "__weakref__",
+        "_lock",
+        "_partial",
+        "_since",
+        "_size",
+        "_streams",
+        "cut",
+        "limit",
+        "rid",
+    )
 
     def __init__(
         self, limit: int, rid: str | None = None, *, streams: Callable[[int], TextIO] = real_stream

@@ -25,7 +25,6 @@ from .settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
-
     from typing import TextIO
 
     from .capture import Listener
@@ -74,11 +73,12 @@ class Runtime:
             raise SettingsError(
                 f"FLASHRT_ISOLATION={self.settings.isolation!r}: expected 'process' or 'none'"
             )
-        self.extra_plugins = extra_plugins
         self.pm = plugin_manager or get_plugin_manager(self.settings, extra_plugins=extra_plugins)
         if plugin_manager is not None:
             for plugin in extra_plugins:
                 self.pm.register(plugin)
+        #: Plugins registered in code, which an executor process registers too (cloudpickled).
+        self.extra_plugins = _registered_in_code(self.pm)
         self.instances = InstanceRegistry(self.settings.max_instances, self.settings.instance_ttl_s)
         #: Scratch space plugins share; keys are documented in docs/plugins.md.
         self.state: dict[str, Any] = {}
@@ -235,7 +235,9 @@ class Runtime:
             from .echo import LineEcho
             from .logs import request_id
 
-            echo = LineEcho(self.settings.echo_max_bytes, request_id.get(), streams=self.echo_streams)
+            echo = LineEcho(
+                self.settings.echo_max_bytes, request_id.get(), streams=self.echo_streams
+            )
         try:
             return await self.execute_here(request, echo)
         finally:
@@ -514,6 +516,18 @@ class Runtime:
             finished(request=request, response=response, runtime=self)
         except Exception:
             log.exception("a request_finished hook failed")
+
+
+def _registered_in_code(pm: FlashrtPluginManager) -> tuple[object, ...]:
+    from .plugins import BUILTIN_PLUGINS
+
+    found: list[object] = []
+    for name, plugin in pm.list_name_plugin():
+        origin = getattr(pm, "origins", {}).get(name, "")
+        if plugin is None or name in BUILTIN_PLUGINS or origin.startswith("entry point"):
+            continue
+        found.append(plugin)
+    return tuple(found)
 
 
 def _contain_user_tasks(loop: asyncio.AbstractEventLoop) -> None:

@@ -264,7 +264,7 @@ class Supervisor:
         """Run ``request`` in the executor. Never raises (cancellation aside)."""
         try:
             body, form, timeout = self._encode(request)
-        except (TypeError, msgspec.EncodeError) as exc:
+        except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
             return stage_failure("decode", f"invalid request: {exc}")
         result = await self._submit(_Pending(body, form, timeout, deployed=False))
         assert isinstance(result, FunctionResponse)
@@ -274,7 +274,7 @@ class Supervisor:
         """Run the deployed QB handler on one plain job, in the executor."""
         try:
             body = msgspec.json.encode({"id": job.get("id"), "input": job.get("input")})
-        except (TypeError, msgspec.EncodeError) as exc:
+        except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
             return {"success": False, "error": f"the job cannot be encoded: {exc}"}
         return await self._submit(_Pending(body, "json", self.settings.timeout_s, deployed=True))
 
@@ -334,9 +334,7 @@ class Supervisor:
             except asyncio.TimeoutError:
                 self._answer(
                     rid,
-                    stage_failure(
-                        "call", f"no executor process could be started: {self.problem}"
-                    ),
+                    stage_failure("call", f"no executor process could be started: {self.problem}"),
                 )
                 return
         if rid not in self._pending:  # answered meanwhile (the worker is stopping)
@@ -470,7 +468,9 @@ class Supervisor:
         if frame.installed:
             runtime = self.runtime
             runtime.background(
-                runtime._gather(runtime.pm.hook.flashrt_sync_cache(phase="persist", runtime=runtime))
+                runtime._gather(
+                    runtime.pm.hook.flashrt_sync_cache(phase="persist", runtime=runtime)
+                )
             )
         if frame.instance_id:
             self._instances.add(frame.instance_id)
@@ -526,8 +526,7 @@ class Supervisor:
         if not executor.hello.done():
             executor.hello.set_exception(
                 ExecutorUnavailable(
-                    f"the executor process {describe_exit(executor.proc.returncode)} while "
-                    "starting"
+                    f"the executor process {describe_exit(executor.proc.returncode)} while starting"
                 )
             )
             executor.hello.exception()  # retrieved: start() or the restart task reports it

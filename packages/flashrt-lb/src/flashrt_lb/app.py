@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from flashrt_core.logs import request_id
 from flashrt_core.protocol import RequestError, decode_request, encode_response
 from flashrt_core.settings import Settings, load_settings
 
@@ -41,6 +43,7 @@ log = logging.getLogger("flashrt.lb")
 #: Scope keys our FastAPI app set that must not leak into the deployed app's request handling.
 _OUR_SCOPE_KEYS = frozenset({"router", "app", "route", "endpoint", "path_params"})
 _JSON = "application/json"
+_request_ids = itertools.count(1)
 
 
 class _BodyTooLarge(Exception):
@@ -226,6 +229,10 @@ class Worker:
     async def ping(self, request: Request) -> Response:
         """204 while starting, 200 when ready, 503 with the reason when start-up failed."""
         phase = self.phase
+        supervisor = self.runtime.supervisor if self.runtime is not None else None
+        if phase == "ready" and supervisor is not None and supervisor.problem:
+            # Between executors, and none can be started: say why (one is tried again).
+            return _json(503, {"status": "unavailable", "reason": supervisor.problem})
         if phase == "ready":
             return Response(b'{"status":"ready"}', media_type=_JSON)
         if phase == "starting":
@@ -264,6 +271,7 @@ class Worker:
         except RequestError as exc:
             return _json(_decode_status(body), {"error": str(exc)})
         assert self.runtime is not None
+        request_id.set(request.headers.get("x-request-id") or f"http-{next(_request_ids)}")
         response = await self.runtime.execute(decoded)
         return Response(encode_response(response), media_type=_JSON)
 

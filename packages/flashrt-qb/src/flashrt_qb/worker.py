@@ -39,6 +39,7 @@ import threading
 import traceback
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from flashrt_core.logs import request_id
 from flashrt_core.settings import Settings, load_settings
 
 from .settings import QBSettings
@@ -180,6 +181,9 @@ class QueueWorker:
             # third-party modules) delays no job that could otherwise run.
             self.runtime = Runtime(self.settings)
         runtime = self.runtime
+        if self.deployed:
+            # The generated handler is loaded where user code runs: the executor by default.
+            runtime.deployed_handler_resource = self.settings.resource_name
         await runtime.start()
         if runtime.startup_error:
             if self.deployed:
@@ -188,7 +192,7 @@ class QueueWorker:
                     f"deployed app {resource!r} unavailable: {runtime.startup_error}"
                 )
             raise _StartupFailed(runtime.startup_error)
-        if self.deployed:
+        if self.deployed and not runtime.isolated:
             self.deployed_handler = await self._load_deployed(runtime)
 
     async def _load_deployed(self, runtime: Runtime) -> DeployedHandler:
@@ -267,6 +271,8 @@ class QueueWorker:
         """Answer one job (runs on the runtime loop; usable directly from tests on that loop)."""
         job_input = job.get("input") if isinstance(job, dict) else None
         async with self._slots:
+            if isinstance(job, dict) and job.get("id"):
+                request_id.set(str(job["id"]))
             problem = await self._wait_ready()
             if self.deployed:
                 from .deployed import is_function_request
@@ -290,7 +296,10 @@ class QueueWorker:
         if problem is not None:
             return {"success": False, "error": problem}
         handler = self.deployed_handler
-        assert handler is not None and self.runtime is not None
+        assert self.runtime is not None
+        if self.runtime.isolated:  # the executor runs it and applies the time limit
+            return await self.runtime.run_deployed_job(job)
+        assert handler is not None
         timeout = self.settings.timeout_s
         try:
             return await asyncio.wait_for(handler(self.runtime, job), timeout)

@@ -50,7 +50,9 @@ class _Scope:
         self.sync_running = 0
 
 
-_scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar("flashrt_scope", default=None)
+_scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
+    "flashrt_scope", default=None
+)
 
 
 def _safe(text: str) -> str:
@@ -277,7 +279,9 @@ class ExecutorServer:
         if scope is not None:
             scope.installed = True
 
-    async def _user_sync(self, request: FunctionRequest | None, fn: Callable[..., Any], *args: Any) -> Any:
+    async def _user_sync(
+        self, request: FunctionRequest | None, fn: Callable[..., Any], *args: Any
+    ) -> Any:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         ctx = contextvars.copy_context()
