@@ -46,7 +46,9 @@ def make_runtime() -> Iterator[Callable[..., Runtime]]:
 
     def make(*plugins: object, **installer_settings: Any) -> Runtime:
         runtime = Runtime(
-            Settings(disable_plugin_autoload=True),
+            # One interpreter: these tests hand the plugins fakes and settings through
+            # runtime.state and read them back; fixture 03 covers installs in an executor.
+            Settings(disable_plugin_autoload=True, isolation="none"),
             extra_plugins=(*plugins, python_plugin, system_plugin),
         )
         runtime.state[SETTINGS_STATE_KEY] = load_settings(

@@ -17,10 +17,11 @@ from typing import Any
 
 async def main(scenario: dict[str, Any]) -> list[list[dict[str, Any]]]:
     import cloudpickle
-    from flashrt_core import Runtime
+    from flashrt_core import Runtime, Settings, load_settings
     from flashrt_installers import proc, python
 
-    runtime = Runtime()
+    # In one interpreter: the scenario reads the installer's own counters back.
+    runtime = Runtime(load_settings(Settings, isolation="none"))
     await runtime.start()
     rounds = []
     for bodies in scenario["rounds"]:

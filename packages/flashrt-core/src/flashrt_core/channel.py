@@ -49,7 +49,7 @@ class Setup(msgspec.Struct, tag=True):
 
     settings: dict[str, Any]
     sys_path: list[str]
-    plugins: bytes | None = None  # cloudpickled plugins registered in code
+    plugins: list[bytes] = []  # cloudpickled plugins registered in code
     app_dir: str | None = None  # the unpacked deployed app, when start-up made one
     deployed_handler: str | None = None  # resource whose generated QB handler to load
 

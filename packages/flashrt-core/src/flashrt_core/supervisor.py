@@ -168,11 +168,20 @@ class Supervisor:
             self.loop.add_reader(pidfd, self._on_exit, executor)
 
     def _setup(self) -> ch.Setup:
-        plugins = None
+        plugins: list[bytes] = []
         if self.runtime.extra_plugins:
             import cloudpickle
 
-            plugins = cloudpickle.dumps(tuple(self.runtime.extra_plugins))
+            for plugin in self.runtime.extra_plugins:
+                try:
+                    plugins.append(cloudpickle.dumps(plugin))
+                except Exception as exc:  # its worker-side hooks still run here
+                    log.warning(
+                        "plugin %r cannot be sent to the executor process (%s): its "
+                        "executor-side hooks do not run",
+                        self.runtime.pm.get_name(plugin) or plugin,
+                        exc,
+                    )
         state = self.runtime.state.get("artifact")
         app_dir = getattr(state, "app_dir", None) if getattr(state, "ready", False) else None
         return ch.Setup(

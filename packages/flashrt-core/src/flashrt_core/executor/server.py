@@ -151,7 +151,7 @@ class ExecutorServer:
         if setup.plugins:
             import cloudpickle
 
-            plugins = tuple(cloudpickle.loads(setup.plugins))
+            plugins = tuple(cloudpickle.loads(blob) for blob in setup.plugins)
         runtime = await asyncio.to_thread(Runtime, settings, extra_plugins=plugins)
         runtime.role = "executor"
         runtime.user_sync = self._user_sync
