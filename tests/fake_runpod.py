@@ -367,6 +367,9 @@ class FakeRunPod:
 class _Handler(BaseHTTPRequestHandler):
     fake: FakeRunPod
     protocol_version = "HTTP/1.1"
+    # Headers and body go out as separate writes; with Nagle's algorithm the body waits for the
+    # client's delayed ACK (~40 ms on Linux) on every answer, which no real platform adds.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         return
