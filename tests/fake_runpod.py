@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import json
 import threading
-from datetime import datetime, timezone
 import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -405,7 +405,12 @@ class _Handler(BaseHTTPRequestHandler):
         fake = self.fake
         with fake.cond:
             fake.requests.append((method, url.path))
-        if method == "GET" and len(parts) == 4 and parts[:2] == ["v1", "pod"] and parts[3] == "logs":
+        if (
+            method == "GET"
+            and len(parts) == 4
+            and parts[:2] == ["v1", "pod"]
+            and parts[3] == "logs"
+        ):
             with fake.cond:  # HAPI: GET /v1/pod/{worker}/logs
                 lines = list(fake.logs.get(parts[2], []))
             self._send(200, {"container": lines, "system": []})

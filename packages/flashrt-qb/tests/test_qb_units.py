@@ -38,7 +38,9 @@ ADD = {
         ({"FLASHRT_QB_CONCURRENCY": "4", "FLASHRT_QB_PREFETCH": "1"}, 5),
     ],
 )
-def test_the_job_window_is_running_plus_opt_in_prefetched_jobs(env: dict[str, str], window: int) -> None:
+def test_the_job_window_is_running_plus_opt_in_prefetched_jobs(
+    env: dict[str, str], window: int
+) -> None:
     qb = load_settings(QBSettings, env)
     worker = QueueWorker(Settings(disable_plugin_autoload=True), qb)
     assert worker.concurrency_modifier(1) == window
@@ -172,16 +174,17 @@ def test_sdk_internals_the_job_loop_relies_on() -> None:
     import inspect
 
     import runpod
+    from flashrt_qb import job_loop
+    from flashrt_qb.sdk import import_serverless
     from runpod import http_client
     from runpod.serverless import worker as sdk_worker
     from runpod.serverless.modules import rp_fitness, rp_job, rp_logger, rp_scale, worker_state
 
-    from flashrt_qb import job_loop
-    from flashrt_qb.sdk import import_serverless
-
     serverless = import_serverless()
     major, minor = (int(x) for x in runpod.__version__.split(".")[:2])
-    assert (major, minor) == (1, 12), f"job_loop is checked against runpod 1.12, not {runpod.__version__}"
+    assert (major, minor) == (1, 12), (
+        f"job_loop is checked against runpod 1.12, not {runpod.__version__}"
+    )
     for name in ("_set_config_args", "_signal_handler", "runpod_version", "start"):
         assert hasattr(serverless, name), f"runpod.serverless.{name} is gone"
     assert isinstance(sdk_worker.heartbeat, rp_ping_heartbeat()), "worker.heartbeat changed"
@@ -190,13 +193,26 @@ def test_sdk_internals_the_job_loop_relies_on() -> None:
     assert callable(rp_logger._set_batch_id) and callable(rp_logger._reset_batch_id)
     assert http_client.TooManyRequests and callable(http_client.AsyncClientSession)
     scaler_attrs = (
-        "monitor_stop_signals", "stop_job", "is_alive", "kill_worker", "start", "handle_shutdown",
+        "monitor_stop_signals",
+        "stop_job",
+        "is_alive",
+        "kill_worker",
+        "start",
+        "handle_shutdown",
     )
     for name in scaler_attrs:
         assert callable(getattr(rp_scale.JobScaler, name)), f"JobScaler.{name} is gone"
     scaler = job_loop.SlotJobScaler({"handler": lambda job: job}, take_timeout_s=3)
-    for name in ("jobs_fetcher", "jobs_handler", "job_progress", "jobs_tasks", "config",
-                 "concurrency_modifier", "current_concurrency", "jobs_fetcher_timeout"):
+    for name in (
+        "jobs_fetcher",
+        "jobs_handler",
+        "job_progress",
+        "jobs_tasks",
+        "config",
+        "concurrency_modifier",
+        "current_concurrency",
+        "jobs_fetcher_timeout",
+    ):
         assert hasattr(scaler, name), f"JobScaler().{name} is gone"
     assert scaler.jobs_fetcher is rp_job.get_job and scaler.jobs_handler is rp_job.handle_job
     assert scaler.jobs_fetcher_timeout == 3

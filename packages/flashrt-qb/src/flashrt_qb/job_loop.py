@@ -19,6 +19,7 @@ by ``test_sdk_internals_the_job_loop_relies_on``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -56,6 +57,7 @@ class SlotJobScaler(rp_scale.JobScaler):  # type: ignore[misc]
         self._wake: asyncio.Event | None = None
         #: Jobs taken and not yet finished, at most: for tests and logs.
         self.peak_held = 0
+        self.current_concurrency: int = 1
 
     # --- the SDK's entry points -----------------------------------------------------------
 
@@ -85,7 +87,9 @@ class SlotJobScaler(rp_scale.JobScaler):  # type: ignore[misc]
     async def take_jobs(self, session: ClientSession) -> None:
         """Until shutdown: fill the free slots, one job-take request at a time."""
         while self.is_alive():
-            self.current_concurrency = max(1, int(self.concurrency_modifier(self.current_concurrency)))
+            self.current_concurrency = max(
+                1, int(self.concurrency_modifier(self.current_concurrency))
+            )
             free = self.current_concurrency - len(self.jobs_tasks)
             if free <= 0:
                 await self._sleep(None)
@@ -143,10 +147,8 @@ class SlotJobScaler(rp_scale.JobScaler):  # type: ignore[misc]
         self._wake.clear()
         if not self.is_alive():
             return
-        try:
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
 
     async def _drain(self) -> None:
         while self.jobs_tasks:

@@ -11,7 +11,7 @@ __all__ = ["QBSettings"]
 
 @dataclasses.dataclass(frozen=True)
 class QBSettings:
-    """How many jobs run at once, how many wait in hand, and how long start-up and takes may take."""
+    """How many jobs run at once, how many wait in hand, how long start-up and a take may take."""
 
     concurrency: int = setting(
         "FLASHRT_QB_CONCURRENCY", 1, "Jobs the queue worker runs at once (at least 1)."
