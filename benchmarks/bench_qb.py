@@ -241,42 +241,50 @@ def _floor_figures() -> dict[str, float]:
         return _measure(fake, "bench-floor", "bare")
 
 
+def _row(name: str, ours: float, floor: float, unit: str, scale: float = 1.0) -> dict[str, Any]:
+    return {
+        "name": name,
+        "value": ours * scale,
+        "unit": unit,
+        "floor": floor * scale,
+        "ratio": ours / floor,
+    }
+
+
 def _burst_rows() -> list[dict[str, Any]]:
     import tempfile
 
     floor = _floor_figures()
-    rows = []
     with tempfile.TemporaryDirectory(prefix="bench-qb-") as tmp:
         figures = {c: _worker_figures(c, Path(tmp)) for c in (1, 4)}
-        for concurrency, ours in figures.items():
-            rows.append(
-                {
-                    "name": f"qb burst of {BURST} trivial jobs, concurrency {concurrency}: drain "
-                    f"(peak held {ours['held']:g}; floor: a bare take/done client)",
-                    "value": ours["drain"],
-                    "unit": "s",
-                    "floor": floor["drain"],
-                    "ratio": ours["drain"] / floor["drain"],
-                }
-            )
+    rows = [
+        _row(
+            f"qb burst of {BURST} trivial jobs, concurrency {c}: drain (peak held "
+            f"{ours['held']:g}; floor: a bare take/done client)",
+            ours["drain"],
+            floor["drain"],
+            "s",
+        )
+        for c, ours in figures.items()
+    ]
     one = figures[1]
     rows.append(
-        {
-            "name": "qb one-at-a-time jobs, concurrency 1: submit -> result (floor: bare client)",
-            "value": one["latency"] * 1000,
-            "unit": "ms",
-            "floor": floor["latency"] * 1000,
-            "ratio": one["latency"] / floor["latency"],
-        }
+        _row(
+            "qb one-at-a-time jobs, concurrency 1: submit -> result (floor: bare client)",
+            one["latency"],
+            floor["latency"],
+            "ms",
+            1000,
+        )
     )
     rows.append(
-        {
-            "name": "qb per-job overhead p50: job-take -> job-done of a trivial job (floor: bare)",
-            "value": one["overhead"] * 1000,
-            "unit": "ms",
-            "floor": floor["overhead"] * 1000,
-            "ratio": one["overhead"] / floor["overhead"],
-        }
+        _row(
+            "qb per-job overhead p50: job-take -> job-done of a trivial job (floor: bare)",
+            one["overhead"],
+            floor["overhead"],
+            "ms",
+            1000,
+        )
     )
     return rows
 

@@ -30,6 +30,7 @@ one background thread per request (``ThreadingHTTPServer``); state is guarded by
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -38,8 +39,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 __all__ = ["FakeJob", "FakeRunPod"]
 
@@ -101,6 +105,9 @@ class FakeRunPod:
         #: HTTP status, or "hang" (held ``hang_s`` without taking a job, then answered 204).
         self.take_faults: dict[str, deque[int | str]] = {}
         self.hang_s = 30.0
+        #: worker id -> job-take requests it has open now, and the most it ever had open at once.
+        self.takes_open: dict[str, int] = {}
+        self.takes_open_peak: dict[str, int] = {}
         #: worker id -> its process's output lines, each prefixed with an ISO-8601 time.
         self.logs: dict[str, list[str]] = {}
         #: X-Flash-Endpoint name -> endpoint id for ``/flash/runsync`` (default: the name itself)
@@ -301,6 +308,18 @@ class FakeRunPod:
             while not self._closing and (left := deadline - time.monotonic()) > 0:
                 self.cond.wait(left)
 
+    @contextlib.contextmanager
+    def _open_take(self, worker: str) -> Iterator[None]:
+        with self.cond:
+            self.takes_open[worker] = self.takes_open.get(worker, 0) + 1
+            peak = max(self.takes_open_peak.get(worker, 0), self.takes_open[worker])
+            self.takes_open_peak[worker] = peak
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.takes_open[worker] -= 1
+
     def _job_done(self, job_id: str, body: Any, *, stream: bool) -> None:
         with self.cond:
             job = self.jobs.get(job_id)
@@ -429,22 +448,8 @@ class _Handler(BaseHTTPRequestHandler):
         endpoint, action = parts[0], parts[1]
         rest = parts[2:]
         if method == "GET" and action in ("job-take", "job-take-batch") and rest:
-            fault = fake._take_fault(rest[0])
-            if fault == "hang":
-                fake._hang(rest[0])
-                self._send(204)
-                return
-            if isinstance(fault, int):
-                self._send(fault, {"error": f"injected {fault}"})
-                return
-            count = int(query.get("batch_size", "1")) if action == "job-take-batch" else 1
-            jobs = fake._take(endpoint, rest[0], max(1, count))
-            if not jobs:
-                self._send(204)
-            elif action == "job-take":
-                self._send(200, {"id": jobs[0].id, "input": jobs[0].input})
-            else:
-                self._send(200, [{"id": j.id, "input": j.input} for j in jobs])
+            with fake._open_take(rest[0]):
+                self._job_take(action, endpoint, rest[0], query)
         elif method == "GET" and action == "job-stop" and rest:
             ids = fake._stop_poll(rest[0])
             if ids:
@@ -490,6 +495,25 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, fake._health(endpoint))
         else:
             self._send(404, {"error": f"unknown route {method} {'/'.join(parts)}"})
+
+    def _job_take(self, action: str, endpoint: str, worker: str, query: dict[str, str]) -> None:
+        fake = self.fake
+        fault = fake._take_fault(worker)
+        if fault == "hang":
+            fake._hang(worker)
+            self._send(204)
+            return
+        if isinstance(fault, int):
+            self._send(fault, {"error": f"injected {fault}"})
+            return
+        count = int(query.get("batch_size", "1")) if action == "job-take-batch" else 1
+        jobs = fake._take(endpoint, worker, max(1, count))
+        if not jobs:
+            self._send(204)
+        elif action == "job-take":
+            self._send(200, {"id": jobs[0].id, "input": jobs[0].input})
+        else:
+            self._send(200, [{"id": j.id, "input": j.input} for j in jobs])
 
     def do_GET(self) -> None:
         self._route("GET")

@@ -68,6 +68,7 @@ def test_a_burst_finishes_and_the_worker_never_holds_more_than_it_runs(
     assert all(d["output"]["json_result"] == 50 for d in done)
     assert fake_runpod.held_peak(worker.worker_id) <= concurrency
     with fake_runpod.cond:
+        assert fake_runpod.takes_open_peak[worker.worker_id] == 1  # one take at a time
         assert all(fake_runpod.jobs[i].done_posts == 1 for i in ids)
 
 
