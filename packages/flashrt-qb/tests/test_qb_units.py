@@ -185,7 +185,7 @@ def test_sdk_internals_the_job_loop_relies_on() -> None:
     assert (major, minor) == (1, 12), (
         f"job_loop is checked against runpod 1.12, not {runpod.__version__}"
     )
-    for name in ("_set_config_args", "_signal_handler", "runpod_version", "start"):
+    for name in ("_set_config_args", "_signal_handler", "runpod_version", "start", "parser"):
         assert hasattr(serverless, name), f"runpod.serverless.{name} is gone"
     assert isinstance(sdk_worker.heartbeat, rp_ping_heartbeat()), "worker.heartbeat changed"
     assert callable(rp_fitness.run_fitness_checks)
@@ -237,10 +237,13 @@ def rp_ping_heartbeat() -> type:
         (["w"], {}, False),
         (["w", "--test_input", "{}"], {"RUNPOD_WEBHOOK_GET_JOB": "u"}, False),
         (["w", "--rp_serve_api"], {"RUNPOD_WEBHOOK_GET_JOB": "u"}, False),
+        (["w", "--test_inp={}"], {"RUNPOD_WEBHOOK_GET_JOB": "u"}, False),
+        (["w", "--rp_log_level", "DEBUG"], {"RUNPOD_WEBHOOK_GET_JOB": "u"}, True),
         (["w"], {"RUNPOD_WEBHOOK_GET_JOB": "u", "RUNPOD_REALTIME_PORT": "8000"}, False),
     ],
 )
 def test_local_modes_stay_the_sdks(argv: list[str], env: dict[str, str], production: bool) -> None:
     from flashrt_qb.job_loop import is_production
+    from flashrt_qb.sdk import import_serverless
 
-    assert is_production(argv, env) is production
+    assert is_production(import_serverless(), argv, env) is production

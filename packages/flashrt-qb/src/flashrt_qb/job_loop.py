@@ -155,21 +155,25 @@ class SlotJobScaler(rp_scale.JobScaler):  # type: ignore[misc]
             await asyncio.gather(*list(self.jobs_tasks.values()), return_exceptions=True)
 
 
-def is_production(argv: list[str], environ: Mapping[str, str]) -> bool:
-    """Whether ``runpod.serverless.start`` would run the platform job loop (not a local mode)."""
+def is_production(serverless: ModuleType, argv: list[str], environ: Mapping[str, str]) -> bool:
+    """Whether ``runpod.serverless.start`` would run the platform job loop (not a local mode).
+
+    The arguments are read with the SDK's own parser (abbreviations included), leaving
+    ``sys.argv`` for it to consume.
+    """
     if environ.get("RUNPOD_WEBHOOK_GET_JOB") is None:
         return False
     if int(environ.get("RUNPOD_REALTIME_PORT", "0") or 0):
         return False
-    local_flags = ("--test_input", "--rp_serve_api")
-    return not any(arg.split("=", 1)[0] in local_flags for arg in argv[1:])
+    args, _ = serverless.parser.parse_known_args(argv[1:])
+    return not (args.test_input or args.rp_serve_api)
 
 
 def start(
     serverless: ModuleType, config: dict[str, Any], *, take_timeout_s: float | None = None
 ) -> None:
     """``runpod.serverless.start`` with :class:`SlotJobScaler` as the production job loop."""
-    if not is_production(sys.argv, os.environ):
+    if not is_production(serverless, sys.argv, os.environ):
         serverless.start(config)
         return
     from runpod.serverless import worker as sdk_worker
