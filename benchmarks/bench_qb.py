@@ -6,11 +6,12 @@
   ``FLASHRT_QB_FAST_SDK_IMPORT=0`` (py-cpuinfo's 1 s probe left in).
 * Warm per-job overhead: ``await worker.handler(job)`` from another thread's loop (as the SDK
   calls it) against ``Runtime.execute`` alone on the runtime's loop, same trivial request.
-* Burst: 20 trivial jobs queued at once on the fake control plane, drained by a real worker in
-  the SDK's production loop, at concurrency 1 and 4; the floor is the same worker taking only
-  what it can run (``FLASHRT_QB_PREFETCH=0``, how the plain SDK is used).
-* One at a time: the next job is queued when the last one's result is in (how a client calls a
-  remote function in a loop); median submit -> result, against the same floor.
+* Through the job loop, on the fake control plane: a burst of 20 trivial jobs queued at once,
+  drained by a real worker at concurrency 1 and 4 (with the peak of jobs it held), then
+  one-at-a-time jobs (the next queued when the last one's result is in): median submit ->
+  result, and the median job-take -> job-done time the fake recorded (the per-job overhead: the
+  function takes microseconds). The floor of all three is the fake's own: a bare aiohttp client
+  in the benchmark process doing job-take -> job-done and nothing else.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ if str(TESTS) not in sys.path:
 ROUNDS = 3
 WARM_N = 2000
 BURST = 20
-SEQUENTIAL = 8
+SEQUENTIAL = 30
 
 
 def _body(name: str) -> dict[str, Any]:
@@ -154,22 +156,72 @@ def _warm_rows() -> list[dict[str, Any]]:
     ]
 
 
-def _drain(concurrency: int, prefetch: int | None, workdir: Path) -> float:
-    return _through_loop(concurrency, prefetch, workdir, sequential=False)
+class _BareTaker:
+    """The fake's own floor: one aiohttp client doing job-take -> job-done and nothing else."""
+
+    def __init__(self, fake: Any, endpoint: str) -> None:
+        env = fake.worker_env(endpoint, "bare")
+        self.take = env["RUNPOD_WEBHOOK_GET_JOB"].replace("$ID", "bare") + "&job_in_progress=0"
+        self.done = env["RUNPOD_WEBHOOK_POST_OUTPUT"].replace("$RUNPOD_POD_ID", "bare")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=asyncio.run, args=(self._loop(),), daemon=True)
+
+    async def _loop(self) -> None:
+        import aiohttp
+
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        async with aiohttp.ClientSession() as session:
+            while not self._stop.is_set():
+                async with session.get(self.take) as response:
+                    if response.status != 200:
+                        continue
+                    job = await response.json()
+                url = self.done.replace("$ID", job["id"]) + "&isStream=false"
+                body = json.dumps({"output": {"json_result": 50}})
+                async with session.post(url, data=body, headers=form) as response:
+                    await response.text()
+
+    def __enter__(self) -> _BareTaker:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
-def _through_loop(
-    concurrency: int, prefetch: int | None, workdir: Path, *, sequential: bool
-) -> float:
-    """A burst's drain time, or (``sequential``) the median latency of one-at-a-time jobs."""
-    from e2e_support import WorkerProcess, qb_worker_env
+def _measure(fake: Any, endpoint: str, worker_id: str) -> dict[str, float]:
+    """Drain of a burst, then one-at-a-time jobs, on a warm taker of ``endpoint``."""
+    body = _body("07")["input"]
+    fake.wait(fake.submit(endpoint, body), 60)  # warm: the first request compiles the code
+    start = time.perf_counter()
+    ids = [fake.submit(endpoint, body) for _ in range(BURST)]
+    done = fake.wait_all(ids, 120)
+    drain = time.perf_counter() - start
+    latencies, overheads = [], []
+    for _ in range(SEQUENTIAL):
+        start = time.perf_counter()
+        job_id = fake.submit(endpoint, body)
+        done.append(fake.wait(job_id, 60))
+        latencies.append(time.perf_counter() - start)
+        with fake.cond:
+            job = fake.jobs[job_id]
+            overheads.append(job.done_at - job.taken_at)
+    assert all(d["status"] == "COMPLETED" for d in done), done
+    return {
+        "drain": drain,
+        "held": fake.held_peak(worker_id),
+        "latency": statistics.median(latencies),
+        "overhead": statistics.median(overheads),
+    }
+
+
+def _worker_figures(concurrency: int, workdir: Path) -> dict[str, float]:
+    from e2e_support import WorkerProcess, qb_worker_env, worker_id_of
     from fake_runpod import FakeRunPod
 
-    body = _body("07")["input"]
-    endpoint = f"bench-c{concurrency}-p{prefetch}"
-    extra = {"FLASHRT_QB_CONCURRENCY": str(concurrency)}
-    if prefetch is not None:
-        extra["FLASHRT_QB_PREFETCH"] = str(prefetch)
+    endpoint = f"bench-c{concurrency}"
+    extra = {"FLASHRT_QB_CONCURRENCY": str(concurrency), "FLASHRT_DISABLE_PLUGIN_AUTOLOAD": "1"}
     with FakeRunPod() as fake:
         env = qb_worker_env(fake, endpoint, workdir, **extra)
         worker = WorkerProcess(
@@ -177,53 +229,63 @@ def _through_loop(
         )
         try:
             fake.wait_for(lambda f: bool(f.takes), 90)
-            fake.wait(fake.submit(endpoint, body), 60)  # warm: first request compiles the code
-            if sequential:
-                latencies = []
-                for _ in range(SEQUENTIAL):
-                    start = time.perf_counter()
-                    done = [fake.wait(fake.submit(endpoint, body), 60)]
-                    latencies.append(time.perf_counter() - start)
-                elapsed = statistics.median(latencies)
-            else:
-                start = time.perf_counter()
-                ids = [fake.submit(endpoint, body) for _ in range(BURST)]
-                done = fake.wait_all(ids, 120)
-                elapsed = time.perf_counter() - start
+            return _measure(fake, endpoint, worker_id_of(endpoint))
         finally:
             worker.stop()
-    assert all(d["status"] == "COMPLETED" for d in done)
-    return elapsed
+
+
+def _floor_figures() -> dict[str, float]:
+    from fake_runpod import FakeRunPod
+
+    with FakeRunPod() as fake, _BareTaker(fake, "bench-floor"):
+        return _measure(fake, "bench-floor", "bare")
+
+
+def _row(name: str, ours: float, floor: float, unit: str, scale: float = 1.0) -> dict[str, Any]:
+    return {
+        "name": name,
+        "value": ours * scale,
+        "unit": unit,
+        "floor": floor * scale,
+        "ratio": ours / floor,
+    }
 
 
 def _burst_rows() -> list[dict[str, Any]]:
     import tempfile
 
-    rows = []
+    floor = _floor_figures()
     with tempfile.TemporaryDirectory(prefix="bench-qb-") as tmp:
-        for concurrency in (1, 4):
-            plain = _drain(concurrency, 0, Path(tmp))
-            ours = _drain(concurrency, None, Path(tmp))
-            rows.append(
-                {
-                    "name": f"qb burst of {BURST} trivial jobs, concurrency {concurrency}: drain",
-                    "value": ours,
-                    "unit": "s",
-                    "floor": plain,
-                    "ratio": ours / plain,
-                }
-            )
-        plain = _through_loop(1, 0, Path(tmp), sequential=True)
-        ours = _through_loop(1, None, Path(tmp), sequential=True)
-        rows.append(
-            {
-                "name": "qb one-at-a-time jobs, concurrency 1: submit -> result",
-                "value": ours,
-                "unit": "s",
-                "floor": plain,
-                "ratio": ours / plain,
-            }
+        figures = {c: _worker_figures(c, Path(tmp)) for c in (1, 4)}
+    rows = [
+        _row(
+            f"qb burst of {BURST} trivial jobs, concurrency {c}: drain (peak held "
+            f"{ours['held']:g}; floor: a bare take/done client)",
+            ours["drain"],
+            floor["drain"],
+            "s",
         )
+        for c, ours in figures.items()
+    ]
+    one = figures[1]
+    rows.append(
+        _row(
+            "qb one-at-a-time jobs, concurrency 1: submit -> result (floor: bare client)",
+            one["latency"],
+            floor["latency"],
+            "ms",
+            1000,
+        )
+    )
+    rows.append(
+        _row(
+            "qb per-job overhead p50: job-take -> job-done of a trivial job (floor: bare)",
+            one["overhead"],
+            floor["overhead"],
+            "ms",
+            1000,
+        )
+    )
     return rows
 
 

@@ -50,13 +50,20 @@ def fake_runpod() -> Iterator[FakeRunPod]:
 def spawn_worker(
     fake_runpod: FakeRunPod, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., WorkerProcess]]:
-    """``spawn_worker(argv, env, name=...)`` -> :class:`WorkerProcess`, stopped at session end."""
+    """``spawn_worker(argv, env, name=..., on_line=...)`` -> a :class:`WorkerProcess`, stopped
+    at session end."""
     started: list[WorkerProcess] = []
     logs = tmp_path_factory.mktemp("worker-logs")
 
-    def spawn(argv: list[str], env: dict[str, str], *, name: str = "worker") -> WorkerProcess:
+    def spawn(
+        argv: list[str],
+        env: dict[str, str],
+        *,
+        name: str = "worker",
+        on_line: Callable[[str], None] | None = None,
+    ) -> WorkerProcess:
         cwd = tmp_path_factory.mktemp(f"cwd-{name}")
-        worker = WorkerProcess(argv, env, logs / f"{name}-{len(started)}.log", cwd)
+        worker = WorkerProcess(argv, env, logs / f"{name}-{len(started)}.log", cwd, on_line)
         started.append(worker)
         return worker
 

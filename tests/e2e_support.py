@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import venv
 import warnings
@@ -49,6 +50,32 @@ def fixture_bodies(name: str) -> list[dict[str, Any]]:
     return [entry["body"] for entry in json.loads(matches[0].read_text())]
 
 
+def json_request(name: str, code: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """A live FunctionRequest for ``name`` defined in ``code``, with plain-JSON arguments."""
+    return {
+        "function_name": name,
+        "function_code": code,
+        "args": list(args),
+        "kwargs": kwargs,
+        "execution_type": "function",
+        "serialization_format": "json",
+    }
+
+
+#: ``sleeper(marker, seconds)``: touches ``marker.started``, sleeps, writes ``marker`` if cancelled.
+SLEEPER = """\
+async def sleeper(marker, seconds):
+    import asyncio
+    open(marker + ".started", "w").close()
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        open(marker, "w").write("cancelled")
+        raise
+    return "slept"
+"""
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """This process's environment without platform/flash settings, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUB_PREFIXES)}
@@ -68,21 +95,43 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
 
 
 class WorkerProcess:
-    """A worker subprocess in a process group of its own, its output in a log file."""
+    """A worker subprocess in a process group of its own, its output in a log file.
 
-    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path, cwd: Path) -> None:
+    A reader thread copies the output to the log line by line and hands each line (without
+    its newline) to ``on_line``: that is how the fake control plane serves live worker logs.
+    """
+
+    def __init__(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        cwd: Path,
+        on_line: Callable[[str], None] | None = None,
+    ) -> None:
         self.argv = argv
         self.log_path = log_path
         self._log = log_path.open("wb")
+        self._on_line = on_line
         self.proc = subprocess.Popen(
             argv,
             env=env,
             cwd=cwd,
             stdin=subprocess.DEVNULL,
-            stdout=self._log,
+            stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        self._reader = threading.Thread(target=self._copy_output, name="worker-output", daemon=True)
+        self._reader.start()
+
+    def _copy_output(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self._log.write(raw)
+            self._log.flush()
+            if self._on_line is not None:
+                self._on_line(raw.decode("utf-8", "replace").rstrip("\r\n"))
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -104,6 +153,7 @@ class WorkerProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             if self.proc.poll() is None:
                 self.proc.wait(5)
+            self._reader.join(5)
             self._log.close()
         return self.proc.returncode
 
@@ -234,7 +284,13 @@ def start_qb_worker(
 ) -> RunningWorker:
     """Spawn ``python -m flashrt_qb`` serving ``endpoint`` (``extra``: more environment)."""
     env = qb_worker_env(fake, endpoint, tmp, **extra)
-    process = spawn_worker([str(python), "-m", "flashrt_qb", *args], env, name=endpoint)
+    worker_id = worker_id_of(endpoint)
+    process = spawn_worker(
+        [str(python), "-m", "flashrt_qb", *args],
+        env,
+        name=endpoint,
+        on_line=lambda line: fake.add_log_line(worker_id, line),
+    )
     return RunningWorker(fake, endpoint, process)
 
 

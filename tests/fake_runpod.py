@@ -17,21 +17,33 @@ client side (under :attr:`FakeRunPod.api_base`, which is what ``RUNPOD_ENDPOINT_
     ``POST {endpoint}/cancel/{job}``, ``GET {endpoint}/health`` and the deployed-app route
     ``POST flash/runsync`` (the ``X-Flash-Endpoint`` header names the endpoint).
 
+HAPI (``RUNPOD_HAPI_URL`` = :attr:`FakeRunPod.base_url`)
+    ``GET /v1/pod/{worker}/logs``: ``{"container": [lines], "system": []}``, every line the
+    worker's process wrote so far (fed by :meth:`add_log_line`), prefixed with an ISO-8601 time.
+
+Every job records when it was taken and when its job-done came (:meth:`held_peak`), and
+:attr:`FakeRunPod.take_faults` makes job-takes answer an error status or hang.
+
 Tests can also enqueue and wait without HTTP (:meth:`submit`, :meth:`wait`). Everything runs in
 one background thread per request (``ThreadingHTTPServer``); state is guarded by one condition.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 __all__ = ["FakeJob", "FakeRunPod"]
 
@@ -54,6 +66,9 @@ class FakeJob:
     finished: float | None = None
     stream: list[Any] = field(default_factory=list)
     done_posts: int = 0
+    #: When the worker's job-take got it and when its first job-done arrived (monotonic).
+    taken_at: float | None = None
+    done_at: float | None = None
 
     def status_payload(self) -> dict[str, Any]:
         """What ``GET /status/{job}`` answers: the fields the runpod-flash client requires."""
@@ -86,6 +101,15 @@ class FakeRunPod:
         self.pings: list[dict[str, Any]] = []
         self.takes: list[dict[str, Any]] = []
         self.requests: list[tuple[str, str]] = []
+        #: worker id -> what its next job-takes answer instead of jobs, one entry per take: an
+        #: HTTP status, or "hang" (held ``hang_s`` without taking a job, then answered 204).
+        self.take_faults: dict[str, deque[int | str]] = {}
+        self.hang_s = 30.0
+        #: worker id -> job-take requests it has open now, and the most it ever had open at once.
+        self.takes_open: dict[str, int] = {}
+        self.takes_open_peak: dict[str, int] = {}
+        #: worker id -> its process's output lines, each prefixed with an ISO-8601 time.
+        self.logs: dict[str, list[str]] = {}
         #: X-Flash-Endpoint name -> endpoint id for ``/flash/runsync`` (default: the name itself)
         self.flash_routes: dict[str, str] = {}
         self.cond = threading.Condition()
@@ -198,11 +222,34 @@ class FakeRunPod:
                 self.queues[job.endpoint].remove(job_id)
             elif job.status == "IN_PROGRESS" and job.worker_id:
                 self.stop_signals.setdefault(job.worker_id, []).append(job_id)
+                job.done_at = job.done_at or time.monotonic()  # no job-done comes for it
             if job.status not in FINAL:
                 job.status = "CANCELLED"
                 job.finished = time.monotonic()
             self.cond.notify_all()
             return {"id": job.id, "status": job.status}
+
+    def held_peak(self, worker: str) -> int:
+        """Most jobs ``worker`` held at once (taken, no job-done yet; a cancelled one counts)."""
+        events: list[tuple[float, int]] = []
+        with self.cond:
+            for job in self.jobs.values():
+                if job.worker_id == worker and job.taken_at is not None:
+                    events.append((job.taken_at, 1))
+                    if job.done_at is not None:
+                        events.append((job.done_at, -1))
+        held = peak = 0
+        for _, step in sorted(events):  # at equal times a done (-1) sorts before a take
+            held += step
+            peak = max(peak, held)
+        return peak
+
+    def add_log_line(self, worker: str, line: str) -> None:
+        """Record one line the worker's process wrote, timestamped now, as the platform does."""
+        stamp = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+        with self.cond:
+            self.logs.setdefault(worker, []).append(f"{stamp.replace('+00:00', 'Z')} {line}")
+            self.cond.notify_all()
 
     def counts(self, endpoint: str) -> dict[str, int]:
         with self.cond:
@@ -231,7 +278,7 @@ class FakeRunPod:
                 job = self.jobs[queue.popleft()]
                 job.status = "IN_PROGRESS"
                 job.worker_id = worker
-                job.started = time.monotonic()
+                job.started = job.taken_at = time.monotonic()
                 taken.append(job)
             self.takes.append(
                 {"worker": worker, "asked": count, "got": len(taken), "t": time.monotonic()}
@@ -239,12 +286,48 @@ class FakeRunPod:
             self.cond.notify_all()
             return taken
 
+    def inject_take_faults(self, worker: str, *faults: int | str) -> None:
+        """Make ``worker``'s next job-takes answer these (see :attr:`take_faults`)."""
+        with self.cond:
+            self.take_faults.setdefault(worker, deque()).extend(faults)
+
+    def _take_fault(self, worker: str) -> int | str | None:
+        with self.cond:
+            faults = self.take_faults.get(worker)
+            fault = faults.popleft() if faults else None
+            if fault is not None:
+                self.takes.append(
+                    {"worker": worker, "asked": 0, "got": 0, "t": time.monotonic(), "fault": fault}
+                )
+                self.cond.notify_all()
+            return fault
+
+    def _hang(self, worker: str) -> None:
+        deadline = time.monotonic() + self.hang_s
+        with self.cond:
+            while not self._closing and (left := deadline - time.monotonic()) > 0:
+                self.cond.wait(left)
+
+    @contextlib.contextmanager
+    def _open_take(self, worker: str) -> Iterator[None]:
+        with self.cond:
+            self.takes_open[worker] = self.takes_open.get(worker, 0) + 1
+            peak = max(self.takes_open_peak.get(worker, 0), self.takes_open[worker])
+            self.takes_open_peak[worker] = peak
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.takes_open[worker] -= 1
+
     def _job_done(self, job_id: str, body: Any, *, stream: bool) -> None:
         with self.cond:
             job = self.jobs.get(job_id)
             if job is None:
                 return
             job.done_posts += 1
+            if job.done_at is None:
+                job.done_at = time.monotonic()
             if job.status in FINAL:  # cancelled meanwhile: the platform keeps CANCELLED
                 self.cond.notify_all()
                 return
@@ -303,6 +386,9 @@ class FakeRunPod:
 class _Handler(BaseHTTPRequestHandler):
     fake: FakeRunPod
     protocol_version = "HTTP/1.1"
+    # Headers and body go out as separate writes; with Nagle's algorithm the body waits for the
+    # client's delayed ACK (~40 ms on Linux) on every answer, which no real platform adds.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         return
@@ -338,6 +424,16 @@ class _Handler(BaseHTTPRequestHandler):
         fake = self.fake
         with fake.cond:
             fake.requests.append((method, url.path))
+        if (
+            method == "GET"
+            and len(parts) == 4
+            and parts[:2] == ["v1", "pod"]
+            and parts[3] == "logs"
+        ):
+            with fake.cond:  # HAPI: GET /v1/pod/{worker}/logs
+                lines = list(fake.logs.get(parts[2], []))
+            self._send(200, {"container": lines, "system": []})
+            return
         body = self._body() if method == "POST" else None
         try:
             self._dispatch(method, parts, query, body)
@@ -352,14 +448,8 @@ class _Handler(BaseHTTPRequestHandler):
         endpoint, action = parts[0], parts[1]
         rest = parts[2:]
         if method == "GET" and action in ("job-take", "job-take-batch") and rest:
-            count = int(query.get("batch_size", "1")) if action == "job-take-batch" else 1
-            jobs = fake._take(endpoint, rest[0], max(1, count))
-            if not jobs:
-                self._send(204)
-            elif action == "job-take":
-                self._send(200, {"id": jobs[0].id, "input": jobs[0].input})
-            else:
-                self._send(200, [{"id": j.id, "input": j.input} for j in jobs])
+            with fake._open_take(rest[0]):
+                self._job_take(action, endpoint, rest[0], query)
         elif method == "GET" and action == "job-stop" and rest:
             ids = fake._stop_poll(rest[0])
             if ids:
@@ -405,6 +495,25 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, fake._health(endpoint))
         else:
             self._send(404, {"error": f"unknown route {method} {'/'.join(parts)}"})
+
+    def _job_take(self, action: str, endpoint: str, worker: str, query: dict[str, str]) -> None:
+        fake = self.fake
+        fault = fake._take_fault(worker)
+        if fault == "hang":
+            fake._hang(worker)
+            self._send(204)
+            return
+        if isinstance(fault, int):
+            self._send(fault, {"error": f"injected {fault}"})
+            return
+        count = int(query.get("batch_size", "1")) if action == "job-take-batch" else 1
+        jobs = fake._take(endpoint, worker, max(1, count))
+        if not jobs:
+            self._send(204)
+        elif action == "job-take":
+            self._send(200, {"id": jobs[0].id, "input": jobs[0].input})
+        else:
+            self._send(200, [{"id": j.id, "input": j.input} for j in jobs])
 
     def do_GET(self) -> None:
         self._route("GET")

@@ -10,10 +10,17 @@ import json
 import signal
 import subprocess
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
-from e2e_support import clean_env, fixture_bodies, start_qb_worker, wait_until
+from e2e_support import (
+    SLEEPER,
+    clean_env,
+    fixture_bodies,
+    json_request,
+    start_qb_worker,
+    wait_until,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -23,17 +30,6 @@ if TYPE_CHECKING:
     from fake_runpod import FakeRunPod
 
 pytestmark = pytest.mark.slow
-
-
-def _request(name: str, code: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return {
-        "function_name": name,
-        "function_code": code,
-        "args": list(args),
-        "kwargs": kwargs,
-        "execution_type": "function",
-        "serialization_format": "json",
-    }
 
 
 CHATTY = """\
@@ -58,10 +54,10 @@ def test_concurrent_jobs_outputs_never_mix(qb_live_worker: RunningWorker, tmp_pa
     rounds = 200
     ids = [
         fake.submit(
-            qb_live_worker.endpoint, _request("chatty", CHATTY, "A", str(a), str(b), rounds)
+            qb_live_worker.endpoint, json_request("chatty", CHATTY, "A", str(a), str(b), rounds)
         ),
         fake.submit(
-            qb_live_worker.endpoint, _request("chatty", CHATTY, "B", str(b), str(a), rounds)
+            qb_live_worker.endpoint, json_request("chatty", CHATTY, "B", str(b), str(a), rounds)
         ),
     ]
     first, second = fake.wait_all(ids)
@@ -88,25 +84,12 @@ def test_a_bad_job_fails_clearly_and_the_worker_keeps_serving(
     assert good["output"]["json_result"] == 50
 
 
-SLEEPER = """\
-async def sleeper(marker, seconds):
-    import asyncio
-    open(marker + ".started", "w").close()
-    try:
-        await asyncio.sleep(seconds)
-    except asyncio.CancelledError:
-        open(marker, "w").write("cancelled")
-        raise
-    return "slept"
-"""
-
-
 def test_cancel_reaches_the_running_user_coroutine(
     qb_live_worker: RunningWorker, tmp_path: Path
 ) -> None:
     fake = qb_live_worker.fake
     marker = tmp_path / "cancelled"
-    job = fake.submit(qb_live_worker.endpoint, _request("sleeper", SLEEPER, str(marker), 60))
+    job = fake.submit(qb_live_worker.endpoint, json_request("sleeper", SLEEPER, str(marker), 60))
     # Running, not just taken: the SDK ignores a stop for a job still in its local queue.
     wait_until((tmp_path / "cancelled.started").exists, 30, "the job to start")
 
@@ -126,7 +109,7 @@ def test_sigterm_lets_the_running_job_finish_then_exits(
     worker = start_qb_worker(spawn_worker, fake_runpod, "ep-qb-sigterm", tmp_path)
     worker.wait_polling()
     job = fake_runpod.submit(
-        worker.endpoint, _request("sleeper", SLEEPER, str(tmp_path / "unused"), 1.5)
+        worker.endpoint, json_request("sleeper", SLEEPER, str(tmp_path / "unused"), 1.5)
     )
     fake_runpod.wait_for(lambda f: f.jobs[job].status == "IN_PROGRESS", 30)
 

@@ -31,9 +31,16 @@ ADD = {
 
 @pytest.mark.parametrize(
     ("env", "window"),
-    [({}, 3), ({"FLASHRT_QB_CONCURRENCY": "4"}, 8), ({"FLASHRT_QB_PREFETCH": "0"}, 1)],
+    [
+        ({}, 1),
+        ({"FLASHRT_QB_CONCURRENCY": "4"}, 4),
+        ({"FLASHRT_QB_PREFETCH": "2"}, 3),
+        ({"FLASHRT_QB_CONCURRENCY": "4", "FLASHRT_QB_PREFETCH": "1"}, 5),
+    ],
 )
-def test_the_sdk_window_is_running_plus_prefetched_jobs(env: dict[str, str], window: int) -> None:
+def test_the_job_window_is_running_plus_opt_in_prefetched_jobs(
+    env: dict[str, str], window: int
+) -> None:
     qb = load_settings(QBSettings, env)
     worker = QueueWorker(Settings(disable_plugin_autoload=True), qb)
     assert worker.concurrency_modifier(1) == window
@@ -160,3 +167,83 @@ def test_the_fast_sdk_import_gives_the_sdk_the_same_brand_and_restores_cpuinfo()
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("ok ")
+
+
+def test_sdk_internals_the_job_loop_relies_on() -> None:
+    """Fails loudly when a runpod release moves what :mod:`flashrt_qb.job_loop` builds on."""
+    import inspect
+
+    import runpod
+    from flashrt_qb import job_loop
+    from flashrt_qb.sdk import import_serverless
+    from runpod import http_client
+    from runpod.serverless import worker as sdk_worker
+    from runpod.serverless.modules import rp_fitness, rp_job, rp_logger, rp_scale, worker_state
+
+    serverless = import_serverless()
+    major, minor = (int(x) for x in runpod.__version__.split(".")[:2])
+    assert (major, minor) == (1, 12), (
+        f"job_loop is checked against runpod 1.12, not {runpod.__version__}"
+    )
+    for name in ("_set_config_args", "_signal_handler", "runpod_version", "start", "parser"):
+        assert hasattr(serverless, name), f"runpod.serverless.{name} is gone"
+    assert isinstance(sdk_worker.heartbeat, rp_ping_heartbeat()), "worker.heartbeat changed"
+    assert callable(rp_fitness.run_fitness_checks)
+    assert callable(worker_state.PingJobMirror) and callable(worker_state.JobsProgress)
+    assert callable(rp_logger._set_batch_id) and callable(rp_logger._reset_batch_id)
+    assert http_client.TooManyRequests and callable(http_client.AsyncClientSession)
+    scaler_attrs = (
+        "monitor_stop_signals",
+        "stop_job",
+        "is_alive",
+        "kill_worker",
+        "start",
+        "handle_shutdown",
+    )
+    for name in scaler_attrs:
+        assert callable(getattr(rp_scale.JobScaler, name)), f"JobScaler.{name} is gone"
+    scaler = job_loop.SlotJobScaler({"handler": lambda job: job}, take_timeout_s=3)
+    for name in (
+        "jobs_fetcher",
+        "jobs_handler",
+        "job_progress",
+        "jobs_tasks",
+        "config",
+        "concurrency_modifier",
+        "current_concurrency",
+        "jobs_fetcher_timeout",
+    ):
+        assert hasattr(scaler, name), f"JobScaler().{name} is gone"
+    assert scaler.jobs_fetcher is rp_job.get_job and scaler.jobs_handler is rp_job.handle_job
+    assert scaler.jobs_fetcher_timeout == 3
+    params = list(inspect.signature(rp_job.get_job).parameters)
+    assert params[:2] == ["session", "num_jobs"], params
+    assert list(inspect.signature(rp_job.handle_job).parameters)[:3] == ["session", "config", "job"]
+    # The methods replaced here are still the ones the SDK's run() drives.
+    run_source = inspect.getsource(rp_scale.JobScaler.run)
+    assert "get_jobs" in run_source and "run_jobs" in run_source
+
+
+def rp_ping_heartbeat() -> type:
+    from runpod.serverless.modules.rp_ping import Heartbeat
+
+    return Heartbeat
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "production"),
+    [
+        (["w"], {"RUNPOD_WEBHOOK_GET_JOB": "http://x/job-take/$ID"}, True),
+        (["w"], {}, False),
+        (["w", "--test_input", "{}"], {"RUNPOD_WEBHOOK_GET_JOB": "u"}, False),
+        (["w", "--rp_serve_api"], {"RUNPOD_WEBHOOK_GET_JOB": "u"}, False),
+        (["w", "--test_inp={}"], {"RUNPOD_WEBHOOK_GET_JOB": "u"}, False),
+        (["w", "--rp_log_level", "DEBUG"], {"RUNPOD_WEBHOOK_GET_JOB": "u"}, True),
+        (["w"], {"RUNPOD_WEBHOOK_GET_JOB": "u", "RUNPOD_REALTIME_PORT": "8000"}, False),
+    ],
+)
+def test_local_modes_stay_the_sdks(argv: list[str], env: dict[str, str], production: bool) -> None:
+    from flashrt_qb.job_loop import is_production
+    from flashrt_qb.sdk import import_serverless
+
+    assert is_production(import_serverless(), argv, env) is production

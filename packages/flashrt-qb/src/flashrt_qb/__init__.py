@@ -1,4 +1,4 @@
-"""flashrt-qb: the queue worker shell, the runpod SDK's job loop over one flashrt ``Runtime``.
+"""flashrt-qb: the queue worker shell, the runpod SDK under our job loop over one ``Runtime``.
 
 Importing the package is cheap: the SDK is imported only when the worker serves.
 """

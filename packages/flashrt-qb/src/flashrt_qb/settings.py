@@ -11,17 +11,22 @@ __all__ = ["QBSettings"]
 
 @dataclasses.dataclass(frozen=True)
 class QBSettings:
-    """How many jobs run at once, how many wait in hand, and how long start-up may take."""
+    """How many jobs run at once, how many wait in hand, how long start-up and a take may take."""
 
     concurrency: int = setting(
         "FLASHRT_QB_CONCURRENCY", 1, "Jobs the queue worker runs at once (at least 1)."
     )
-    prefetch: int | None = setting(
+    prefetch: int = setting(
         "FLASHRT_QB_PREFETCH",
-        None,
-        "Jobs taken from the queue beyond those running, so the runpod job loop neither idles "
-        "a freed slot nor sleeps 1 s after taking a single job; unset: one per slot, at least "
-        "2; 0: take only what can run, as the plain SDK does.",
+        0,
+        "Jobs taken from the queue beyond those that can run now (opt-in): a held job waits "
+        "here for a slot while another worker of the endpoint may sit idle.",
+    )
+    take_timeout_s: float = setting(
+        "FLASHRT_QB_TAKE_TIMEOUT_S",
+        90.0,
+        "Longest one job-take request may stay unanswered before the loop asks again (the "
+        "SDK's own bound).",
     )
     startup_timeout_s: float = setting(
         "FLASHRT_QB_STARTUP_TIMEOUT_S",
@@ -58,15 +63,10 @@ class QBSettings:
 
     @property
     def extra(self) -> int:
-        """Jobs held beyond the running ones.
-
-        The SDK counts a job it just took twice until its runner picks it up (within 0.1 s),
-        and sleeps 1 s whenever that count reaches its window: taking one job sleeps unless the
-        window is at least 3, hence at least 2 here.
-        """
-        return max(self.slots, 2) if self.prefetch is None else self.prefetch
+        """Jobs held beyond the running ones."""
+        return max(0, self.prefetch)
 
     @property
     def window(self) -> int:
-        """Jobs the runpod job loop may hold: running plus prefetched."""
+        """Jobs the job loop may hold: running plus prefetched."""
         return self.slots + self.extra

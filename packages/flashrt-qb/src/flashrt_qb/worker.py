@@ -14,14 +14,10 @@ Shape of the process:
   every job answers with the reason.
 
 Concurrency: ``FLASHRT_QB_CONCURRENCY`` jobs run at once (a semaphore on the runtime loop). The
-SDK's job loop is told, through ``concurrency_modifier``, to hold that many plus
-``FLASHRT_QB_PREFETCH`` (default: as many again, at least 2). The loop sleeps a whole second
-whenever the jobs it holds reach that window, and it counts a job it just took twice until its
-runner picks it up: at a window of 1 or 2 it sleeps after *every* take, so one-at-a-time calls
-wait about 1 s each, a freed slot idles until the sleep ends, and a burst drains one window per
-second. A larger window keeps single takes from sleeping and starts a waiting job the moment a
-slot frees; the price is that a prefetched job waits for a slot here, not in the platform's
-queue where another worker could take it. ``FLASHRT_QB_PREFETCH=0`` is the plain SDK's way.
+production job loop (:mod:`flashrt_qb.job_loop`) takes a job only when one of its slots is free
+and starts it at once; ``concurrency_modifier`` tells it how many it may hold, the jobs we run
+plus ``FLASHRT_QB_PREFETCH`` (default 0: a job we cannot run yet stays in the platform's queue,
+where another worker can take it).
 
 Output: in live mode (and for FunctionRequests in deployed mode) the job output is the
 ``FunctionResponse`` as a dict without its empty fields. The SDK moves an ``error`` key from the
@@ -253,7 +249,7 @@ class QueueWorker:
         return await asyncio.wrap_future(self.loop.submit(self.handle(job)))
 
     def concurrency_modifier(self, current: int) -> int:
-        """The SDK's job window: the jobs we run at once plus those we keep in hand."""
+        """The job loop's window: the jobs we run at once plus those we keep in hand."""
         del current
         return self.qb.window
 
@@ -328,8 +324,10 @@ class QueueWorker:
         finally:
             self._sdk_import_done.set()
         set_sdk_log_level(self.qb.sdk_level)
+        from .job_loop import start
+
         try:
-            serverless.start(self.sdk_config())
+            start(serverless, self.sdk_config(), take_timeout_s=self.qb.take_timeout_s)
         finally:
             self.close()
 
