@@ -97,7 +97,7 @@ def encodable(text: str) -> str:
         text.encode("utf-8")
     except UnicodeEncodeError:
         fixed = text.encode("utf-8", "replace").decode("utf-8")
-        count = sum(1 for a, b in zip(text, fixed) if a != b and b == "?")
+        count = sum(1 for a, b in zip(text, fixed, strict=False) if a != b and b == "?")
         return fixed + REPLACED_MARKER.format(count=count)
     return text
 

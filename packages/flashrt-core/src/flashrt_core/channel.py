@@ -12,14 +12,17 @@ that closed the loop's file descriptors still gets its result back.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
-import socket
 import struct
 import threading
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any
 
 import msgspec
+
+if TYPE_CHECKING:
+    import socket
 
 __all__ = [
     "Cancel",
@@ -123,7 +126,7 @@ class Exiting(msgspec.Struct, tag=True):
     reason: str
 
 
-Frame = Union[Setup, Execute, RunDeployed, Cancel, Hello, Output, Phase, Result, Settled, Exiting]
+Frame = Setup | Execute | RunDeployed | Cancel | Hello | Output | Phase | Result | Settled | Exiting
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Frame)
@@ -197,7 +200,5 @@ class Channel:
 
     def close(self) -> None:
         self.broken = True
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass

@@ -150,7 +150,7 @@ class Supervisor:
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "flashrt_core.executor"],
-                stdin=child,
+                stdin=child.fileno(),
                 close_fds=True,
                 env=env,
                 start_new_session=True,  # its own process group: we kill what it started too
