@@ -19,6 +19,20 @@ FORMATS = ("cloudpickle", "json")
 SMALL_TYPES = (int, float, bool, type(None))
 
 
+_modules: dict[str, Any] = {}
+
+
+def _cloudpickle() -> Any:
+    """cloudpickle, imported once and then held here: a request that removes it from
+    ``sys.modules`` still gets its own result encoded (and the executor replaced after)."""
+    module = _modules.get("cloudpickle")
+    if module is None:
+        import cloudpickle as module
+
+        _modules["cloudpickle"] = module
+    return module
+
+
 def check_format(fmt: str) -> None:
     """Refuse an unknown ``serialization_format`` before any work is done for the request."""
     if fmt not in FORMATS:
@@ -39,7 +53,7 @@ def decode_value(value: Any, fmt: str, where: str) -> Any:
         raw = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise StageError("decode", f"{where}: not valid base64") from None
-    import cloudpickle
+    cloudpickle = _cloudpickle()
 
     try:
         return cloudpickle.loads(raw)
@@ -74,7 +88,7 @@ def encode_result(value: Any, fmt: str) -> tuple[str | None, Any]:
                 f"result of type {type(value).__qualname__} is not JSON-serialisable: {exc}",
             ) from exc
         return None, value
-    import cloudpickle
+    cloudpickle = _cloudpickle()
 
     try:
         data = cloudpickle.dumps(value)

@@ -44,6 +44,7 @@ __all__ = ["ExecutorUnavailable", "Supervisor", "describe_exit"]
 log = logging.getLogger("flashrt.supervisor")
 
 _RESTART_WINDOW_S = 60.0
+RETRIED_NOTE = "[flashrt] the executor process died while this request ran; running it again\n"
 _MAX_BACKOFF_S = 10.0
 
 
@@ -474,6 +475,8 @@ class Supervisor:
                 value = _response.decode(frame.body)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 value = stage_failure("encode result", f"the executor's answer is invalid: {exc}")
+            if pending.attempts > 1:  # say so: its side effects may have happened twice
+                value.stdout = RETRIED_NOTE + (value.stdout or "")
         if frame.installed:
             runtime = self.runtime
             runtime.background(
@@ -570,7 +573,7 @@ class Supervisor:
             if pending.attempts == 0:
                 continue  # not handed over yet: it goes to the fresh executor
             if retry and pending.attempts < 2:
-                pending.output.append("[flashrt] the executor process died; running again\n")
+                pending.output.append(RETRIED_NOTE)
                 pending.output_size = sum(len(t) for t in pending.output)
                 self.loop.create_task(self._dispatch(rid, pending))
                 continue
