@@ -27,6 +27,13 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def inprocess(session: nox.Session) -> None:
+    """The suite with ``FLASHRT_ISOLATION=none``: user code in the worker's own process."""
+    args = session.posargs or ["-q", "-p", "no:randomly"]
+    session.run(*UV_RUN, "pytest", *args, env={"FLASHRT_ISOLATION": "none"})
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff check and ruff format --check; hadolint on the Dockerfile; image pins current."""
     session.run(*UV_RUN, "ruff", "check", ".")

@@ -276,7 +276,8 @@ _WORKER_SCRIPT = """
 import asyncio, json, os, sys
 from flashrt_core import Runtime, Settings, load_settings
 
-HOG = "def hog():\\n    blocks = []\\n    while True:\\n        blocks.append(bytearray(64 << 20))\\n"
+HOG = ("def hog():\\n    blocks = []\\n    while True:\\n"
+       "        blocks.append(bytearray(64 << 20))\\n")
 OK = "def ok():\\n    return 'still here'\\n"
 
 
