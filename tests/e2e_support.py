@@ -318,3 +318,169 @@ def flash_build(project: Path, workdir: Path) -> Path:
         f"flash build failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     )
     return artifact
+
+
+# --- the executor-process and live-output tests (test_executor_shells, test_live_output) -------
+
+
+def pickled_request(
+    name: str, code: str, *args: Any, timeout_s: float | None = None, **kwargs: Any
+) -> dict[str, Any]:
+    """A live FunctionRequest the way the client sends it: cloudpickled, base64 arguments."""
+    import base64
+
+    import cloudpickle
+
+    def enc(value: Any) -> str:
+        return base64.b64encode(cloudpickle.dumps(value)).decode()
+
+    body: dict[str, Any] = {
+        "function_name": name,
+        "function_code": code,
+        "args": [enc(a) for a in args],
+        "kwargs": {k: enc(v) for k, v in kwargs.items()},
+        "dependencies": [],
+        "system_dependencies": [],
+    }
+    if timeout_s is not None:
+        body["timeout_s"] = timeout_s
+    return body
+
+
+def result_of(response: dict[str, Any]) -> Any:
+    """The value of a successful (cloudpickle) FunctionResponse dict."""
+    import base64
+
+    import cloudpickle
+
+    assert response.get("success") is True, response
+    return cloudpickle.loads(base64.b64decode(response["result"]))
+
+
+class LineRecorder:
+    """An ``on_line`` callback that keeps each output line with its arrival time (monotonic).
+
+    ``then`` (optional) also gets every line, e.g. the fake control plane's log feed.
+    """
+
+    def __init__(self, then: Callable[[str], None] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._entries: list[tuple[float, str]] = []
+        self._then = then
+
+    def __call__(self, line: str) -> None:
+        with self._lock:
+            self._entries.append((time.monotonic(), line))
+        if self._then is not None:
+            self._then(line)
+
+    def entries(self) -> list[tuple[float, str]]:
+        with self._lock:
+            return list(self._entries)
+
+    def lines(self) -> list[str]:
+        return [line for _, line in self.entries()]
+
+    def arrival(self, line: str) -> float | None:
+        """When ``line`` (exactly) first arrived, or None."""
+        return next((t for t, seen in self.entries() if seen == line), None)
+
+
+class Shell:
+    """One worker process of either shell, answering FunctionRequests as response dicts.
+
+    ``kind`` is ``"lb"`` (``POST /execute`` on a real uvicorn) or ``"qb"`` (a job on the fake
+    control plane, taken by the runpod SDK's job loop); both give back the FunctionResponse
+    fields (``success``, ``result``, ``error``, ``stdout``).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        process: WorkerProcess,
+        recorder: LineRecorder,
+        *,
+        base_url: str | None = None,
+        queue: RunningWorker | None = None,
+    ) -> None:
+        self.kind = kind
+        self.process = process
+        self.recorder = recorder
+        self.base_url = base_url
+        self.queue = queue
+        self.pid = process.proc.pid
+
+    def alive(self) -> bool:
+        return self.process.proc.poll() is None
+
+    def execute(self, body: dict[str, Any], timeout: float = 90.0) -> dict[str, Any]:
+        if self.kind == "lb":
+            import httpx
+
+            response = httpx.post(f"{self.base_url}/execute", json=body, timeout=timeout)
+            assert response.status_code == 200, (response.status_code, response.text[:2000])
+            payload: dict[str, Any] = response.json()
+            return payload
+        assert self.queue is not None
+        done = self.queue.run(body, timeout)
+        output = done.get("output")
+        answer: dict[str, Any] = dict(output) if isinstance(output, dict) else {"output": output}
+        if done["status"] != "COMPLETED":
+            answer["success"] = False
+            answer.setdefault("error", done.get("error"))
+            answer["status"] = done["status"]
+        return answer
+
+
+def start_lb_shell(
+    spawn_worker: Callable[..., WorkerProcess], tmp: Path, *, name: str = "lb", **extra: str
+) -> Shell:
+    """``flashrt-lb`` (its console script: real uvicorn) on a loopback port, ready."""
+    import httpx
+    from flashrt_lb.testing import free_port
+
+    port = free_port()
+    env = clean_env(
+        PORT=str(port),
+        FLASHRT_LB_HOST="127.0.0.1",
+        FLASHRT_VOLUME_DIR=str(tmp / "no-volume"),
+        FLASHRT_CACHE_DIR=str(tmp / "cache"),
+        FLASHRT_DISABLE_VOLUME_CACHE="1",
+        **extra,
+    )
+    recorder = LineRecorder()
+    script = Path(sys.executable).parent / "flashrt-lb"
+    process = spawn_worker([str(script)], env, name=name, on_line=recorder)
+    base_url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if process.proc.poll() is not None:
+            pytest.fail(f"flashrt-lb exited with {process.proc.returncode}:\n{process.log()}")
+        try:
+            return httpx.get(f"{base_url}/ping", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(ready, 90, f"{name} to answer /ping with 200")
+    return Shell("lb", process, recorder, base_url=base_url)
+
+
+def start_qb_shell(
+    spawn_worker: Callable[..., WorkerProcess],
+    fake: FakeRunPod,
+    endpoint: str,
+    tmp: Path,
+    **extra: str,
+) -> Shell:
+    """``python -m flashrt_qb`` serving ``endpoint`` of the fake, polling for jobs."""
+    worker_id = worker_id_of(endpoint)
+    recorder = LineRecorder(then=lambda line: fake.add_log_line(worker_id, line))
+    process = spawn_worker(
+        [sys.executable, "-m", "flashrt_qb"],
+        qb_worker_env(fake, endpoint, tmp, **extra),
+        name=endpoint,
+        on_line=recorder,
+    )
+    queue = RunningWorker(fake, endpoint, process)
+    queue.wait_polling()
+    return Shell("qb", process, recorder, queue=queue)

@@ -84,3 +84,18 @@ def test_every_setting_is_in_the_readme_table(owner: str, env: str) -> None:
     assert re.search(rf"^\| `{re.escape(env)}` \|", README, re.M), (
         f"{env} ({owner}) is missing from the README settings table"
     )
+
+
+_SIDE_WORDS = {"both": "both processes", "worker": "the worker", "executor": "the executor"}
+
+
+@pytest.mark.parametrize("name", sorted(hookspecs.SIDES))
+def test_each_hook_says_which_process_runs_it(name: str) -> None:
+    section = PLUGINS_DOC.split(f"#### `{name}(", 1)[1].split("\n####", 1)[0]
+    match = re.search(r"\*\*Runs in:\*\* ([^.(,]+)", section)
+    assert match is not None, f"{name}: no 'Runs in:' line in docs/plugins.md"
+    assert match.group(1).strip().startswith(_SIDE_WORDS[hookspecs.SIDES[name]])
+
+
+def test_every_hook_has_a_side() -> None:
+    assert set(hookspecs.SIDES) == {name for name, _ in _hookspecs()}

@@ -28,6 +28,20 @@ if TYPE_CHECKING:
 
 PROJECT_NAME = "flashrt"
 
+#: Which process runs each hook under process isolation ("worker": the supervisor's side).
+SIDES = {
+    "flashrt_configure": "both",
+    "flashrt_startup": "worker",
+    "flashrt_shutdown": "worker",
+    "flashrt_request_started": "worker",
+    "flashrt_request_finished": "worker",
+    "flashrt_resolve_deps": "executor",
+    "flashrt_execute_function": "executor",
+    "flashrt_execute_class": "executor",
+    "flashrt_sync_cache": "worker",
+    "flashrt_reconcile_manifest": "executor",
+}
+
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 

@@ -1,0 +1,251 @@
+"""The executor process: warm requests through it, crash to next answer, and the live echo.
+
+Floors measured in the same run: plain decode + call + encode in Python, a bare socketpair
+ping-pong between two processes, and printing to ``/dev/null`` in plain Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 2000
+LINES = 10_000
+CLASS_CODE = (
+    "class Adder:\n    def __init__(self):\n        self.n = 0\n"
+    "    def add(self, a, b, scale=1):\n        return (a + b) * scale\n"
+)
+PRINTER = f"def chatter():\n    for i in range({LINES}):\n        print('progress line', i)\n"
+
+
+def _best(samples: list[float]) -> float:
+    return min(samples)
+
+
+def _floor_us(body: dict[str, Any]) -> float:
+    import cloudpickle
+
+    def add(a: int, b: int, scale: int = 1) -> int:
+        return (a + b) * scale
+
+    samples = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(N):
+            args = [cloudpickle.loads(base64.b64decode(a)) for a in body["args"]]
+            kwargs = {k: cloudpickle.loads(base64.b64decode(v)) for k, v in body["kwargs"].items()}
+            base64.b64encode(cloudpickle.dumps(add(*args, **kwargs))).decode()
+        samples.append((time.perf_counter() - start) / N * 1e6)
+    return _best(samples)
+
+
+def _pingpong_us() -> float:
+    """A 64-byte round trip over a socketpair between this process and a child."""
+    parent, child = socket.socketpair()
+    pid = os.fork()  # benchmark only: a single-threaded process, no CUDA
+    if pid == 0:
+        parent.close()
+        while True:
+            data = child.recv(64)
+            if not data:
+                os._exit(0)
+            child.sendall(data)
+    child.close()
+    payload = b"x" * 64
+    samples = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(N):
+            parent.sendall(payload)
+            parent.recv(64)
+        samples.append((time.perf_counter() - start) / N * 1e6)
+    parent.close()
+    os.waitpid(pid, 0)
+    return _best(samples)
+
+
+def _devnull_print_ms() -> float:
+    samples = []
+    with open(os.devnull, "w") as sink:
+        for _ in range(3):
+            start = time.perf_counter()
+            for i in range(LINES):
+                print("progress line", i, file=sink)
+            samples.append((time.perf_counter() - start) * 1e3)
+    return _best(samples)
+
+
+def _runtime(isolation: str, **settings: Any) -> Any:
+    from flashrt_core import Runtime, Settings, load_settings
+
+    return Runtime(
+        load_settings(Settings, {}, disable_plugin_autoload=True, isolation=isolation, **settings)
+    )
+
+
+async def _timed(runtime: Any, request: dict[str, Any], n: int) -> float:
+    for _ in range(100):
+        await runtime.execute(request)
+    samples = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(n):
+            await runtime.execute(request)
+        samples.append((time.perf_counter() - start) / n * 1e6)
+    return _best(samples)
+
+
+def _warm_us(body: dict[str, Any], isolation: str) -> tuple[float, float]:
+    silent = dict(body, function_code=body["function_code"].replace("print(", "str("))
+    method = {
+        "execution_type": "class",
+        "class_name": "Adder",
+        "class_code": CLASS_CODE,
+        "method_name": "add",
+        "args": body["args"],
+        "kwargs": body["kwargs"],
+        "instance_id": "adder-1",
+        "create_new_instance": False,
+    }
+
+    async def main() -> tuple[float, float]:
+        runtime = _runtime(isolation, echo=False)
+        await runtime.start()
+        try:
+            return await _timed(runtime, silent, N), await _timed(runtime, method, N)
+        finally:
+            await runtime.shutdown()
+
+    return asyncio.run(main())
+
+
+def _crash_to_answer_s() -> float:
+    die = {
+        "function_name": "die",
+        "function_code": "def die():\n    import os\n    os._exit(1)\n",
+        "serialization_format": "json",
+    }
+    ok = {
+        "function_name": "ok",
+        "function_code": "def ok():\n    return 1\n",
+        "serialization_format": "json",
+    }
+
+    async def main() -> float:
+        runtime = _runtime("process", retry_on_executor_death=False)
+        await runtime.start()
+        samples = []
+        try:
+            for _ in range(5):
+                await runtime.execute(die)  # answered the moment the death is seen
+                start = time.perf_counter()
+                response = await runtime.execute(ok)
+                assert response.success, response.error
+                samples.append(time.perf_counter() - start)
+        finally:
+            await runtime.shutdown()
+        return sorted(samples)[len(samples) // 2]
+
+    return asyncio.run(main())
+
+
+def _echo_ms(isolation: str, echo: bool) -> float:
+    request = {"function_name": "chatter", "function_code": PRINTER, "serialization_format": "json"}
+
+    sink = open(os.devnull, "w")  # noqa: SIM115 - closed below
+
+    async def main() -> float:
+        runtime = _runtime(isolation, echo=echo, max_output_bytes=64 << 20, echo_max_bytes=64 << 20)
+        runtime.echo_streams = lambda _number: sink
+        await runtime.start()
+        samples = []
+        try:
+            for _ in range(3):
+                start = time.perf_counter()
+                response = await runtime.execute(request)
+                samples.append((time.perf_counter() - start) * 1e3)
+                assert response.success, response.error
+        finally:
+            await runtime.shutdown()
+        return _best(samples)
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return asyncio.run(main())
+    finally:
+        sink.close()
+
+
+def run() -> list[dict[str, Any]]:
+    body = json.loads((ROOT / "examples" / "add.json").read_text())["input"]
+    floor = _floor_us(body)
+    pingpong = _pingpong_us()
+    fn_process, method_process = _warm_us(body, "process")
+    fn_none, method_none = _warm_us(body, "none")
+    crash = _crash_to_answer_s()
+    devnull = _devnull_print_ms()
+    rows: list[dict[str, Any]] = []
+    for name, value in (
+        ("isolated Runtime.execute add() warm", fn_process),
+        ("isolated method call on a kept instance", method_process),
+        ("in-process Runtime.execute add() warm", fn_none),
+        ("in-process method call on a kept instance", method_none),
+    ):
+        rows.append(
+            {
+                "name": f"{name} (vs plain floor)",
+                "value": value,
+                "unit": "us",
+                "floor": floor,
+                "ratio": value / floor,
+                "target": "<= 5x",
+            }
+        )
+    rows.append(
+        {
+            "name": "isolated add() vs socketpair ping-pong",
+            "value": fn_process,
+            "unit": "us",
+            "floor": pingpong,
+            "ratio": fn_process / pingpong,
+        }
+    )
+    rows.append(
+        {
+            "name": "crash to next answer (median)",
+            "value": crash,
+            "unit": "s",
+            "floor": 1.0,
+            "ratio": crash,
+            "target": "< 1 s",
+        }
+    )
+    for isolation in ("process", "none"):
+        for echo in (True, False):
+            value = _echo_ms(isolation, echo)
+            rows.append(
+                {
+                    "name": f"{LINES} prints, {isolation}, echo {'on' if echo else 'off'}",
+                    "value": value,
+                    "unit": "ms",
+                    "floor": devnull,
+                    "ratio": value / devnull,
+                }
+            )
+    return rows
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    for row in run():
+        print(row)

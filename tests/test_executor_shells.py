@@ -1,0 +1,213 @@
+"""User code that kills, poisons or outlasts its executor, through both real shells.
+
+``flashrt-lb`` under real uvicorn (its console script) and ``flashrt-qb`` in the runpod SDK's
+job loop against the fake control plane. User code runs in a supervised executor process
+(``FLASHRT_ISOLATION=process``, the default): whatever it does to that process, the request is
+answered with what happened, and the next request is answered correctly by the same worker
+process, whose fresh executor is its direct child.
+
+One worker per shell serves the whole module (the ``shell`` fixture is parametrized, so pytest
+runs every test on the LB worker, stops it, then on the QB worker).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+from e2e_support import pickled_request, result_of, start_lb_shell, start_qb_shell
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from e2e_support import Shell, WorkerProcess
+    from fake_runpod import FakeRunPod
+
+pytestmark = pytest.mark.slow  # real worker subprocesses
+
+WHOAMI = """\
+def whoami(tag):
+    import os
+    print(f"whoami {tag}")
+    return {"tag": tag, "pid": os.getpid(), "ppid": os.getppid()}
+"""
+
+EXIT_7 = """\
+def exit_seven():
+    import os
+    print("about to exit 7", flush=True)
+    os._exit(7)
+"""
+
+SIGKILL_SELF = """\
+def kill_myself():
+    import os, signal
+    print("about to SIGKILL myself", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+NULL_READ = """\
+def null_read():
+    import ctypes
+    print("about to read NULL", flush=True)
+    return ctypes.string_at(0)
+"""
+
+POISON = """\
+def poison():
+    import sys
+    sys.modules["cloudpickle"] = None
+    return "poisoned"
+"""
+
+SIGALRM_HANDLER = """\
+def install_alarm_handler():
+    import signal
+    previous = signal.signal(signal.SIGALRM, lambda signum, frame: None)
+    signal.signal(signal.SIGALRM, previous)
+    return True
+"""
+
+OVERSLEEP = """\
+def oversleep(seconds):
+    import time
+    print("going to sleep", flush=True)
+    time.sleep(seconds)
+    return "woke up"
+"""
+
+SPAN = """\
+def span(seconds):
+    import time
+    started = time.monotonic()
+    time.sleep(seconds)
+    return [started, time.monotonic()]
+"""
+
+
+@pytest.fixture(scope="module", params=["lb", "qb"])
+def shell(
+    request: pytest.FixtureRequest,
+    fake_runpod: FakeRunPod,
+    spawn_worker: Callable[..., WorkerProcess],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Shell]:
+    tmp = tmp_path_factory.mktemp(f"executor-{request.param}")
+    if request.param == "lb":
+        worker = start_lb_shell(spawn_worker, tmp, name="lb-executor")
+    else:
+        worker = start_qb_shell(
+            spawn_worker, fake_runpod, "ep-qb-executor", tmp, FLASHRT_QB_CONCURRENCY="4"
+        )
+    yield worker
+    worker.process.stop()  # not left running for the rest of the session
+
+
+def _executor_of_next_request(shell: Shell, tag: str) -> dict[str, Any]:
+    """A normal request after a bad one: answered correctly, by this same worker process."""
+    assert shell.alive(), shell.process.log()[-3000:]
+    response = shell.execute(pickled_request("whoami", WHOAMI, tag))
+    who = result_of(response)
+    assert who["tag"] == tag
+    assert response["stdout"] == f"whoami {tag}\n"
+    assert who["ppid"] == shell.pid  # the executor is the same worker process's child
+    assert shell.alive()
+    return who
+
+
+def _failure(response: dict[str, Any]) -> str:
+    assert response["success"] is False, response
+    error = response["error"]
+    assert isinstance(error, str), response
+    return error
+
+
+def test_a_normal_request_runs_in_a_child_executor(shell: Shell) -> None:
+    who = _executor_of_next_request(shell, "first")
+    assert who["pid"] != shell.pid
+
+
+def test_os_exit_7_fails_naming_the_status(shell: Shell) -> None:
+    before = _executor_of_next_request(shell, "before-exit")
+    error = _failure(shell.execute(pickled_request("exit_seven", EXIT_7)))
+    assert "exited with status 7" in error
+    after = _executor_of_next_request(shell, "after-exit")
+    assert after["pid"] != before["pid"]  # a fresh executor
+
+
+def test_sigkill_of_the_executor_fails_naming_sigkill(shell: Shell) -> None:
+    before = _executor_of_next_request(shell, "before-kill")
+    error = _failure(shell.execute(pickled_request("kill_myself", SIGKILL_SELF)))
+    assert "killed by SIGKILL" in error
+    assert _executor_of_next_request(shell, "after-kill")["pid"] != before["pid"]
+
+
+def test_a_null_read_fails_naming_sigsegv(shell: Shell) -> None:
+    before = _executor_of_next_request(shell, "before-segv")
+    response = shell.execute(pickled_request("null_read", NULL_READ))
+    assert "killed by signal 11 (SIGSEGV)" in _failure(response)
+    assert "about to read NULL" in (response.get("stdout") or "")  # the output so far
+    assert _executor_of_next_request(shell, "after-segv")["pid"] != before["pid"]
+
+
+def test_poisoning_cloudpickle_answers_that_request_and_the_next_ones(shell: Shell) -> None:
+    assert result_of(shell.execute(pickled_request("poison", POISON))) == "poisoned"
+    for i in range(3):  # all cloudpickle requests: the poisoned executor is not used again
+        _executor_of_next_request(shell, f"after-poison-{i}")
+
+
+def test_a_sync_function_can_install_a_signal_handler(shell: Shell) -> None:
+    response = shell.execute(pickled_request("install_alarm_handler", SIGALRM_HANDLER))
+    assert result_of(response) is True
+    _executor_of_next_request(shell, "after-signal")
+
+
+def test_a_sync_function_past_its_timeout_fails_and_the_next_request_succeeds(
+    shell: Shell,
+) -> None:
+    response = shell.execute(pickled_request("oversleep", OVERSLEEP, 30, timeout_s=1))
+    assert "timed out after 1 s" in _failure(response)
+    assert "going to sleep" in (response.get("stdout") or "")
+    _executor_of_next_request(shell, "after-timeout")
+
+
+def test_lb_concurrent_sync_sleeps_overlap_and_ping_answers_meanwhile(shell: Shell) -> None:
+    if shell.kind != "lb":
+        pytest.skip("HTTP concurrency and /ping are the LB shell's")
+    assert shell.base_url is not None
+    results: list[Any] = []
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            results.append(result_of(shell.execute(pickled_request("span", SPAN, 0.5))))
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    pings: list[int] = []
+    try:
+        # While they run (until all are back), /ping keeps answering.
+        while any(t.is_alive() for t in threads) or not pings:
+            pings.append(httpx.get(f"{shell.base_url}/ping", timeout=10).status_code)
+            if len(pings) > 2000:
+                break
+    finally:
+        for thread in threads:
+            thread.join(60)
+    assert errors == []
+    assert len(results) == 8
+    assert pings and set(pings) == {200}
+    # They overlapped: every one started before the first one ended.
+    first_end = min(end for _, end in results)
+    assert all(start < first_end for start, _ in results), results
+    _executor_of_next_request(shell, "after-concurrency")
+
+
+def test_the_worker_survived_the_whole_module(shell: Shell) -> None:
+    assert shell.alive()
+    _executor_of_next_request(shell, "last")
