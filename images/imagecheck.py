@@ -90,9 +90,11 @@ class ImageCheck(Timings):
         """Both shells, uv, and every module deployed artifacts expect, importable."""
         for name, accelerator in (("qb", "cpu"), ("gpu", "gpu")):
             modules = wheels.PROVIDED_MODULES + (wheels.GPU_MODULES if accelerator == "gpu" else ())
-            probe = f"import {', '.join(modules)}; import os; print(dict(os.environ))"
+            probe = (
+                f"import {', '.join(modules)}; import json, os; print(json.dumps(dict(os.environ)))"
+            )
             out = self.podman_run(TAGS[name], ["python", "-c", probe])
-            environ: dict[str, str] = eval(out.strip().splitlines()[-1], {})
+            environ: dict[str, str] = json.loads(out.strip().splitlines()[-1])
             image_env, _ = image_config(accelerator, "qb")
             for key, value in image_env.items():
                 if environ.get(key) != value:
@@ -151,7 +153,7 @@ class ImageCheck(Timings):
             with self.engine.detached(name, TAGS["qb"], ["--network=host"], env):
                 try:
                     self._wait_polling(fake, name)
-                    client = _client(fake, self.work / "client")
+                    client = _Client(fake, self.work / "client")
                     self._client_calls(client)
                     if self.has_supervisor():
                         self._exit_survived(fake, client, name)
@@ -178,7 +180,7 @@ class ImageCheck(Timings):
             time.sleep(0.2)
         raise SmokeError(f"the qb container did not poll for jobs within {timeout:.0f} s")
 
-    def _client_calls(self, client: Any) -> None:
+    def _client_calls(self, client: _Client) -> None:
         functions = client.functions
         for fn, args, kwargs, expected in (
             (functions.add, (2, 3), {"scale": 10}, 50),
@@ -189,7 +191,7 @@ class ImageCheck(Timings):
             if value != expected:
                 raise SmokeError(f"the client got {value!r} from {fn.__name__}, not {expected!r}")
 
-    def _exit_survived(self, fake: FakeRunPod, client: Any, name: str) -> None:
+    def _exit_survived(self, fake: FakeRunPod, client: _Client, name: str) -> None:
         """os._exit(3) in user code: a failed request, then the same container answers."""
         pid = self.engine.state(name)["Pid"]
         request = {
@@ -273,10 +275,6 @@ class _Client:
         runpod.endpoint_url_base = fake.api_base
         self.flash = FlashClient(fake)
         self.functions = load_client_functions()
-
-
-def _client(fake: FakeRunPod, workdir: Path) -> _Client:
-    return _Client(fake, workdir)
 
 
 def main(argv: list[str] | None = None) -> int:
