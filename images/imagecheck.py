@@ -285,12 +285,11 @@ def main(argv: list[str] | None = None) -> int:
         print("[image] SKIP: needs root (apt-get, podman with runc)", file=sys.stderr)
         return 0
     work = Path(tempfile.mkdtemp(prefix="flashrt-image-"))
-    check: ImageCheck | None = None
+    check = ImageCheck(work)
     here = Path.cwd()
     try:
-        with Timings("image").step("podman, runc and mmdebstrap installed"):
+        with check.step("podman, runc and mmdebstrap installed"):
             podman.ensure_tools()
-        check = ImageCheck(work)
         with check.step("stand-in base image"):
             made = check.engine.ensure_base()
             check.note(f"{podman.BASE_IMAGE} {'made' if made else 'cached'}")
@@ -320,9 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             import shutil
 
             shutil.rmtree(work, ignore_errors=True)
-            if check is not None:
-                with contextlib.suppress(SmokeError):
-                    check.engine("rmi", "--force", *TAGS.values())
+            with contextlib.suppress(SmokeError):
+                check.engine("rmi", "--force", *TAGS.values())
     return 0
 
 
