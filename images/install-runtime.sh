@@ -16,6 +16,18 @@ python=$1
 requirements=$2
 wheels=$3
 
+# A bare name (the Dockerfile passes python3) is looked up on PATH: uv reads "python3" as a
+# version request and then insists on a virtual environment, so it must get the program's path.
+case $python in
+    */*) ;;
+    *)
+        if ! python=$(command -v "$python"); then
+            echo "$0: interpreter not found on PATH: $1" >&2
+            exit 1
+        fi
+        ;;
+esac
+
 if [ ! -f "$requirements" ]; then
     echo "$0: requirements file not found: $requirements" >&2
     exit 1

@@ -6,6 +6,7 @@ that does not run: the GPU stage's environment, the bake file's four targets, th
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -17,16 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "images"
 sys.path.insert(0, str(IMAGES))
 
+import dockerfile  # noqa: E402
 import pins  # noqa: E402
-import smoke  # noqa: E402
 
 PROVIDED = ("runpod", "cloudpickle", "pydantic", "httpx", "aiohttp", "fastapi", "uvicorn", "uv")
 
 
 @pytest.mark.parametrize("accelerator", ["cpu", "gpu"])
 def test_queue_and_http_images_run_their_shell(accelerator: str) -> None:
-    qb_env, qb_command = smoke.image_config(accelerator, "qb")
-    lb_env, lb_command = smoke.image_config(accelerator, "lb")
+    qb_env, qb_command = dockerfile.image_config(accelerator, "qb")
+    lb_env, lb_command = dockerfile.image_config(accelerator, "lb")
     assert qb_command == ["flashrt-qb"]
     assert lb_command == ["flashrt-lb"]
     assert "PORT" not in qb_env
@@ -34,8 +35,8 @@ def test_queue_and_http_images_run_their_shell(accelerator: str) -> None:
 
 
 def test_only_gpu_images_use_hf_transfer() -> None:
-    gpu_env, _ = smoke.image_config("gpu", "qb")
-    cpu_env, _ = smoke.image_config("cpu", "qb")
+    gpu_env, _ = dockerfile.image_config("gpu", "qb")
+    cpu_env, _ = dockerfile.image_config("cpu", "qb")
     assert gpu_env["HF_HOME"] == "/hf-cache"
     assert gpu_env["HF_HUB_ENABLE_HF_TRANSFER"] == "1"
     # Set without hf_transfer installed, huggingface_hub refuses to download.
@@ -100,3 +101,29 @@ def test_install_script_refuses_missing_inputs(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert f"no wheels in {tmp_path}" in done.stderr
+
+
+def test_install_script_resolves_a_bare_interpreter_name(tmp_path: Path) -> None:
+    """The Dockerfile passes ``python3``; uv must get its path, or it reads a version request."""
+    script = IMAGES / "install-runtime.sh"
+    requirements = pins.requirements_path("cpu")
+    done = subprocess.run(
+        ["sh", script, "no-such-python-here", requirements, tmp_path],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "interpreter not found on PATH: no-such-python-here" in done.stderr
+    (tmp_path / "flashrt_core-0-py3-none-any.whl").touch()
+    # `echo` in uv's place shows the command line the script hands uv.
+    done = subprocess.run(
+        ["sh", script, "python3", requirements, tmp_path],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PATH": os.environ["PATH"], "UV": "echo"},
+    )
+    assert done.returncode == 0, done.stderr
+    python = done.stdout.split("--python ", 1)[1].split()[0]
+    assert Path(python).is_absolute() and Path(python).name == "python3"
