@@ -25,12 +25,12 @@ _modules: dict[str, Any] = {}
 def _cloudpickle() -> Any:
     """cloudpickle, imported once and then held here: a request that removes it from
     ``sys.modules`` still gets its own result encoded (and the executor replaced after)."""
-    module = _modules.get("cloudpickle")
-    if module is None:
-        import cloudpickle as module
+    found = _modules.get("cloudpickle")
+    if found is None:
+        import cloudpickle
 
-        _modules["cloudpickle"] = module
-    return module
+        found = _modules["cloudpickle"] = cloudpickle
+    return found
 
 
 def check_format(fmt: str) -> None:
