@@ -152,10 +152,26 @@ def test_a_null_read_fails_naming_sigsegv(shell: Shell) -> None:
     assert _executor_of_next_request(shell, "after-segv")["pid"] != before["pid"]
 
 
-def test_poisoning_cloudpickle_answers_that_request_and_the_next_ones(shell: Shell) -> None:
+def test_poisoning_cloudpickle_after_using_it_answers_that_request_and_the_next_ones(
+    shell: Shell,
+) -> None:
+    _executor_of_next_request(shell, "before-poison")  # this executor has unpickled arguments
     assert result_of(shell.execute(pickled_request("poison", POISON))) == "poisoned"
     for i in range(3):  # all cloudpickle requests: the poisoned executor is not used again
         _executor_of_next_request(shell, f"after-poison-{i}")
+
+
+def test_poisoning_cloudpickle_on_a_fresh_executor_answers_that_request_and_the_next_ones(
+    shell: Shell,
+) -> None:
+    # SIGKILL twice (the retry): the executor serving next is fresh, and the poisoning request
+    # (no arguments) is the first thing it runs.
+    assert "killed by SIGKILL" in _failure(
+        shell.execute(pickled_request("kill_myself", SIGKILL_SELF))
+    )
+    assert result_of(shell.execute(pickled_request("poison", POISON))) == "poisoned"
+    for i in range(3):
+        _executor_of_next_request(shell, f"after-fresh-poison-{i}")
 
 
 def test_a_sync_function_can_install_a_signal_handler(shell: Shell) -> None:

@@ -150,7 +150,10 @@ def test_a_third_party_plugin_replaces_the_python_installer_only(
         Settings(disable_plugin_autoload=True),
         extra_plugins=(python_plugin, system_plugin, conda),
     )
-    runtime = Runtime(Settings(disable_plugin_autoload=True), plugin_manager=pm)
+    # One interpreter: the plugin object records what it saw, and this test reads it back.
+    runtime = Runtime(
+        Settings(disable_plugin_autoload=True, isolation="none"), plugin_manager=pm
+    )
     started = proc.STATS.started
     response = asyncio.run(
         runtime.execute(
