@@ -151,9 +151,7 @@ def test_a_third_party_plugin_replaces_the_python_installer_only(
         extra_plugins=(python_plugin, system_plugin, conda),
     )
     # One interpreter: the plugin object records what it saw, and this test reads it back.
-    runtime = Runtime(
-        Settings(disable_plugin_autoload=True, isolation="none"), plugin_manager=pm
-    )
+    runtime = Runtime(Settings(disable_plugin_autoload=True, isolation="none"), plugin_manager=pm)
     started = proc.STATS.started
     response = asyncio.run(
         runtime.execute(

@@ -525,9 +525,22 @@ class Supervisor:
                 os.close(executor.pidfd)
         executor.chan.close()
 
+    def _drain(self, executor: _Executor) -> None:
+        """Handle what it sent before it went (an answer, an ``Exiting``) before mourning it."""
+        for _ in range(1024):
+            try:
+                data = executor.chan.recv_available()
+            except OSError:  # BlockingIOError included: nothing more
+                return
+            if not data:
+                return
+            for frame in executor.reader.feed(data):
+                self._on_frame(executor, frame)
+
     def _died(self, executor: _Executor) -> None:
         if executor.dead:
             return
+        self._drain(executor)
         if executor.proc.poll() is None:
             # EOF with the process alive (it closed its channel), or a pidfd event racing the
             # reaper: either way it is no use any more.
