@@ -449,7 +449,9 @@ class _Handler(BaseHTTPRequestHandler):
         rest = parts[2:]
         if method == "GET" and action in ("job-take", "job-take-batch") and rest:
             with fake._open_take(rest[0]):
-                self._job_take(action, endpoint, rest[0], query)
+                status, payload = self._job_take(action, endpoint, rest[0], query)
+            # Sent once the take no longer counts as open: the worker may ask again at once.
+            self._send(status, payload)
         elif method == "GET" and action == "job-stop" and rest:
             ids = fake._stop_poll(rest[0])
             if ids:
@@ -496,24 +498,24 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, {"error": f"unknown route {method} {'/'.join(parts)}"})
 
-    def _job_take(self, action: str, endpoint: str, worker: str, query: dict[str, str]) -> None:
+    def _job_take(
+        self, action: str, endpoint: str, worker: str, query: dict[str, str]
+    ) -> tuple[int, Any]:
+        """The answer to one job-take: (status, body or None)."""
         fake = self.fake
         fault = fake._take_fault(worker)
         if fault == "hang":
             fake._hang(worker)
-            self._send(204)
-            return
+            return 204, None
         if isinstance(fault, int):
-            self._send(fault, {"error": f"injected {fault}"})
-            return
+            return fault, {"error": f"injected {fault}"}
         count = int(query.get("batch_size", "1")) if action == "job-take-batch" else 1
         jobs = fake._take(endpoint, worker, max(1, count))
         if not jobs:
-            self._send(204)
-        elif action == "job-take":
-            self._send(200, {"id": jobs[0].id, "input": jobs[0].input})
-        else:
-            self._send(200, [{"id": j.id, "input": j.input} for j in jobs])
+            return 204, None
+        if action == "job-take":
+            return 200, {"id": jobs[0].id, "input": jobs[0].input}
+        return 200, [{"id": j.id, "input": j.input} for j in jobs]
 
     def do_GET(self) -> None:
         self._route("GET")
