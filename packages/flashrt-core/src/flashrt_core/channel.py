@@ -112,6 +112,7 @@ class Result(msgspec.Struct, tag=True):
     body: bytes
     installed: bool = False
     instance_id: str | None = None
+    exiting: str | None = None  # the executor exits after this answer, and why
 
 
 class Settled(msgspec.Struct, tag=True):

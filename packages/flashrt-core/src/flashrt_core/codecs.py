@@ -33,6 +33,11 @@ def _cloudpickle() -> Any:
     return found
 
 
+def preload() -> None:
+    """Import the codecs' libraries now (start-up), not during the first request."""
+    _cloudpickle()
+
+
 def check_format(fmt: str) -> None:
     """Refuse an unknown ``serialization_format`` before any work is done for the request."""
     if fmt not in FORMATS:

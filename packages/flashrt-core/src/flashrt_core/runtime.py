@@ -127,8 +127,11 @@ class Runtime:
             if self.supervisor is not None:
                 await self.supervisor.start()
             else:
-                # Pay cloudpickle's import before the first request, not during it.
-                await self.run_blocking(__import__, "cloudpickle")
+                # Pay cloudpickle's import before the first request, not during it; the codecs
+                # hold it from now on, whatever a request does to sys.modules.
+                from .codecs import preload
+
+                await self.run_blocking(preload)
             self.ready = True
         except Exception as exc:
             self.startup_error = f"start-up failed: {type(exc).__name__}: {exc}"

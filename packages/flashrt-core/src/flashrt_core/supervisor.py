@@ -426,6 +426,8 @@ class Supervisor:
         if isinstance(frame, ch.Output):
             self._on_output(frame)
         elif isinstance(frame, ch.Result):
+            if frame.exiting and executor.exit_reason is None:
+                self._retiring(executor, frame.exiting)
             self._on_result(frame)
         elif isinstance(frame, ch.Phase):
             pending = self._pending.get(frame.id)
@@ -441,9 +443,15 @@ class Supervisor:
         elif isinstance(frame, ch.Hello):
             if not executor.hello.done():
                 executor.hello.set_result(frame)
-        elif isinstance(frame, ch.Exiting):
-            executor.exit_reason = frame.reason
-            log.warning("executor %d is being replaced: %s", executor.proc.pid, frame.reason)
+        elif isinstance(frame, ch.Exiting) and executor.exit_reason is None:
+            self._retiring(executor, frame.reason)
+
+    def _retiring(self, executor: _Executor, reason: str) -> None:
+        """It exits on purpose: hand it nothing more; its death brings the fresh one."""
+        executor.exit_reason = reason
+        if self.executor is executor:
+            self._ready.clear()
+        log.warning("executor %d is being replaced: %s", executor.proc.pid, reason)
 
     def _on_output(self, frame: ch.Output) -> None:
         pending = self._pending.get(frame.id)

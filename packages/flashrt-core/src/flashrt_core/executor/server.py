@@ -214,14 +214,18 @@ class ExecutorServer:
         finally:
             self.tasks.pop(frame.id, None)
             streamer.flush()
+        # Checked before answering: the supervisor then sends this executor nothing more.
+        reason = self._problem(cuda_context_lost(response))
         result = ch.Result(
             frame.id,
             _encode_response(response),
             installed=scope.installed,
             instance_id=response.instance_id,
+            exiting=reason,
         )
         self.chan.send(result)
-        self._check(cuda_context_lost(response))
+        if reason is not None:
+            _exit(0)
 
     async def _deployed(self, frame: ch.RunDeployed) -> None:
         assert self.runtime is not None
@@ -247,8 +251,10 @@ class ExecutorServer:
             body = msgspec.msgpack.encode(
                 {"success": False, "error": f"the deployed handler's result cannot be sent: {exc}"}
             )
-        self.chan.send(ch.Result(frame.id, body))
-        self._check(None)
+        reason = self._problem(None)
+        self.chan.send(ch.Result(frame.id, body, exiting=reason))
+        if reason is not None:
+            _exit(0)
 
     def _cancelled(self, scope: _Scope) -> None:
         scope.cancelled = True
@@ -256,15 +262,10 @@ class ExecutorServer:
             with contextlib.suppress(OSError):
                 self.chan.send(ch.Settled(scope.id))
 
-    def _check(self, reason: str | None) -> None:
-        """Exit (after the answer went out) when the interpreter can no longer be trusted."""
+    def _problem(self, reason: str | None) -> str | None:
+        """Why this interpreter can no longer be trusted, if it cannot."""
         assert self.integrity is not None
-        reason = reason or self.integrity.check()
-        if reason is None:
-            return
-        with contextlib.suppress(OSError):
-            self.chan.send(ch.Exiting(reason))
-        _exit(0)
+        return reason or self.integrity.check()
 
     # --- hooks into the runtime -------------------------------------------------------------
 
@@ -344,13 +345,12 @@ class ExecutorServer:
             response.instance_id = request.instance_id
         buffer = ctx.run(capture.current_buffer)
         response.stdout = buffer.getvalue() if buffer is not None else None
+        reason = "a request closed file descriptors the executor's event loop needs"
         if scope is not None:
             with contextlib.suppress(OSError):
-                self.chan.send(ch.Result(scope.id, _encode_response(response)))
+                self.chan.send(ch.Result(scope.id, _encode_response(response), exiting=reason))
         with contextlib.suppress(OSError):
-            self.chan.send(
-                ch.Exiting("a request closed file descriptors the executor's event loop needs")
-            )
+            self.chan.send(ch.Exiting(reason))
         _exit(0)
 
 
