@@ -422,7 +422,18 @@ class Shell:
             payload: dict[str, Any] = response.json()
             return payload
         assert self.queue is not None
-        done = self.queue.run(body, timeout)
+        return self._answer(self.queue.run(body, timeout))
+
+    def execute_queued(self, bodies: list[dict[str, Any]], timeout: float = 90.0) -> list[Any]:
+        """QB only: queue all the jobs at once (each is taken as soon as the worker can)."""
+        assert self.queue is not None, "the LB shell has no queue"
+        fake = self.queue.fake
+        ids = [fake.submit(self.queue.endpoint, body) for body in bodies]
+        return [self._answer(done) for done in fake.wait_all(ids, timeout)]
+
+    @staticmethod
+    def _answer(done: dict[str, Any]) -> dict[str, Any]:
+        """A job's final status payload as the FunctionResponse fields."""
         output = done.get("output")
         answer: dict[str, Any] = dict(output) if isinstance(output, dict) else {"output": output}
         if done["status"] != "COMPLETED":

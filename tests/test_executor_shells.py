@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
-from e2e_support import pickled_request, result_of, start_lb_shell, start_qb_shell
+from e2e_support import (
+    pickled_request,
+    result_of,
+    start_lb_shell,
+    start_qb_shell,
+    wait_until,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -98,9 +104,8 @@ def shell(
     if request.param == "lb":
         worker = start_lb_shell(spawn_worker, tmp, name="lb-executor")
     else:
-        worker = start_qb_shell(
-            spawn_worker, fake_runpod, "ep-qb-executor", tmp, FLASHRT_QB_CONCURRENCY="4"
-        )
+        # One job at a time (the default): a queued job starts when the one before returned.
+        worker = start_qb_shell(spawn_worker, fake_runpod, "ep-qb-executor", tmp)
     yield worker
     worker.process.stop()  # not left running for the rest of the session
 
@@ -161,16 +166,40 @@ def test_poisoning_cloudpickle_after_using_it_answers_that_request_and_the_next_
         _executor_of_next_request(shell, f"after-poison-{i}")
 
 
+def test_qb_a_job_queued_behind_a_poisoning_one_runs_once_on_a_fresh_executor(
+    shell: Shell,
+) -> None:
+    if shell.kind != "qb":
+        pytest.skip("a queue of jobs is the QB shell's")
+    _executor_of_next_request(shell, "before-queued-poison")
+    poisoned, after = shell.execute_queued(
+        [pickled_request("poison", POISON), pickled_request("whoami", WHOAMI, "queued")]
+    )
+    assert result_of(poisoned) == "poisoned"
+    # The queued job's handler started after the poisoning one had returned (one job at a time),
+    # so the supervisor already had the poisoned executor's answer, which says it is exiting.
+    # The job must go to the fresh executor and run once: not be "retried" as if it had run on
+    # the poisoned one.
+    assert result_of(after)["ppid"] == shell.pid
+    wait_until(
+        lambda: shell.recorder.arrival("whoami queued") is not None, 30, "the queued job's echo"
+    )
+    seen = shell.recorder.lines()
+    start = max(i for i, line in enumerate(seen) if "before-queued-poison" in line)
+    assert seen.count("whoami queued") == 1, (after["stdout"], seen[start:])  # it ran once
+    assert after["stdout"] == "whoami queued\n", seen[start:]
+    _executor_of_next_request(shell, "after-queued-poison")
+
+
 def test_poisoning_cloudpickle_on_a_fresh_executor_answers_that_request_and_the_next_ones(
     shell: Shell,
 ) -> None:
-    # SIGKILL twice (the retry): the executor serving next is fresh, and the poisoning request
-    # (no arguments) is the first thing it runs.
-    assert "killed by SIGKILL" in _failure(
-        shell.execute(pickled_request("kill_myself", SIGKILL_SELF))
-    )
+    _executor_of_next_request(shell, "before-poisons")
     assert result_of(shell.execute(pickled_request("poison", POISON))) == "poisoned"
-    for i in range(3):
+    # That executor was replaced: this poisoning request (no arguments, so nothing unpickled
+    # before it) is the first thing the fresh one runs.
+    assert result_of(shell.execute(pickled_request("poison", POISON))) == "poisoned"
+    for i in range(2):
         _executor_of_next_request(shell, f"after-fresh-poison-{i}")
 
 

@@ -576,7 +576,8 @@ class Supervisor:
                 what if planned else describe_exit(executor.proc.returncode),
             )
         self._settle_in_flight(what if planned else describe_exit(executor.proc.returncode))
-        self._deaths.append(time.monotonic())
+        if not planned:  # a replacement we asked for is no sign of an executor that keeps dying
+            self._deaths.append(time.monotonic())
         if self.executor is executor and (self._restarting is None or self._restarting.done()):
             self._restarting = self.loop.create_task(self._restart())
 
