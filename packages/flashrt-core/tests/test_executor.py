@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from flashrt_core import encode_response
+from flashrt_core import encode_response, hookimpl
 
 PID = "def pid():\n    import os\n    return os.getpid()\n"
 
@@ -339,3 +339,46 @@ def test_a_memory_hog_under_a_cgroup_limit_fails_and_the_worker_survives(tmp_pat
                 break
             except OSError:
                 time.sleep(0.1)
+
+
+# --- hooks on both sides ------------------------------------------------------------------------
+
+
+class _InstallsThenPersists:
+    """Installs in the executor (it is cloudpickled there); persists in the worker."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    @hookimpl
+    def flashrt_resolve_deps(self, request, plan, runtime):
+        import os as _os
+
+        async def run() -> bool:
+            print(f"installing in {_os.getpid()}")
+            return True
+
+        plan.claim("python", "test-installer", run)
+
+    @hookimpl
+    def flashrt_sync_cache(self, phase, runtime):
+        if phase == "persist":
+            Path(self.marker).write_text(str(os.getpid()))
+
+
+def test_an_install_in_the_executor_persists_the_caches_from_the_worker(
+    make_worker, wire, tmp_path
+):
+    marker = tmp_path / "persisted-by"
+    worker = _executor(make_worker, extra_plugins=(_InstallsThenPersists(str(marker)),))
+    request = wire.function(PID, "pid")
+    request["dependencies"] = ["something-small"]
+    response = worker.execute(request)
+    assert response.success, response.error
+    executor_pid = int(wire.dec(response))
+    assert f"installing in {executor_pid}" in response.stdout
+    for _ in range(100):  # persisting runs in the background
+        if marker.exists():
+            break
+        time.sleep(0.05)
+    assert marker.read_text() == str(os.getpid())  # the worker's side, once

@@ -440,9 +440,13 @@ class Runtime:
         if changed and self.on_installed is not None:
             self.on_installed()  # the supervisor persists the cache: its hooks run there
         elif changed:
-            self.background(
-                self._gather(self.pm.hook.flashrt_sync_cache(phase="persist", runtime=self))
-            )
+            self.persist_caches()
+
+    def persist_caches(self) -> None:
+        """Installs changed the environment: persist the caches, off every request's path."""
+        self.background(
+            self._gather(self.pm.hook.flashrt_sync_cache(phase="persist", runtime=self))
+        )
 
     async def _decode_arguments(self, request: FunctionRequest) -> Invocation:
         fmt = request.serialization_format

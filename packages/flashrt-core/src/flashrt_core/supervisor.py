@@ -486,12 +486,7 @@ class Supervisor:
             if pending.attempts > 1:  # say so: its side effects may have happened twice
                 value.stdout = RETRIED_NOTE + (value.stdout or "")
         if frame.installed:
-            runtime = self.runtime
-            runtime.background(
-                runtime._gather(
-                    runtime.pm.hook.flashrt_sync_cache(phase="persist", runtime=runtime)
-                )
-            )
+            self.runtime.persist_caches()
         if frame.instance_id:
             self._instances.add(frame.instance_id)
         self._answer(frame.id, value)
