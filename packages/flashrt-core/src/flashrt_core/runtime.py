@@ -311,12 +311,12 @@ class Runtime:
                 decoded = self._decode(request)
                 response = await self._run(decoded)
             except UserBaseException as exc:
-                response = self._failure("call", exc.original, exc.original.__traceback__)
+                response = failure_response("call", exc.original, exc.original.__traceback__)
             except StageError as exc:
                 cause = exc.__cause__
                 if isinstance(cause, UserBaseException):
                     cause = cause.original
-                response = self._failure(
+                response = failure_response(
                     exc.stage,
                     exc,
                     cause.__traceback__ if cause else None,
@@ -324,7 +324,7 @@ class Runtime:
                     cause=cause,
                 )
             except Exception as exc:
-                response = self._failure("call", exc, exc.__traceback__)
+                response = failure_response("call", exc, exc.__traceback__)
             response.stdout = buffer.getvalue()
         finally:
             capture.deactivate()
@@ -503,17 +503,6 @@ class Runtime:
         return await _with_timeout(pending, timeout)
 
     # --- responses ----------------------------------------------------------------------------
-
-    def _failure(
-        self,
-        stage: str,
-        exc: BaseException,
-        tb: Any,
-        *,
-        message: str | None = None,
-        cause: BaseException | None = None,
-    ) -> FunctionResponse:
-        return failure_response(stage, exc, tb, message=message, cause=cause)
 
     def _notify_finished(self, request: FunctionRequest | None, response: FunctionResponse) -> None:
         finished = self.pm.hook.flashrt_request_finished
