@@ -174,7 +174,8 @@ def test_qb_lines_reach_the_worker_log_while_the_job_runs(qb: Shell) -> None:
     assert [_count(served, f"live {token} {i}") for i in range(LINES)] == [1] * LINES
 
 
-CLIENT = """\
+CLIENT = (
+    """\
 import asyncio, json, sys
 from runpod_flash import CpuLiveServerless, remote
 from runpod_flash.core.resources import ResourceManager
@@ -182,18 +183,10 @@ import runpod
 
 ep = CpuLiveServerless(name="ep-live-logs")
 
-# fmt: off
 @remote(resource_config=ep, _internal=True)
-def ten_lines(token, n, pause):
-    import time
-    printed = []
-    for i in range(n):
-        print(f"live {token} {i}", flush=True)
-        printed.append(time.monotonic())
-        time.sleep(pause)
-    return printed
-# fmt: on
-
+"""
+    + TEN_LINES
+    + """
 cfg = ten_lines.__remote_config__["resource_config"]
 cfg.id = sys.argv[1]
 ResourceManager()._add_resource(cfg.get_resource_key(), cfg)
@@ -201,6 +194,7 @@ runpod.api_key = "fake-client-key"
 printed = asyncio.run(ten_lines(sys.argv[2], int(sys.argv[3]), 0.4))
 print("RESULT " + json.dumps(printed), flush=True)
 """
+)
 
 
 def test_qb_the_real_client_shows_each_line_live_and_once(
