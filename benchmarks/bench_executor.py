@@ -49,25 +49,42 @@ def _floor_us(body: dict[str, Any]) -> float:
     return _best(samples)
 
 
-def _pingpong_us() -> float:
-    """A 64-byte round trip over a socketpair between this process and a child."""
+def _recv_polling(sock: socket.socket) -> bytes:
+    while True:
+        try:
+            return sock.recv(64)
+        except BlockingIOError:
+            continue
+
+
+def _pingpong_us(polling: bool = False) -> float:
+    """A 64-byte round trip over a socketpair between this process and a child.
+
+    ``polling``: both ends poll a non-blocking socket instead of sleeping in ``recv``, as the
+    fast lane does for a short while.
+    """
     parent, child = socket.socketpair()
     pid = os.fork()  # benchmark only: a single-threaded process, no CUDA
     if pid == 0:
         parent.close()
+        child.setblocking(not polling)
         while True:
-            data = child.recv(64)
+            data = _recv_polling(child) if polling else child.recv(64)
             if not data:
                 os._exit(0)
             child.sendall(data)
     child.close()
+    parent.setblocking(not polling)
     payload = b"x" * 64
     samples = []
     for _ in range(5):
         start = time.perf_counter()
         for _ in range(N):
             parent.sendall(payload)
-            parent.recv(64)
+            if polling:
+                _recv_polling(parent)
+            else:
+                parent.recv(64)
         samples.append((time.perf_counter() - start) / N * 1e6)
     parent.close()
     os.waitpid(pid, 0)
@@ -105,7 +122,7 @@ async def _timed(runtime: Any, request: dict[str, Any], n: int) -> float:
     return _best(samples)
 
 
-def _warm_us(body: dict[str, Any], isolation: str) -> tuple[float, float]:
+def _warm_us(body: dict[str, Any], isolation: str, **settings: Any) -> tuple[float, float]:
     silent = dict(body, function_code=body["function_code"].replace("print(", "str("))
     method = {
         "execution_type": "class",
@@ -119,7 +136,7 @@ def _warm_us(body: dict[str, Any], isolation: str) -> tuple[float, float]:
     }
 
     async def main() -> tuple[float, float]:
-        runtime = _runtime(isolation, echo=False)
+        runtime = _runtime(isolation, echo=False, **settings)
         await runtime.start()
         try:
             return await _timed(runtime, silent, N), await _timed(runtime, method, N)
@@ -190,7 +207,10 @@ def run() -> list[dict[str, Any]]:
     body = json.loads((ROOT / "examples" / "add.json").read_text())["input"]
     floor = _floor_us(body)
     pingpong = _pingpong_us()
+    polling_pingpong = _pingpong_us(polling=True)
     fn_process, method_process = _warm_us(body, "process")
+    fn_sleeping, method_sleeping = _warm_us(body, "process", spin_us=0)
+    fn_loop, method_loop = _warm_us(body, "process", fast_lane=False)
     fn_none, method_none = _warm_us(body, "none")
     crash = _crash_to_answer_s()
     devnull = _devnull_print_ms()
@@ -198,6 +218,10 @@ def run() -> list[dict[str, Any]]:
     for name, value in (
         ("isolated Runtime.execute add() warm", fn_process),
         ("isolated method call on a kept instance", method_process),
+        ("isolated add(), fast lane without polling (FLASHRT_SPIN_US=0)", fn_sleeping),
+        ("isolated method, fast lane without polling", method_sleeping),
+        ("isolated add(), event-loop lane (FLASHRT_FAST_LANE=0)", fn_loop),
+        ("isolated method, event-loop lane", method_loop),
         ("in-process Runtime.execute add() warm", fn_none),
         ("in-process method call on a kept instance", method_none),
     ):
@@ -211,15 +235,14 @@ def run() -> list[dict[str, Any]]:
                 "target": "<= 5x",
             }
         )
-    rows.append(
-        {
-            "name": "isolated add() vs socketpair ping-pong",
-            "value": fn_process,
-            "unit": "us",
-            "floor": pingpong,
-            "ratio": fn_process / pingpong,
-        }
-    )
+    for name, value, base in (
+        ("isolated add() vs socketpair ping-pong", fn_process, pingpong),
+        ("isolated add() vs polling socketpair ping-pong", fn_process, polling_pingpong),
+        ("fast lane without polling vs socketpair ping-pong", fn_sleeping, pingpong),
+    ):
+        rows.append(
+            {"name": name, "value": value, "unit": "us", "floor": base, "ratio": value / base}
+        )
     rows.append(
         {
             "name": "crash to next answer (median)",

@@ -21,8 +21,27 @@ from flashrt_core import encode_response, hookimpl
 PID = "def pid():\n    import os\n    return os.getpid()\n"
 
 
+#: How a request can reach the executor's code: its main thread reading the fast lane (polling
+#: for the answer, or sleeping until it comes), or the executor's event loop.
+LANES = {
+    "fast": {},
+    "fast-sleeping": {"spin_us": 0},
+    "loop": {"fast_lane": False},
+}
+
+
 def _executor(make_worker, **settings):
     return make_worker(isolation="process", **settings)
+
+
+@pytest.fixture(params=list(LANES))
+def executor(make_worker, request):
+    """``executor(**settings) -> Worker`` under process isolation, once per lane."""
+
+    def factory(**settings):
+        return _executor(make_worker, **LANES[request.param], **settings)
+
+    return factory
 
 
 def _pid(worker, wire) -> int:
@@ -36,8 +55,8 @@ def _alive(worker, wire) -> None:
     assert wire.dec(response) == "alive"
 
 
-def test_user_code_runs_in_another_process(make_worker, wire):
-    worker = _executor(make_worker)
+def test_user_code_runs_in_another_process(executor, wire):
+    worker = executor()
     assert _pid(worker, wire) != os.getpid()
 
 
@@ -52,8 +71,8 @@ def test_user_code_runs_in_another_process(make_worker, wire):
         ("import ctypes\nctypes.string_at(0)", "killed by signal 11 (SIGSEGV)"),
     ],
 )
-def test_a_dying_executor_is_named_and_replaced(make_worker, wire, code, named):
-    worker = _executor(make_worker)
+def test_a_dying_executor_is_named_and_replaced(executor, wire, code, named):
+    worker = executor()
     before = _pid(worker, wire)
     body = (
         "def die():\n    print('last words', flush=True)\n" + textwrap.indent(code, "    ") + "\n"
@@ -67,16 +86,16 @@ def test_a_dying_executor_is_named_and_replaced(make_worker, wire, code, named):
     _alive(worker, wire)
 
 
-def test_without_retries_the_request_fails_at_the_first_death(make_worker, wire):
-    worker = _executor(make_worker, retry_on_executor_death=False)
+def test_without_retries_the_request_fails_at_the_first_death(executor, wire):
+    worker = executor(retry_on_executor_death=False)
     response = worker.execute(wire.function("def die():\n    import os\n    os._exit(3)\n", "die"))
     assert "exited with status 3" in response.error
     assert "ran twice" not in response.error
     _alive(worker, wire)
 
 
-def test_an_innocent_request_killed_by_anothers_timer_is_retried_and_succeeds(make_worker, wire):
-    worker = _executor(make_worker)
+def test_an_innocent_request_killed_by_anothers_timer_is_retried_and_succeeds(executor, wire):
+    worker = executor()
     timer = (
         "def arm():\n    import os, threading\n"
         "    threading.Timer(0.3, os._exit, (7,)).start()\n    return 'armed'\n"
@@ -89,8 +108,8 @@ def test_an_innocent_request_killed_by_anothers_timer_is_retried_and_succeeds(ma
     assert "running it again" in response.stdout
 
 
-def test_a_poisoned_interpreter_is_answered_then_replaced(make_worker, wire):
-    worker = _executor(make_worker)
+def test_a_poisoned_interpreter_is_answered_then_replaced(executor, wire):
+    worker = executor()
     before = _pid(worker, wire)
     poison = "def poison():\n    import sys\n    sys.modules['cloudpickle'] = None\n    return 1\n"
     response = worker.execute(wire.function(poison, "poison"))
@@ -100,8 +119,8 @@ def test_a_poisoned_interpreter_is_answered_then_replaced(make_worker, wire):
     assert _pid(worker, wire) != before
 
 
-def test_code_that_closes_every_descriptor_above_2_gets_its_result(make_worker, wire):
-    worker = _executor(make_worker)
+def test_code_that_closes_every_descriptor_above_2_gets_its_result(executor, wire):
+    worker = executor()
     closer = "def close_all():\n    import os\n    os.closerange(3, 65536)\n    return 'closed'\n"
     response = worker.execute(wire.function(closer, "close_all"))
     assert response.success, response.error
@@ -109,8 +128,8 @@ def test_code_that_closes_every_descriptor_above_2_gets_its_result(make_worker, 
     _alive(worker, wire)
 
 
-def test_signal_handlers_can_be_installed_by_sync_code(make_worker, wire):
-    worker = _executor(make_worker)
+def test_signal_handlers_can_be_installed_by_sync_code(executor, wire):
+    worker = executor()
     code = (
         "def alarm():\n    import signal\n"
         "    fired = []\n"
@@ -126,8 +145,8 @@ def test_signal_handlers_can_be_installed_by_sync_code(make_worker, wire):
     _alive(worker, wire)
 
 
-def test_a_runaway_sync_call_times_out_then_its_executor_is_recycled(make_worker, wire):
-    worker = _executor(make_worker, hard_timeout_grace_s=0.3)
+def test_a_runaway_sync_call_times_out_then_its_executor_is_recycled(executor, wire):
+    worker = executor(hard_timeout_grace_s=0.3)
     before = _pid(worker, wire)
     request = wire.function("def spin():\n    while True:\n        pass\n", "spin")
     request["timeout_s"] = 0.5
@@ -143,8 +162,8 @@ def test_a_runaway_sync_call_times_out_then_its_executor_is_recycled(make_worker
     _alive(worker, wire)
 
 
-def test_a_call_that_ends_within_the_grace_period_keeps_its_executor(make_worker, wire):
-    worker = _executor(make_worker, hard_timeout_grace_s=5.0)
+def test_a_call_that_ends_within_the_grace_period_keeps_its_executor(executor, wire):
+    worker = executor(hard_timeout_grace_s=5.0)
     before = _pid(worker, wire)
     request = wire.function("def nap():\n    import time\n    time.sleep(0.6)\n", "nap")
     request["timeout_s"] = 0.3
@@ -153,8 +172,8 @@ def test_a_call_that_ends_within_the_grace_period_keeps_its_executor(make_worker
     assert _pid(worker, wire) == before
 
 
-def test_a_lost_cuda_context_recycles_the_executor(make_worker, wire):
-    worker = _executor(make_worker)
+def test_a_lost_cuda_context_recycles_the_executor(executor, wire):
+    worker = executor()
     before = _pid(worker, wire)
     code = (
         "def kernel():\n"
@@ -167,8 +186,8 @@ def test_a_lost_cuda_context_recycles_the_executor(make_worker, wire):
     assert _pid(worker, wire) != before
 
 
-def test_instances_die_with_the_executor_and_are_rebuilt(make_worker, wire):
-    worker = _executor(make_worker, retry_on_executor_death=False)
+def test_instances_die_with_the_executor_and_are_rebuilt(executor, wire):
+    worker = executor(retry_on_executor_death=False)
     cls = (
         "class Counter:\n"
         "    def __init__(self, start):\n        self.n = start\n"
@@ -204,8 +223,8 @@ def test_the_executor_is_started_on_first_use(wire):
     assert int(wire.dec(response)) != os.getpid()
 
 
-def test_shutdown_leaves_no_executor_behind(make_worker, wire):
-    worker = _executor(make_worker)
+def test_shutdown_leaves_no_executor_behind(executor, wire):
+    worker = executor()
     pid = _pid(worker, wire)
     worker.close()
     worker.close = lambda: None  # closed here, not again at teardown
@@ -218,23 +237,23 @@ def test_shutdown_leaves_no_executor_behind(make_worker, wire):
 # --- output -------------------------------------------------------------------------------------
 
 
-def test_output_is_echoed_live_as_written(make_worker, wire, capsys):
-    worker = _executor(make_worker)
+def test_output_is_echoed_live_as_written(executor, wire, capsys):
+    worker = executor()
     code = "def talk():\n    print('one')\n    print('two', end='')\n    return 1\n"
     response = worker.execute(wire.function(code, "talk"))
     assert response.stdout == "one\ntwo"
     assert capsys.readouterr().out.splitlines() == ["one", "two"]
 
 
-def test_the_echo_can_be_turned_off(make_worker, wire, capsys):
-    worker = _executor(make_worker, echo=False)
+def test_the_echo_can_be_turned_off(executor, wire, capsys):
+    worker = executor(echo=False)
     response = worker.execute(wire.function("def talk():\n    print('quiet')\n", "talk"))
     assert response.stdout == "quiet\n"
     assert "quiet" not in capsys.readouterr().out
 
 
-def test_the_echo_is_bounded_and_says_so_once(make_worker, wire, capsys):
-    worker = _executor(make_worker, echo_max_bytes=100)
+def test_the_echo_is_bounded_and_says_so_once(executor, wire, capsys):
+    worker = executor(echo_max_bytes=100)
     code = "def chatty():\n    for i in range(100):\n        print(f'line {i:03}')\n"
     response = worker.execute(wire.function(code, "chatty"))
     assert response.stdout.count("\n") == 100  # the response keeps its own bound

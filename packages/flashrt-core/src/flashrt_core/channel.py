@@ -58,7 +58,8 @@ class Setup(msgspec.Struct, tag=True):
 
 
 class Execute(msgspec.Struct, tag=True):
-    """Run one request; ``body`` is JSON (``form="json"``) or msgpack of a mapping."""
+    """Run one request; ``body`` is JSON (``form="json"``), msgpack of a mapping
+    (``"msgpack"``) or of a ``FunctionRequest`` (``"request"``, decoded straight to one)."""
 
     id: int
     body: bytes
@@ -88,6 +89,7 @@ class Hello(msgspec.Struct, tag=True):
 
     pid: int
     error: str | None = None  # start-up failed in the executor; the reason
+    fast: bool = False  # its main thread reads the fast lane's socket
 
 
 class Output(msgspec.Struct, tag=True):

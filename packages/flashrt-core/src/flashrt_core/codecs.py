@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any
+import pickle
+from typing import TYPE_CHECKING, Any
 
 from .errors import StageError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["FORMATS", "check_format", "decode_arguments", "decode_value", "encode_result"]
 
@@ -17,6 +21,9 @@ FORMATS = ("cloudpickle", "json")
 
 # Results of these types are pickled inline; anything else may be large and is encoded off-loop.
 SMALL_TYPES = (int, float, bool, type(None))
+#: Exact types cloudpickle pickles exactly as the standard pickler does.
+_ATOMIC = frozenset({int, float, bool, type(None), str, bytes})
+_PROTOCOL = pickle.HIGHEST_PROTOCOL  # cloudpickle.DEFAULT_PROTOCOL
 
 
 _modules: dict[str, Any] = {}
@@ -50,21 +57,26 @@ def decode_value(value: Any, fmt: str, where: str) -> Any:
     """Decode one argument; ``where`` (``args[1]``, ``kwargs['x']``) names it in errors."""
     if fmt == "json":
         return value
+    return _unpickle(value, lambda: where)
+
+
+def _unpickle(value: Any, where: Callable[[], str]) -> Any:
+    """``where`` is only called for an error: building the name costs more than decoding."""
     if not isinstance(value, str):
         raise StageError(
-            "decode", f"{where}: expected a base64 cloudpickle string, got {type(value).__name__}"
+            "decode",
+            f"{where()}: expected a base64 cloudpickle string, got {type(value).__name__}",
         )
     try:
         raw = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise StageError("decode", f"{where}: not valid base64") from None
-    cloudpickle = _cloudpickle()
-
+        raise StageError("decode", f"{where()}: not valid base64") from None
+    _cloudpickle()  # cloudpickle.loads is pickle.loads; what the data names needs cloudpickle
     try:
-        return cloudpickle.loads(raw)
+        return pickle.loads(raw)
     except Exception as exc:
         raise StageError(
-            "decode", f"{where}: could not unpickle: {type(exc).__name__}: {exc}"
+            "decode", f"{where()}: could not unpickle: {type(exc).__name__}: {exc}"
         ) from exc
 
 
@@ -75,8 +87,14 @@ def decode_arguments(
     check_format(fmt)
     if fmt == "json":
         return list(args), dict(kwargs)
-    out_args = [decode_value(v, fmt, f"{prefix}args[{i}]") for i, v in enumerate(args)]
-    out_kwargs = {k: decode_value(v, fmt, f"{prefix}kwargs[{k!r}]") for k, v in kwargs.items()}
+    out_args = [
+        _unpickle(v, lambda i=i: f"{prefix}args[{i}]")  # type: ignore[misc]
+        for i, v in enumerate(args)
+    ]
+    out_kwargs = {
+        k: _unpickle(v, lambda k=k: f"{prefix}kwargs[{k!r}]")  # type: ignore[misc]
+        for k, v in kwargs.items()
+    }
     return out_args, out_kwargs
 
 
@@ -93,6 +111,10 @@ def encode_result(value: Any, fmt: str) -> tuple[str | None, Any]:
                 f"result of type {type(value).__qualname__} is not JSON-serialisable: {exc}",
             ) from exc
         return None, value
+    if type(value) in _ATOMIC:
+        # cloudpickle's pickler gives these exact types to the C pickler unchanged: the same
+        # bytes as plain pickle at cloudpickle's protocol, in a tenth of the time.
+        return base64.b64encode(pickle.dumps(value, protocol=_PROTOCOL)).decode("ascii"), None
     cloudpickle = _cloudpickle()
 
     try:

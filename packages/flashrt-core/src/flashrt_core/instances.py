@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from datetime import datetime, timezone
@@ -59,13 +60,16 @@ class InstanceEntry:
 class InstanceRegistry:
     """Instances keyed by ``instance_id``; least recently used and idle ones are evicted.
 
-    Creation is single-flight per id: concurrent first calls on one id build one instance.
+    Creation is single-flight per id: concurrent first calls on one id build one instance. The
+    build's lock is an asyncio lock: take it on one event loop only (an executor's fast lane
+    builds through its loop). The entries themselves may be read from any thread.
     """
 
     def __init__(self, max_instances: int, idle_ttl_s: float) -> None:
         self.max_instances = max(1, max_instances)
         self.idle_ttl_s = idle_ttl_s
         self._entries: OrderedDict[str, InstanceEntry] = OrderedDict()
+        self._entries_lock = threading.Lock()
         self._locks = KeyedLocks()
 
     def __len__(self) -> int:
@@ -90,28 +94,34 @@ class InstanceRegistry:
         An existing instance of another class under the same id is replaced, as is any instance
         when ``replace`` is true.
         """
-        self._evict_idle()
-        if not replace and (entry := self._usable(instance_id, class_name)) is not None:
+        entry = self.live(instance_id, class_name)  # evicts idle ones too
+        if entry is not None and not replace:
             return entry
         async with self._locks.hold((instance_id,)):
             # Someone may have built it while we waited for the lock.
-            if not replace and (entry := self._usable(instance_id, class_name)) is not None:
+            if not replace and (entry := self.live(instance_id, class_name)) is not None:
                 return entry
             entry = InstanceEntry(await factory(), class_name)
-            self._entries[instance_id] = entry
-            self._evict_over_count()
+            with self._entries_lock:
+                self._entries[instance_id] = entry
+                self._evict_over_count()
         return entry
 
-    def _usable(self, instance_id: str, class_name: str) -> InstanceEntry | None:
-        entry = self._entries.get(instance_id)
-        if entry is None or entry.class_name != class_name:
-            return None
-        self._entries.move_to_end(instance_id)
-        return entry
+    def live(self, instance_id: str, class_name: str) -> InstanceEntry | None:
+        """The live instance of ``class_name`` under ``instance_id``, if there is one (no lock
+        to wait for: a hit needs no event loop)."""
+        with self._entries_lock:
+            self._evict_idle()
+            entry = self._entries.get(instance_id)
+            if entry is None or entry.class_name != class_name:
+                return None
+            self._entries.move_to_end(instance_id)
+            return entry
 
     def remove(self, instance_id: str) -> bool:
         """Forget an instance; ``False`` if there was none."""
-        return self._entries.pop(instance_id, None) is not None
+        with self._entries_lock:
+            return self._entries.pop(instance_id, None) is not None
 
     def _evict_idle(self) -> None:
         if not self._entries:

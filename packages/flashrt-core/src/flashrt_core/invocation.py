@@ -139,13 +139,14 @@ class Invocation:
         Sync callables run in the runtime's worker threads (never on the event loop), coroutine
         functions are awaited, generators and async generators are collected into lists.
         """
+        runtime = self.runtime
         if inspect.iscoroutinefunction(fn):
-            return await _guard(fn(*args, **kwargs))
+            return await runtime.on_loop(_guard(fn(*args, **kwargs)))
         if inspect.isasyncgenfunction(fn):
-            return await _guard(_drain(fn(*args, **kwargs)))
-        result = await self.runtime.run_user_sync(self.request, _call_sync, fn, args, kwargs)
+            return await runtime.on_loop(_guard(_drain(fn(*args, **kwargs))))
+        result = await runtime.run_user_sync(self.request, _call_sync, fn, args, kwargs)
         if inspect.isawaitable(result):
-            result = await _guard(result)
+            result = await runtime.on_loop(_guard(result))
         elif inspect.isasyncgen(result):
-            result = await _guard(_drain(result))
+            result = await runtime.on_loop(_guard(_drain(result)))
         return result

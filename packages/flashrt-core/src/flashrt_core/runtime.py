@@ -7,6 +7,7 @@ import contextvars
 import inspect
 import logging
 import sys
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -95,6 +96,11 @@ class Runtime:
         self.user_sync: Callable[..., Awaitable[Any]] | None = None
         self.on_phase: Callable[[str], None] | None = None
         self.on_installed: Callable[[], None] | None = None
+        #: Set by an executor's fast lane: on this thread (its main thread) blocking work runs
+        #: inline, as no event loop runs there, and ``inline_wait`` runs async user code on the
+        #: executor's loop and waits for it.
+        self.inline_thread: int | None = None
+        self.inline_wait: Callable[[Awaitable[Any]], Any] | None = None
         #: Deployed QB mode: the resource whose generated handler serves plain jobs (the shell
         #: sets it before start; the handler is loaded where user code runs).
         self.deployed_handler_resource: str | None = None
@@ -179,6 +185,8 @@ class Runtime:
 
     async def run_blocking(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` in the runtime's thread pool, in a copy of the caller's context."""
+        if self.inline_thread is not None and threading.get_ident() == self.inline_thread:
+            return _call_inline(fn, *args, **kwargs)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         ctx = contextvars.copy_context()
@@ -203,9 +211,19 @@ class Runtime:
         self, request: FunctionRequest | None, fn: Callable[..., T], /, *args: Any
     ) -> T:
         """Call sync user code: off the event loop; in an executor, on its main thread if free."""
+        if self.inline_thread is not None and threading.get_ident() == self.inline_thread:
+            return fn(*args)  # the fast lane: this is the main thread, and it is ours
         if self.user_sync is not None:
             return await self.user_sync(request, fn, *args)  # type: ignore[no-any-return]
         return await self.run_blocking(fn, *args)
+
+    async def on_loop(self, awaitable: Awaitable[T]) -> T:
+        """Await ``awaitable`` on the event loop: async user code, or the instance registry's
+        build. From an executor's fast lane, that is the executor's loop, and the fast lane
+        waits for it: every request's async code shares the one loop."""
+        if self.inline_wait is not None and threading.get_ident() == self.inline_thread:
+            return self.inline_wait(awaitable)  # type: ignore[no-any-return]
+        return await awaitable
 
     def background(self, awaitable: Awaitable[Any]) -> asyncio.Task[Any]:
         """Run work off the request path; kept referenced and its failures logged."""
@@ -300,15 +318,19 @@ class Runtime:
         self,
         request: FunctionRequest | Mapping[str, Any] | bytes | str,
         listener: Listener | None = None,
+        size: int | None = None,
     ) -> FunctionResponse:
-        """The pipeline in this process; ``listener`` hears every write of the request's code."""
+        """The pipeline in this process; ``listener`` hears every write of the request's code.
+
+        ``size``: the request's encoded size where the caller knows it (an executor's frame).
+        """
         buffer = capture.OutputBuffer(self.settings.max_output_bytes, listener)
         token = capture.use_buffer(buffer)
         capture.activate()
         decoded: FunctionRequest | None = None
         try:
             try:
-                decoded = self._decode(request)
+                decoded = self._decode(request, size)
                 response = await self._run(decoded)
             except UserBaseException as exc:
                 response = failure_response("call", exc.original, exc.original.__traceback__)
@@ -335,20 +357,19 @@ class Runtime:
         return response
 
     def _decode(
-        self, request: FunctionRequest | Mapping[str, Any] | bytes | str
+        self, request: FunctionRequest | Mapping[str, Any] | bytes | str, size: int | None = None
     ) -> FunctionRequest:
         limit = self.settings.max_request_bytes
-        if isinstance(request, (bytes, str)) and len(request) > limit:
-            raise StageError(
-                "decode", f"request of {len(request)} bytes exceeds the limit of {limit}"
-            )
+        if isinstance(request, (bytes, str)):
+            size = len(request)
+        if size is not None and size > limit:
+            raise StageError("decode", f"request of {size} bytes exceeds the limit of {limit}")
         try:
             decoded = decode_request(request)
         except RequestError as exc:
             raise StageError("decode", str(exc)) from None
-        # Bytes were measured above; a parsed mapping is measured by its strings.
-        size = 0 if isinstance(request, (bytes, str)) else _approximate_size(decoded)
-        if size > limit:
+        # Unmeasured (a parsed mapping or request object): measured by its strings.
+        if size is None and (size := _approximate_size(decoded)) > limit:
             raise StageError(
                 "decode", f"request of about {size} bytes exceeds the limit of {limit}"
             )
@@ -558,6 +579,16 @@ async def _contained(coro: Any) -> Any:
 def _plugin_bug(exc: Exception) -> Exception | None:
     """An installer's own verdict (bad input, failed tool) needs no traceback; a bug does."""
     return None if isinstance(exc, (ValueError, RuntimeError, OSError)) else exc
+
+
+def _call_inline(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``run_blocking``'s contract, on the calling thread."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception:
+        raise
+    except BaseException as exc:
+        raise RuntimeError(f"{type(exc).__name__} in a worker thread: {exc}") from exc
 
 
 def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:

@@ -161,6 +161,19 @@ class Settings:
         5.0,
         "On shutdown, time between SIGTERM and SIGKILL of the executor.",
     )
+    fast_lane: bool = setting(
+        "FLASHRT_FAST_LANE",
+        True,
+        "Run a simple request (code, no installs, no modules) on the executor's main thread "
+        "when nothing else is in flight, without the event loop's two thread hops.",
+    )
+    spin_us: int = setting(
+        "FLASHRT_SPIN_US",
+        100,
+        "How long (µs) the supervisor and the executor poll for a fast-lane answer or the next "
+        "request before they sleep. Waking a sleeping process costs tens of µs on a VM; 0 never "
+        "polls.",
+    )
     # Live output
     echo: bool = setting(
         "FLASHRT_ECHO",

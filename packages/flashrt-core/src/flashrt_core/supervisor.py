@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -46,17 +47,41 @@ log = logging.getLogger("flashrt.supervisor")
 _RESTART_WINDOW_S = 60.0
 RETRIED_NOTE = "[flashrt] the executor process died while this request ran; running it again\n"
 _MAX_BACKOFF_S = 10.0
+_MAX_UNYIELDED_S = 0.001
 
 
 class ExecutorUnavailable(RuntimeError):
     """No executor could be started; the message says why."""
 
 
-class _Peek(msgspec.Struct):
+class _Fields(msgspec.Struct):
+    """What the supervisor reads of a JSON request: its time limit, and whether it is simple."""
+
     timeout_s: float | None = None
+    execution_type: str = "function"
+    function_code: str | None = None
+    class_code: str | None = None
+    dependencies: list[Any] | None = None
+    system_dependencies: list[Any] | None = None
+    modules: dict[str, Any] | None = None
+
+
+class _Peek(_Fields):
+    input: _Fields | None = None  # the queue's envelope
 
 
 _peek = msgspec.json.Decoder(_Peek)
+
+
+def _simple(get: Any) -> bool:
+    """Code to exec, nothing to install or mount: the executor's fast lane can run it."""
+    is_function = get("execution_type") in (None, "function")
+    code = get("function_code") if is_function else get("class_code")
+    return bool(
+        code and not get("dependencies") and not get("system_dependencies") and not get("modules")
+    )
+
+
 _response = msgspec.msgpack.Decoder(FunctionResponse)
 
 
@@ -89,15 +114,19 @@ class _Pending:
         "output",
         "output_size",
         "request_id",
+        "simple",
         "timeout",
         "timer",
     )
 
-    def __init__(self, body: bytes, form: str, timeout: float, deployed: bool) -> None:
+    def __init__(
+        self, body: bytes, form: str, timeout: float, deployed: bool, simple: bool = False
+    ) -> None:
         self.body = body
         self.form = form
         self.timeout = timeout
         self.deployed = deployed
+        self.simple = simple
         self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.attempts = 0
         self.output: list[str] = []
@@ -110,11 +139,22 @@ class _Pending:
 class _Executor:
     """One executor process and its end of the channel."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], chan: ch.Channel, pidfd: int | None) -> None:
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        chan: ch.Channel,
+        fast: ch.Channel,
+        pidfd: int | None,
+    ) -> None:
         self.proc = proc
         self.chan = chan
+        #: The fast lane's socket, read by the executor's main thread (used when Hello says so).
+        self.fast = fast
+        self.fast_ok = False
+        self.fast_poll = select.poll()
+        self.fast_poll.register(fast.fd, select.POLLIN)
         self.pidfd = pidfd
-        self.reader = ch.FrameReader()
+        self.readers = {chan.fd: ch.FrameReader(), fast.fd: ch.FrameReader()}
         self.hello: asyncio.Future[ch.Hello] = asyncio.get_running_loop().create_future()
         self.exit_reason: str | None = None  # set when we (or it) decided it should go
         self.dead = False
@@ -139,6 +179,11 @@ class Supervisor:
         self._instances: set[str] = set()
         self._closing = False
         self._restarting: asyncio.Task[None] | None = None
+        self._fast_id: int | None = None  # the request in the fast lane, if one is
+        self._spin_s = max(0, self.settings.spin_us) / 1e6
+        self._yielded_at = 0.0  # when a request last let the event loop run
+        #: Requests handed to the executor, by lane: "fast" (its main thread) or "loop".
+        self.lanes = {"fast": 0, "loop": 0}
         self.restarts = 0
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -146,25 +191,35 @@ class Supervisor:
     def spawn(self) -> None:
         """Start a fresh executor interpreter (returns at once; :meth:`start` waits for it)."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fast_parent, fast_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ)
         env["FLASHRT_EXECUTOR"] = "1"
+        env["FLASHRT_EXECUTOR_FAST_FD"] = str(fast_child.fileno())
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "flashrt_core.executor"],
                 stdin=child.fileno(),
+                pass_fds=(fast_child.fileno(),),
                 close_fds=True,
                 env=env,
                 start_new_session=True,  # its own process group: we kill what it started too
             )
+        except BaseException:
+            fast_parent.close()
+            parent.close()
+            raise
         finally:
             child.close()
+            fast_child.close()
         chan = ch.Channel(parent)
+        fast = ch.Channel(fast_parent)
         pidfd: int | None = None
         with contextlib.suppress(AttributeError, OSError):
             pidfd = os.pidfd_open(proc.pid)
-        executor = _Executor(proc, chan, pidfd)
+        executor = _Executor(proc, chan, fast, pidfd)
         self.executor = executor
-        self.loop.add_reader(chan.fd, self._on_readable, executor)
+        self.loop.add_reader(chan.fd, self._on_readable, executor, chan)
+        self.loop.add_reader(fast.fd, self._on_readable, executor, fast)
         if pidfd is not None:  # without one (old kernels), EOF alone tells
             self.loop.add_reader(pidfd, self._on_exit, executor)
 
@@ -273,10 +328,10 @@ class Supervisor:
     ) -> FunctionResponse:
         """Run ``request`` in the executor. Never raises (cancellation aside)."""
         try:
-            body, form, timeout = self._encode(request)
+            body, form, timeout, simple = self._encode(request)
         except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
             return stage_failure("decode", f"invalid request: {exc}")
-        result = await self._submit(_Pending(body, form, timeout, deployed=False))
+        result = await self._submit(_Pending(body, form, timeout, False, simple))
         assert isinstance(result, FunctionResponse)
         return result
 
@@ -288,29 +343,34 @@ class Supervisor:
             return {"success": False, "error": f"the job cannot be encoded: {exc}"}
         return await self._submit(_Pending(body, "json", self.settings.timeout_s, deployed=True))
 
-    def _encode(self, request: Any) -> tuple[bytes, str, float]:
+    def _encode(self, request: Any) -> tuple[bytes, str, float, bool]:
+        """The frame body and its form, the time limit, and whether the request is simple."""
         settings = self.settings
         limit = settings.timeout_s
-        timeout: float | None = None
-        if isinstance(request, (bytes, bytearray, memoryview)):
-            body, form = bytes(request), "json"
+        timeout: Any = None
+        simple = False
+        if isinstance(request, FunctionRequest):
+            body, form, timeout = msgspec.msgpack.encode(request), "request", request.timeout_s
+            simple = _simple(request.__getattribute__)
+        elif isinstance(request, (bytes, bytearray, memoryview, str)):
+            if isinstance(request, str):
+                body = request.encode("utf-8", "surrogatepass")
+            else:
+                body = bytes(request)
+            form = "json"
             with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                timeout = _peek.decode(body).timeout_s
-        elif isinstance(request, str):
-            body, form = request.encode("utf-8", "surrogatepass"), "json"
-            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                timeout = _peek.decode(body).timeout_s
-        elif isinstance(request, FunctionRequest):
-            body, form, timeout = msgspec.msgpack.encode(request), "msgpack", request.timeout_s
+                fields = _peek.decode(body)
+                source = fields.input or fields
+                timeout, simple = source.timeout_s, _simple(source.__getattribute__)
         else:
             body, form = msgspec.msgpack.encode(request), "msgpack"
             inner = request.get("input") if isinstance(request, dict) else None
-            source = inner if isinstance(inner, dict) else request
-            raw = source.get("timeout_s") if hasattr(source, "get") else None
-            timeout = raw if isinstance(raw, (int, float)) and not isinstance(raw, bool) else None
-        if timeout is not None and timeout > 0:
+            mapping = inner if isinstance(inner, dict) else request
+            if hasattr(mapping, "get"):
+                timeout, simple = mapping.get("timeout_s"), _simple(mapping.get)
+        if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0:
             limit = timeout
-        return body, form, min(limit, settings.max_timeout_s)
+        return body, form, min(limit, settings.max_timeout_s), simple
 
     async def _submit(self, pending: _Pending) -> Any:
         rid = next(self._ids)
@@ -325,7 +385,16 @@ class Supervisor:
             )
         try:
             await self._dispatch(rid, pending)
-            return await pending.future
+            if not pending.future.done():
+                result = await pending.future
+                self._yielded_at = time.monotonic()
+                return result
+            # Answered while we polled for it: never let back-to-back calls starve the loop.
+            now = time.monotonic()
+            if now - self._yielded_at > _MAX_UNYIELDED_S:
+                self._yielded_at = now
+                await asyncio.sleep(0)
+            return pending.future.result()
         except asyncio.CancelledError:
             if rid in self._pending:
                 self._give_up(rid)
@@ -352,17 +421,49 @@ class Supervisor:
         executor = self.executor
         assert executor is not None
         pending.attempts += 1
+        chan = executor.chan
         if pending.deployed:
             frame: ch.Frame = ch.RunDeployed(rid, pending.body, pending.request_id)
         else:
             frame = ch.Execute(rid, pending.body, pending.form, pending.request_id)
+            if (
+                pending.simple
+                and executor.fast_ok
+                and self._fast_id is None
+                and len(self._pending) == 1
+                and not self._abandoned
+            ):
+                # Alone in flight, so the executor's main thread is free: it runs this itself.
+                chan = executor.fast
+                self._fast_id = rid
+        self.lanes["fast" if chan is executor.fast else "loop"] += 1
         try:
-            executor.chan.send(frame)
+            chan.send(frame)
         except OSError:
             return  # it is dying: its death handling retries or answers this request
+        if chan is executor.fast and self._spin_s and self._poll_for_answer(executor, rid):
+            return
         pending.timer = self.loop.call_later(pending.timeout, self._timed_out, rid)
 
+    def _poll_for_answer(self, executor: _Executor, rid: int) -> bool:
+        """Poll, not sleep, for a short while: a quick call is answered without a wake-up.
+
+        Only for the fast lane, so only while nothing else is in flight; the event loop waits
+        at most ``FLASHRT_SPIN_US``.
+        """
+        clock = time.perf_counter
+        until = clock() + self._spin_s
+        poll = executor.fast_poll.poll
+        while clock() < until:
+            if poll(0):
+                self._on_readable(executor, executor.fast)
+                if rid not in self._pending:
+                    return True
+        return False
+
     def _answer(self, rid: int, response: Any) -> None:
+        if rid == self._fast_id:
+            self._fast_id = None
         pending = self._pending.pop(rid, None)
         if pending is not None and not pending.future.done():
             pending.future.set_result(response)
@@ -370,6 +471,8 @@ class Supervisor:
     def _give_up(self, rid: int) -> None:
         """The caller stopped waiting: tell the executor, and watch that it really stops."""
         self._pending.pop(rid, None)
+        if rid == self._fast_id:
+            self._fast_id = None  # the abandoned entry keeps the lane closed until it ends
         executor = self.executor
         if executor is None or executor.dead:
             return
@@ -409,9 +512,9 @@ class Supervisor:
 
     # --- frames from the executor -----------------------------------------------------------
 
-    def _on_readable(self, executor: _Executor) -> None:
+    def _on_readable(self, executor: _Executor, chan: ch.Channel) -> None:
         try:
-            data = executor.chan.recv_available()
+            data = chan.recv_available()
         except BlockingIOError:
             return
         except OSError:
@@ -419,7 +522,7 @@ class Supervisor:
         if not data:
             self._eof(executor)
             return
-        for frame in executor.reader.feed(data):
+        for frame in executor.readers[chan.fd].feed(data):
             self._on_frame(executor, frame)
 
     def _on_frame(self, executor: _Executor, frame: ch.Frame) -> None:
@@ -442,6 +545,7 @@ class Supervisor:
                 handle.cancel()
         elif isinstance(frame, ch.Hello):
             if not executor.hello.done():
+                executor.fast_ok = frame.fast and self.settings.fast_lane
                 executor.hello.set_result(frame)
         elif isinstance(frame, ch.Exiting) and executor.exit_reason is None:
             self._retiring(executor, frame.reason)
@@ -498,7 +602,10 @@ class Supervisor:
 
     def _eof(self, executor: _Executor) -> None:
         """EOF usually means it is exiting: let its pidfd say how, unless it lingers."""
+        if executor is self.executor:
+            self._ready.clear()  # hand it nothing more
         self.loop.remove_reader(executor.chan.fd)
+        self.loop.remove_reader(executor.fast.fd)
         if executor.pidfd is None or executor.proc.poll() is not None:
             self._died(executor)
             return
@@ -522,23 +629,26 @@ class Supervisor:
             return
         executor.dead = True
         self.loop.remove_reader(executor.chan.fd)
+        self.loop.remove_reader(executor.fast.fd)
         if executor.pidfd is not None:
             self.loop.remove_reader(executor.pidfd)
             with contextlib.suppress(OSError):
                 os.close(executor.pidfd)
         executor.chan.close()
+        executor.fast.close()
 
     def _drain(self, executor: _Executor) -> None:
         """Handle what it sent before it went (an answer, an ``Exiting``) before mourning it."""
-        for _ in range(1024):
-            try:
-                data = executor.chan.recv_available()
-            except OSError:  # BlockingIOError included: nothing more
-                return
-            if not data:
-                return
-            for frame in executor.reader.feed(data):
-                self._on_frame(executor, frame)
+        for chan in (executor.fast, executor.chan):
+            for _ in range(1024):
+                try:
+                    data = chan.recv_available()
+                except OSError:  # BlockingIOError included: nothing more
+                    break
+                if not data:
+                    break
+                for frame in executor.readers[chan.fd].feed(data):
+                    self._on_frame(executor, frame)
 
     def _died(self, executor: _Executor) -> None:
         if executor.dead:
@@ -583,6 +693,7 @@ class Supervisor:
         lost = sorted(self._instances)
         self._instances.clear()
         retry = self.settings.retry_on_executor_death
+        self._fast_id = None
         for rid, pending in list(self._pending.items()):
             if pending.timer is not None:
                 pending.timer.cancel()

@@ -76,12 +76,15 @@ async def call_on_instance(
     """Take the request's live instance (built with ``build`` when its id is unknown or
     ``create_new_instance`` asks for a new one), then call the requested method on it."""
     class_name = request.class_name or ""
-    entry = await instances.get_or_create(
-        request.instance_id or class_name,
-        build,
-        class_name=class_name,
-        replace=request.create_new_instance,
-    )
+    instance_id = request.instance_id or class_name
+    entry = None if request.create_new_instance else instances.live(instance_id, class_name)
+    if entry is None:
+        # Built on the event loop, where the registry's single-flight lock lives.
+        entry = await call.runtime.on_loop(
+            instances.get_or_create(
+                instance_id, build, class_name=class_name, replace=request.create_new_instance
+            )
+        )
     return await call_method(entry.instance, request.method_name, call, entry.record_call)
 
 

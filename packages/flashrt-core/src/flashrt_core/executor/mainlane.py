@@ -1,9 +1,18 @@
-"""The main thread as a lane for sync user code: used when free, so signal handlers work."""
+"""The main thread as a lane for sync user code: used when free, so signal handlers work.
+
+Two kinds of work reach it. The event loop thread hands it sync calls of the requests it runs
+(:meth:`MainLane.try_run`, woken through a pipe). The supervisor sends simple requests straight
+to it over the fast lane's socket, when nothing else is in flight (``on_fast`` reads them).
+"""
 
 from __future__ import annotations
 
-import queue
+import collections
+import contextlib
+import os
+import select
 import threading
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -15,31 +24,104 @@ __all__ = ["MainLane"]
 class MainLane:
     """Runs one work item at a time on the thread that calls :meth:`serve_forever`."""
 
-    def __init__(self) -> None:
-        self._items: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+    def __init__(self, fast_fd: int | None = None, spin_s: float = 0.0) -> None:
+        self._items: collections.deque[Callable[[], None] | None] = collections.deque()
         self._lock = threading.Lock()
         self.busy = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.fast_fd = fast_fd
+        self.spin_s = spin_s
+        #: Called on the main thread when the fast lane's socket is readable.
+        self.on_fast: Callable[[], None] | None = None
+        self._peek: select.poll | None = None
+        if fast_fd is not None:
+            self._peek = select.poll()
+            self._peek.register(fast_fd, select.POLLIN)
+
+    @property
+    def fds(self) -> dict[str, int]:
+        """The descriptors it cannot work without (for the integrity check)."""
+        fds = {"the main lane's wake-up pipe": self._wake_r}
+        if self.fast_fd is not None:
+            fds["the fast lane's channel"] = self.fast_fd
+        return fds
 
     def try_run(self, item: Callable[[], None]) -> bool:
-        """Queue ``item`` for the main thread if it is free; ``False`` when it is busy."""
+        """Queue ``item`` for the main thread if it is free; ``False`` when it is busy.
+
+        A fast-lane request already waiting counts as busy: it was sent because the supervisor
+        saw nothing else in flight, and must not wait behind a long sync call.
+        """
         with self._lock:
-            if self.busy:
+            if self.busy or (self._peek is not None and self._peek.poll(0)):
                 return False
             self.busy = True
-        self._items.put(item)
+        self._items.append(item)
+        self._wake()
         return True
 
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # a wake-up is already pending
+            os.write(self._wake_w, b"\0")
+
     def serve_forever(self) -> None:
-        """The main thread's life: run items until :meth:`stop`."""
+        """The main thread's life: run items and fast-lane requests until :meth:`stop`."""
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        if self.fast_fd is not None:
+            poller.register(self.fast_fd, select.POLLIN)
+        spin_until = 0.0
         while True:
-            item = self._items.get()
+            events = _spin(poller, spin_until) if spin_until else poller.poll()
+            spin_until = 0.0
+            for fd, mask in events:
+                if fd == self._wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 4096)
+                    if not self._run_items():
+                        return
+                elif mask & (select.POLLNVAL | select.POLLERR):
+                    # User code closed the fast lane's socket: the integrity check saw it and the
+                    # executor is exiting; stop watching it meanwhile.
+                    poller.unregister(fd)
+                elif self.on_fast is not None:
+                    self._run_fast(self.on_fast)
+                    if self.spin_s:  # a caller that sends back to back finds us awake
+                        spin_until = time.perf_counter() + self.spin_s
+
+    def _run_items(self) -> bool:
+        while self._items:
+            item = self._items.popleft()
             if item is None:
-                return
+                return False
             try:
                 item()
             finally:
                 with self._lock:
-                    self.busy = False
+                    self.busy = bool(self._items)
+        return True
+
+    def _run_fast(self, handler: Callable[[], None]) -> None:
+        with self._lock:
+            self.busy = True
+        try:
+            handler()
+        finally:
+            with self._lock:
+                self.busy = bool(self._items)  # an item queued meanwhile runs next
 
     def stop(self) -> None:
-        self._items.put(None)
+        self._items.append(None)
+        self._wake()
+
+
+def _spin(poller: select.poll, until: float) -> list[tuple[int, int]]:
+    """Poll without sleeping until ``until``, then sleep in ``poll`` as usual."""
+    clock = time.perf_counter
+    while clock() < until:
+        events = poller.poll(0)
+        if events:
+            return events
+    return poller.poll()

@@ -23,91 +23,31 @@ import msgspec
 
 from .. import channel as ch
 from ..logs import configure_logging, request_id
+from .fastlane import FastLane, builtin_executors_only
 from .integrity import Integrity, cuda_context_lost
 from .mainlane import MainLane
+from .scope import Scope, Streamer, current_scope, encode_response, exit_now, request_body
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from ..deployed_handler import DeployedHandler
-    from ..protocol import FunctionRequest, FunctionResponse
+    from ..protocol import FunctionRequest
     from ..runtime import Runtime
 
 __all__ = ["main"]
-
-_STREAM_HOLD = 4096
-
-
-class _Scope:
-    """What the executor tracks about one request while it runs."""
-
-    __slots__ = ("cancelled", "id", "installed", "sync_running")
-
-    def __init__(self, rid: int) -> None:
-        self.id = rid
-        self.cancelled = False
-        self.installed = False
-        self.sync_running = 0
-
-
-_scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
-    "flashrt_scope", default=None
-)
-
-
-def _safe(text: str) -> str:
-    if text.isascii():
-        return text
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "replace").decode("utf-8")
-    return text
-
-
-class _Streamer:
-    """Sends a request's output to the supervisor a line at a time, as it is written."""
-
-    __slots__ = ("_chan", "_held", "_id")
-
-    def __init__(self, chan: ch.Channel, rid: int) -> None:
-        self._chan = chan
-        self._id = rid
-        self._held: dict[int, str] = {}
-
-    def __call__(self, stream: int, text: str) -> None:
-        held = self._held.pop(stream, "") + text
-        if "\n" in text or len(held) > _STREAM_HOLD:
-            self._send(stream, held)
-        elif held:
-            self._held[stream] = held
-
-    def flush(self) -> None:
-        held, self._held = self._held, {}
-        for stream, text in held.items():
-            self._send(stream, text)
-
-    def _send(self, stream: int, text: str) -> None:
-        with contextlib.suppress(OSError):
-            self._chan.send(ch.Output(self._id, stream, _safe(text)))
-
-
-def _encode_response(response: FunctionResponse) -> bytes:
-    try:
-        return msgspec.msgpack.encode(response)
-    except (UnicodeEncodeError, msgspec.EncodeError):
-        from ..protocol import encodable_response
-
-        return msgspec.msgpack.encode(encodable_response(response))
 
 
 class ExecutorServer:
     """The executor's state: channel, runtime, in-flight tasks and the integrity baseline."""
 
-    def __init__(self, chan: ch.Channel, setup: ch.Setup, lane: MainLane) -> None:
+    def __init__(
+        self, chan: ch.Channel, setup: ch.Setup, lane: MainLane, fast: ch.Channel | None = None
+    ) -> None:
         self.chan = chan
         self.setup = setup
         self.lane = lane
+        self.fast_lane = FastLane(self, fast) if fast is not None else None
         self.reader = ch.FrameReader()
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.runtime: Runtime | None = None
@@ -122,7 +62,7 @@ class ExecutorServer:
         try:
             asyncio.run(self._main())
         finally:
-            _exit(0)
+            exit_now(0)
 
     async def _main(self) -> None:
         loop = self.loop = asyncio.get_running_loop()
@@ -134,10 +74,15 @@ class ExecutorServer:
         if runtime.startup_error:
             self.chan.send(ch.Hello(os.getpid(), error=runtime.startup_error))
             return
-        self.integrity = Integrity(loop, self.chan.fd)
+        self.integrity = Integrity(loop, self.chan.fd, self.lane.fds)
+        fast = self.fast_lane is not None and builtin_executors_only(runtime)
+        if fast:
+            assert self.fast_lane is not None
+            self.fast_lane.attach()
+            self.lane.on_fast = self.fast_lane.on_readable
         gone: asyncio.Future[None] = loop.create_future()
         loop.add_reader(self.chan.fd, self._on_readable, gone)
-        self.chan.send(ch.Hello(os.getpid()))
+        self.chan.send(ch.Hello(os.getpid(), fast=fast))
         await gone
 
     async def _make_runtime(self) -> Runtime:
@@ -147,6 +92,11 @@ class ExecutorServer:
         setup = self.setup
         settings = settings_from_dict(Settings, setup.settings, isolation="none")
         configure_logging(settings)
+        # Capture stays installed for the executor's life (it exists to run user code): each
+        # request then only routes its output, instead of installing and removing the routers.
+        from .. import capture
+
+        capture.activate()
         plugins: tuple[object, ...] = ()
         if setup.plugins:
             import cloudpickle
@@ -198,16 +148,32 @@ class ExecutorServer:
                 task = self.tasks.get(frame.id)
                 if task is not None:
                     task.cancel()
+                elif self.fast_lane is not None:
+                    self.fast_lane.cancel(frame.id)
+
+    def hand_to_loop(self, frame: ch.Execute) -> None:
+        """Any thread: run ``frame`` as a task of the event loop (the fast lane declined it)."""
+        assert self.loop is not None
+
+        def start() -> None:
+            self.tasks[frame.id] = self.loop.create_task(self._execute(frame))  # type: ignore[union-attr]
+
+        self.loop.call_soon_threadsafe(start)
 
     async def _execute(self, frame: ch.Execute) -> None:
         assert self.runtime is not None
-        scope = _Scope(frame.id)
-        _scope.set(scope)
+        scope = Scope(frame.id)
+        current_scope.set(scope)
         request_id.set(frame.request_id)
-        streamer = _Streamer(self.chan, frame.id)
-        request: Any = frame.body if frame.form == "json" else msgspec.msgpack.decode(frame.body)
+        streamer = Streamer(self.chan, frame.id)
         try:
-            response = await self.runtime.execute_here(request, streamer)
+            response = await self.runtime.execute_here(
+                request_body(frame), streamer, len(frame.body)
+            )
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:  # never from our supervisor
+            from ..failures import stage_failure
+
+            response = stage_failure("decode", f"the request frame cannot be read: {exc}")
         except asyncio.CancelledError:
             self._cancelled(scope)
             return
@@ -218,19 +184,19 @@ class ExecutorServer:
         reason = self._problem(cuda_context_lost(response))
         result = ch.Result(
             frame.id,
-            _encode_response(response),
+            encode_response(response),
             installed=scope.installed,
             instance_id=response.instance_id,
             exiting=reason,
         )
         self.chan.send(result)
         if reason is not None:
-            _exit(0)
+            exit_now(0)
 
     async def _deployed(self, frame: ch.RunDeployed) -> None:
         assert self.runtime is not None
-        scope = _Scope(frame.id)
-        _scope.set(scope)
+        scope = Scope(frame.id)
+        current_scope.set(scope)
         request_id.set(frame.request_id)
         try:
             if self._handler is None:
@@ -254,9 +220,9 @@ class ExecutorServer:
         reason = self._problem(None)
         self.chan.send(ch.Result(frame.id, body, exiting=reason))
         if reason is not None:
-            _exit(0)
+            exit_now(0)
 
-    def _cancelled(self, scope: _Scope) -> None:
+    def _cancelled(self, scope: Scope) -> None:
         scope.cancelled = True
         if scope.sync_running == 0:
             with contextlib.suppress(OSError):
@@ -270,13 +236,13 @@ class ExecutorServer:
     # --- hooks into the runtime -------------------------------------------------------------
 
     def _on_phase(self, name: str) -> None:
-        scope = _scope.get()
+        scope = current_scope.get()
         if scope is not None:
             with contextlib.suppress(OSError):
                 self.chan.send(ch.Phase(scope.id, name))
 
     def _on_installed(self) -> None:
-        scope = _scope.get()
+        scope = current_scope.get()
         if scope is not None:
             scope.installed = True
 
@@ -286,7 +252,7 @@ class ExecutorServer:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         ctx = contextvars.copy_context()
-        scope = _scope.get()
+        scope = current_scope.get()
         if scope is not None:
             scope.sync_running += 1
         on_main: list[bool] = [False]
@@ -332,7 +298,7 @@ class ExecutorServer:
         from ..failures import failure_response
         from ..protocol import FunctionResponse
 
-        scope = ctx.get(_scope)
+        scope = ctx.get(current_scope)
         if error is not None:
             response = failure_response("call", error, error.__traceback__)
         else:
@@ -348,10 +314,10 @@ class ExecutorServer:
         reason = "a request closed file descriptors the executor's event loop needs"
         if scope is not None:
             with contextlib.suppress(OSError):
-                self.chan.send(ch.Result(scope.id, _encode_response(response), exiting=reason))
+                self.chan.send(ch.Result(scope.id, encode_response(response), exiting=reason))
         with contextlib.suppress(OSError):
             self.chan.send(ch.Exiting(reason))
-        _exit(0)
+        exit_now(0)
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -361,13 +327,6 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
         future.set_exception(error)
     else:
         future.set_result(result)
-
-
-def _exit(status: int) -> None:
-    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-        with contextlib.suppress(Exception):
-            stream.flush()  # type: ignore[union-attr]
-    os._exit(status)
 
 
 def _harden() -> None:
@@ -406,8 +365,14 @@ def main() -> int:
     for entry in reversed(setup.sys_path):
         if entry not in sys.path:
             sys.path.insert(0, entry)
-    lane = MainLane()
-    server = ExecutorServer(chan, setup, lane)
+    fast: ch.Channel | None = None
+    fast_fd = os.environ.pop("FLASHRT_EXECUTOR_FAST_FD", "")
+    if fast_fd.isdigit():
+        os.set_inheritable(int(fast_fd), False)
+        fast = ch.Channel(socket.socket(fileno=int(fast_fd)))
+    spin_s = max(0, int(setup.settings.get("spin_us", 0))) / 1e6
+    lane = MainLane(fast.fd if fast is not None else None, spin_s)
+    server = ExecutorServer(chan, setup, lane, fast)
     thread = threading.Thread(target=server.run, name="flashrt-executor-loop", daemon=True)
     thread.start()
     lane.serve_forever()

@@ -1,0 +1,121 @@
+"""What the executor tracks about one request, whichever lane runs it, and how it answers."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from .. import channel as ch
+from ..protocol import FunctionRequest
+
+if TYPE_CHECKING:
+    import concurrent.futures
+
+    from ..protocol import FunctionResponse
+
+__all__ = [
+    "Scope",
+    "Streamer",
+    "current_scope",
+    "encode_response",
+    "exit_now",
+    "request_body",
+]
+
+_STREAM_HOLD = 4096
+_request = msgspec.msgpack.Decoder(FunctionRequest)
+_loose_request = msgspec.msgpack.Decoder(FunctionRequest, strict=False)  # as decode_request
+
+
+class Scope:
+    """One request while it runs: cancelled? installed? sync code still running?"""
+
+    __slots__ = ("cancelled", "id", "installed", "sync_running", "waiting")
+
+    def __init__(self, rid: int) -> None:
+        self.id = rid
+        self.cancelled = False
+        self.installed = False
+        self.sync_running = 0
+        #: The fast lane's wait on async user code it handed to the event loop.
+        self.waiting: concurrent.futures.Future[Any] | None = None
+
+
+current_scope: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
+    "flashrt_scope", default=None
+)
+
+
+def _safe(text: str) -> str:
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
+class Streamer:
+    """Sends a request's output to the supervisor a line at a time, as it is written.
+
+    On the channel the request's answer takes, so the supervisor sees every line before it.
+    """
+
+    __slots__ = ("_chan", "_held", "_id")
+
+    def __init__(self, chan: ch.Channel, rid: int) -> None:
+        self._chan = chan
+        self._id = rid
+        self._held: dict[int, str] = {}
+
+    def __call__(self, stream: int, text: str) -> None:
+        held = self._held.pop(stream, "") + text
+        if "\n" in text or len(held) > _STREAM_HOLD:
+            self._send(stream, held)
+        elif held:
+            self._held[stream] = held
+
+    def flush(self) -> None:
+        held, self._held = self._held, {}
+        for stream, text in held.items():
+            self._send(stream, text)
+
+    def _send(self, stream: int, text: str) -> None:
+        with contextlib.suppress(OSError):
+            self._chan.send(ch.Output(self._id, stream, _safe(text)))
+
+
+def request_body(frame: ch.Execute) -> Any:
+    """What ``Runtime.execute_here`` takes: JSON bytes, a mapping, or a ``FunctionRequest``."""
+    if frame.form == "json":
+        return frame.body
+    if frame.form == "request":
+        return _request.decode(frame.body)
+    try:  # a mapping: most are a bare request, decoded straight to one
+        return _loose_request.decode(frame.body)
+    except msgspec.ValidationError:  # an envelope, or invalid: the pipeline says which
+        return msgspec.msgpack.decode(frame.body)
+
+
+def encode_response(response: FunctionResponse) -> bytes:
+    """msgpack of ``response``, whatever characters the user's code produced."""
+    try:
+        return msgspec.msgpack.encode(response)
+    except (UnicodeEncodeError, msgspec.EncodeError):
+        from ..protocol import encodable_response
+
+        return msgspec.msgpack.encode(encodable_response(response))
+
+
+def exit_now(status: int) -> None:
+    """Leave at once (no atexit, no thread joins): user threads must not keep us alive."""
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):
+            stream.flush()  # type: ignore[union-attr]
+    os._exit(status)

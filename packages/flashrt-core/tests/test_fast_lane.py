@@ -1,0 +1,202 @@
+"""The executor's fast lane: which requests take it, and that nothing changes for them but speed.
+
+A simple request (code, no installs, no modules) that is alone in flight runs on the executor's
+main thread, read straight from its own socket; everything else goes through the executor's event
+loop. ``supervisor.lanes`` counts the hand-overs. The behaviours of ``test_executor.py`` run on
+both lanes there; these are the ones that only exist because there are two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from flashrt_core import hookimpl
+
+SLEEPER = "def nap(seconds):\n    import time\n    time.sleep(seconds)\n    return seconds\n"
+
+
+def _worker(make_worker, **settings):
+    return make_worker(isolation="process", **settings)
+
+
+def _lanes(worker) -> dict[str, int]:
+    return dict(worker.rt.supervisor.lanes)
+
+
+def test_simple_requests_take_the_fast_lane_and_the_others_the_loop(make_worker, wire, tmp_path):
+    worker = _worker(make_worker)
+    add = "def add(a, b):\n    return a + b\n"
+    before = _lanes(worker)
+    assert wire.dec(worker.execute(wire.function(add, "add", 1, 2))) == 3
+    counter = "class C:\n    def one(self):\n        return 1\n"
+    assert wire.dec(worker.execute(wire.method(counter, "C", "one", instance_id="c"))) == 1
+    body = json.dumps({"input": wire.function(add, "add", 2, 2)}).encode()
+    assert wire.dec(worker.execute(body)) == 4
+    after_simple = _lanes(worker)
+    assert after_simple["fast"] - before["fast"] == 3
+    assert after_simple["loop"] == before["loop"]
+
+    with_module = wire.function("def f():\n    import helper\n    return helper.X\n", "f")
+    with_module["modules"] = {"helper.py": "X = 5\n"}
+    assert wire.dec(worker.execute(with_module)) == 5
+    assert _lanes(worker)["loop"] == after_simple["loop"] + 1
+
+
+def test_the_fast_lane_can_be_turned_off(make_worker, wire):
+    worker = _worker(make_worker, fast_lane=False)
+    assert wire.dec(worker.execute(wire.function("def f():\n    return 1\n", "f"))) == 1
+    assert _lanes(worker)["fast"] == 0
+
+
+class _DecliningExecutor:
+    """A plugin executor that declines everything: its mere presence closes the fast lane."""
+
+    @hookimpl
+    def flashrt_execute_function(self, request, call):
+        return None
+
+
+def test_a_plugin_executor_closes_the_fast_lane(make_worker, wire):
+    worker = _worker(make_worker, extra_plugins=(_DecliningExecutor(),))
+    assert wire.dec(worker.execute(wire.function("def f():\n    return 2\n", "f"))) == 2
+    lanes = _lanes(worker)
+    assert lanes["fast"] == 0 and lanes["loop"] == 1
+
+
+def test_a_request_alone_in_the_fast_lane_does_not_block_the_next_one(make_worker, wire, tmp_path):
+    worker = _worker(make_worker)
+    flag = tmp_path / "flag"
+    waiter = (
+        "def wait_for(path):\n    import os, time\n"
+        "    for _ in range(1000):\n"
+        "        if os.path.exists(path):\n            return 'seen'\n"
+        "        time.sleep(0.01)\n"
+        "    return 'never seen'\n"
+    )
+    setter = "def touch(path):\n    open(path, 'w').close()\n    return 'set'\n"
+
+    async def both():
+        first = asyncio.ensure_future(
+            worker.rt.execute(wire.function(waiter, "wait_for", str(flag)))
+        )
+        await asyncio.sleep(0.2)  # the waiter is on the executor's main thread by now
+        second = await worker.rt.execute(wire.function(setter, "touch", str(flag)))
+        return await first, second
+
+    first, second = worker.run(both())
+    assert (wire.dec(first), wire.dec(second)) == ("seen", "set")
+    lanes = _lanes(worker)
+    assert lanes["fast"] >= 1 and lanes["loop"] >= 1
+
+
+def test_a_simple_request_is_not_held_behind_a_sync_call_on_the_main_thread(
+    make_worker, wire, tmp_path
+):
+    worker = _worker(make_worker)
+    flag = tmp_path / "flag"
+    waiter = wire.function(
+        "def wait_for(path):\n    import os, time, helper\n"
+        "    for _ in range(1000):\n"
+        "        if os.path.exists(path):\n            return helper.SEEN\n"
+        "        time.sleep(0.01)\n"
+        "    return 'never seen'\n",
+        "wait_for",
+        str(flag),
+    )
+    waiter["modules"] = {"helper.py": "SEEN = 'seen'\n"}  # not simple: the loop runs it
+    setter = "def touch(path):\n    open(path, 'w').close()\n    return 'set'\n"
+
+    async def both():
+        first = asyncio.ensure_future(worker.rt.execute(waiter))
+        await asyncio.sleep(0.2)
+        second = await worker.rt.execute(wire.function(setter, "touch", str(flag)))
+        return await first, second
+
+    first, second = worker.run(both())
+    assert (wire.dec(first), wire.dec(second)) == ("seen", "set")
+
+
+ASYNC_HOLDER = """
+import asyncio
+
+class Holder:
+    async def make(self):
+        self.loop = asyncio.get_running_loop()
+        self.event = asyncio.Event()
+        return 'made'
+
+    async def wait(self):
+        assert asyncio.get_running_loop() is self.loop
+        await asyncio.wait_for(self.event.wait(), 10)
+        return 'woken'
+
+    async def wake(self):
+        assert asyncio.get_running_loop() is self.loop
+        self.event.set()
+        return 'woke'
+"""
+
+
+def test_async_code_from_either_lane_shares_the_executors_one_event_loop(make_worker, wire):
+    worker = _worker(make_worker)
+
+    def call(method):
+        return wire.method(ASYNC_HOLDER, "Holder", method, instance_id="holder")
+
+    assert wire.dec(worker.execute(call("make"))) == "made"  # the fast lane: alone in flight
+
+    async def both():
+        waiting = asyncio.ensure_future(worker.rt.execute(call("wait")))
+        await asyncio.sleep(0.2)
+        woke = await worker.rt.execute(call("wake"))  # the loop: "wait" is in flight
+        return await waiting, woke
+
+    waited, woke = worker.run(both())
+    assert (wire.dec(waited), wire.dec(woke)) == ("woken", "woke")
+
+
+def test_async_code_past_its_limit_in_the_fast_lane_is_cancelled_not_recycled(make_worker, wire):
+    worker = _worker(make_worker, hard_timeout_grace_s=1.0)
+    pid = "def pid():\n    import os\n    return os.getpid()\n"
+    before = wire.dec(worker.execute(wire.function(pid, "pid")))
+    request = wire.function(
+        "import asyncio\nasync def slow():\n    await asyncio.sleep(60)\n", "slow"
+    )
+    request["timeout_s"] = 0.3
+    response = worker.execute(request)
+    assert "timed out after 0.3 s" in response.error
+    worker.run(asyncio.sleep(1.5))  # past the grace: a recycle would have happened by now
+    assert wire.dec(worker.execute(wire.function(pid, "pid"))) == before
+
+
+def test_a_body_only_the_loop_can_explain_is_answered_by_it(make_worker, wire):
+    worker = _worker(make_worker)
+    nameless = {"function_code": "def f():\n    return 1\n"}  # looks simple; has no name
+    response = worker.execute(nameless)
+    assert response.success is False
+    assert "function_name is required" in response.error
+    assert wire.dec(worker.execute(wire.function("def f():\n    return 1\n", "f"))) == 1
+
+
+def test_back_to_back_fast_requests_still_let_the_event_loop_run(make_worker, wire):
+    worker = _worker(make_worker)
+    request = wire.function("def f():\n    return 1\n", "f")
+    ticks = [0]
+
+    async def ticker():
+        while True:
+            ticks[0] += 1
+            await asyncio.sleep(0)
+
+    async def burst():
+        task = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0)
+        ticks[0] = 0
+        for _ in range(500):
+            response = await worker.rt.execute(request)
+            assert response.success, response.error
+        task.cancel()
+        return ticks[0]
+
+    assert worker.run(burst()) > 0
