@@ -81,7 +81,15 @@ def _worker(kind: str) -> Any:
     from flashrt_lb.testing import WorkerProcess, free_port
 
     if kind == "flashrt":
-        return WorkerProcess({"FLASHRT_DISABLE_VOLUME_CACHE": "1", "FLASHRT_LOG_LEVEL": "WARNING"})
+        return WorkerProcess(
+            {
+                "FLASHRT_DISABLE_VOLUME_CACHE": "1",
+                "FLASHRT_LOG_LEVEL": "WARNING",
+                # The workspace's test plugin is no part of a worker image; an executor plugin
+                # closes the fast lane (docs/plugins.md), so it would measure another worker.
+                "FLASHRT_BLOCKED_PLUGINS": "test-executor",
+            }
+        )
     port = free_port()
     worker = WorkerProcess(command=[sys.executable, "-c", ECHO_SERVER, str(port)])
     worker.port = port

@@ -200,3 +200,23 @@ def test_back_to_back_fast_requests_still_let_the_event_loop_run(make_worker, wi
         return ticks[0]
 
     assert worker.run(burst()) > 0
+
+
+def test_a_concurrent_burst_over_both_lanes_is_answered_in_full(make_worker, wire):
+    worker = _worker(make_worker)
+    add = "def add(a, b):\n    return a + b\n"
+
+    async def client(n: int) -> list[int]:
+        out = []
+        for i in range(n):
+            response = await worker.rt.execute(wire.function(add, "add", i, 1))
+            out.append(wire.dec(response))
+        return out
+
+    async def burst():
+        return await asyncio.wait_for(asyncio.gather(*(client(100) for _ in range(16))), 120)
+
+    results = worker.run(burst())
+    assert results == [list(range(1, 101))] * 16
+    lanes = _lanes(worker)
+    assert lanes["fast"] >= 1 and lanes["loop"] >= 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import hashlib
 import inspect
 import linecache
@@ -46,7 +47,8 @@ class UserBaseException(Exception):
 def _compile(source: str, name: str) -> CodeType:
     code = _code_cache.get(source)
     if code is not None:
-        _code_cache.move_to_end(source)
+        with contextlib.suppress(KeyError):  # the other lane's request evicted it meanwhile
+            _code_cache.move_to_end(source)
         return code
     digest = hashlib.sha1(source.encode("utf-8", "surrogatepass")).hexdigest()[:10]
     filename = f"<remote {name} {digest}>"
@@ -89,6 +91,23 @@ def _call_sync(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, 
         raise
     except BaseException as exc:
         raise UserBaseException(exc) from exc
+
+
+_ASYNC_FLAGS = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+#: Results that are surely neither awaitable nor an async generator (inspect's checks of those
+#: go through the ABCs, a µs each).
+_PLAIN_RESULTS = frozenset({int, float, bool, str, bytes, type(None), list, dict, tuple})
+
+
+def _plain_sync(fn: Any) -> bool:
+    """A plain ``def`` function or method, so surely not a coroutine or async generator
+    function: what ``inspect`` would conclude, without its unwrapping."""
+    func = fn.__func__ if type(fn) is types.MethodType else fn
+    return (
+        type(func) is types.FunctionType
+        and not func.__code__.co_flags & _ASYNC_FLAGS
+        and "_is_coroutine_marker" not in func.__dict__  # inspect.markcoroutinefunction
+    )
 
 
 async def _guard(awaitable: Any) -> Any:
@@ -140,11 +159,14 @@ class Invocation:
         functions are awaited, generators and async generators are collected into lists.
         """
         runtime = self.runtime
-        if inspect.iscoroutinefunction(fn):
-            return await runtime.on_loop(_guard(fn(*args, **kwargs)))
-        if inspect.isasyncgenfunction(fn):
-            return await runtime.on_loop(_guard(_drain(fn(*args, **kwargs))))
+        if not _plain_sync(fn):
+            if inspect.iscoroutinefunction(fn):
+                return await runtime.on_loop(_guard(fn(*args, **kwargs)))
+            if inspect.isasyncgenfunction(fn):
+                return await runtime.on_loop(_guard(_drain(fn(*args, **kwargs))))
         result = await runtime.run_user_sync(self.request, _call_sync, fn, args, kwargs)
+        if type(result) in _PLAIN_RESULTS:
+            return result
         if inspect.isawaitable(result):
             result = await runtime.on_loop(_guard(result))
         elif inspect.isasyncgen(result):

@@ -119,7 +119,8 @@ class Runtime:
             return
         loop = asyncio.get_running_loop()
         self._started = loop.create_future()
-        _contain_user_tasks(loop)
+        if not self.isolated:  # isolated, no user code runs in this process to contain
+            _contain_user_tasks(loop)
         try:
             if self.isolated:
                 from .supervisor import Supervisor
@@ -471,9 +472,10 @@ class Runtime:
 
     async def _decode_arguments(self, request: FunctionRequest) -> Invocation:
         fmt = request.serialization_format
-        size = sum(len(v) for v in request.args if isinstance(v, str)) + sum(
-            len(v) for v in request.kwargs.values() if isinstance(v, str)
-        )
+        try:  # base64 strings, unless the request is broken: then decoding says how
+            size = sum(map(len, request.args)) + sum(map(len, request.kwargs.values()))
+        except TypeError:
+            size = 0
         if size > _DECODE_INLINE_MAX:
             args, kwargs = await self.run_blocking(
                 decode_arguments, request.args, request.kwargs, fmt

@@ -18,7 +18,6 @@ import contextlib
 import itertools
 import logging
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -47,7 +46,6 @@ log = logging.getLogger("flashrt.supervisor")
 _RESTART_WINDOW_S = 60.0
 RETRIED_NOTE = "[flashrt] the executor process died while this request ran; running it again\n"
 _MAX_BACKOFF_S = 10.0
-_MAX_UNYIELDED_S = 0.001
 
 
 class ExecutorUnavailable(RuntimeError):
@@ -151,8 +149,6 @@ class _Executor:
         #: The fast lane's socket, read by the executor's main thread (used when Hello says so).
         self.fast = fast
         self.fast_ok = False
-        self.fast_poll = select.poll()
-        self.fast_poll.register(fast.fd, select.POLLIN)
         self.pidfd = pidfd
         self.readers = {chan.fd: ch.FrameReader(), fast.fd: ch.FrameReader()}
         self.hello: asyncio.Future[ch.Hello] = asyncio.get_running_loop().create_future()
@@ -181,7 +177,6 @@ class Supervisor:
         self._restarting: asyncio.Task[None] | None = None
         self._fast_id: int | None = None  # the request in the fast lane, if one is
         self._spin_s = max(0, self.settings.spin_us) / 1e6
-        self._yielded_at = 0.0  # when a request last let the event loop run
         #: Requests handed to the executor, by lane: "fast" (its main thread) or "loop".
         self.lanes = {"fast": 0, "loop": 0}
         self.restarts = 0
@@ -375,26 +370,15 @@ class Supervisor:
     async def _submit(self, pending: _Pending) -> Any:
         rid = next(self._ids)
         self._pending[rid] = pending
-        if self.settings.echo:
-            from .echo import LineEcho
-
-            pending.echo = LineEcho(
-                self.settings.echo_max_bytes,
-                pending.request_id,
-                streams=self.runtime.echo_streams,
-            )
         try:
-            await self._dispatch(rid, pending)
-            if not pending.future.done():
-                result = await pending.future
-                self._yielded_at = time.monotonic()
-                return result
-            # Answered while we polled for it: never let back-to-back calls starve the loop.
-            now = time.monotonic()
-            if now - self._yielded_at > _MAX_UNYIELDED_S:
-                self._yielded_at = now
-                await asyncio.sleep(0)
-            return pending.future.result()
+            if await self._dispatch(rid, pending) and self._spin_s:
+                # The event loop keeps running (other requests are served) but never sleeps
+                # while a quick answer is due: waking it would cost more than the call.
+                clock = time.perf_counter
+                until = clock() + self._spin_s
+                while not pending.future.done() and clock() < until:  # noqa: ASYNC110
+                    await asyncio.sleep(0)
+            return await pending.future
         except asyncio.CancelledError:
             if rid in self._pending:
                 self._give_up(rid)
@@ -405,8 +389,11 @@ class Supervisor:
             if pending.echo is not None:
                 pending.echo.close()
 
-    async def _dispatch(self, rid: int, pending: _Pending) -> None:
-        """Hand the request to a serving executor (waiting, bounded, for one to be ready)."""
+    async def _dispatch(self, rid: int, pending: _Pending) -> bool:
+        """Hand the request to a serving executor (waiting, bounded, for one to be ready).
+
+        ``True`` when it went to the fast lane.
+        """
         if not self._ready.is_set():
             try:
                 await asyncio.wait_for(self._ready.wait(), self.settings.executor_start_timeout_s)
@@ -415,9 +402,9 @@ class Supervisor:
                     rid,
                     stage_failure("call", f"no executor process could be started: {self.problem}"),
                 )
-                return
+                return False
         if rid not in self._pending:  # answered meanwhile (the worker is stopping)
-            return
+            return False
         executor = self.executor
         assert executor is not None
         pending.attempts += 1
@@ -440,26 +427,9 @@ class Supervisor:
         try:
             chan.send(frame)
         except OSError:
-            return  # it is dying: its death handling retries or answers this request
-        if chan is executor.fast and self._spin_s and self._poll_for_answer(executor, rid):
-            return
+            return False  # it is dying: its death handling retries or answers this request
         pending.timer = self.loop.call_later(pending.timeout, self._timed_out, rid)
-
-    def _poll_for_answer(self, executor: _Executor, rid: int) -> bool:
-        """Poll, not sleep, for a short while: a quick call is answered without a wake-up.
-
-        Only for the fast lane, so only while nothing else is in flight; the event loop waits
-        at most ``FLASHRT_SPIN_US``.
-        """
-        clock = time.perf_counter
-        until = clock() + self._spin_s
-        poll = executor.fast_poll.poll
-        while clock() < until:
-            if poll(0):
-                self._on_readable(executor, executor.fast)
-                if rid not in self._pending:
-                    return True
-        return False
+        return chan is executor.fast
 
     def _answer(self, rid: int, response: Any) -> None:
         if rid == self._fast_id:
@@ -561,7 +531,15 @@ class Supervisor:
         pending = self._pending.get(frame.id)
         if pending is None:
             return
-        if pending.echo is not None:
+        if self.settings.echo:
+            if pending.echo is None:  # made at the first output: most requests print nothing
+                from .echo import LineEcho
+
+                pending.echo = LineEcho(
+                    self.settings.echo_max_bytes,
+                    pending.request_id,
+                    streams=self.runtime.echo_streams,
+                )
             pending.echo(frame.stream, frame.text)
         room = self.settings.max_output_bytes - pending.output_size
         if room > 0:

@@ -12,6 +12,7 @@ import os
 import re
 import select
 import sys
+import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -80,9 +81,12 @@ class _Descriptors:
         for fd in self._names:
             self._poll.register(fd, 0)  # no events asked for: only POLLNVAL (closed) comes back
         self._same = [(fd, _identity(fd)) for fd in self._names if fd in _REPLACEABLE]
+        self._lock = threading.Lock()  # both lanes check: one poll object is one thread's
 
     def problem(self) -> str | None:
-        for fd, mask in self._poll.poll(0):
+        with self._lock:
+            events = self._poll.poll(0)
+        for fd, mask in events:
             if mask & select.POLLNVAL:
                 return f"a request closed {self._names[fd]} (file descriptor {fd})"
         for fd, ident in self._same:

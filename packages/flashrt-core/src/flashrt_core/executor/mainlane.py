@@ -73,6 +73,8 @@ class MainLane:
         if self.fast_fd is not None:
             poller.register(self.fast_fd, select.POLLIN)
         spin_until = 0.0
+        answered = -1e9  # when the last fast-lane request was answered
+        clock = time.perf_counter
         while True:
             events = _spin(poller, spin_until) if spin_until else poller.poll()
             spin_until = 0.0
@@ -82,14 +84,20 @@ class MainLane:
                         os.read(self._wake_r, 4096)
                     if not self._run_items():
                         return
-                elif mask & (select.POLLNVAL | select.POLLERR):
-                    # User code closed the fast lane's socket: the integrity check saw it and the
-                    # executor is exiting; stop watching it meanwhile.
+                elif mask & (select.POLLNVAL | select.POLLERR | select.POLLHUP):
+                    # User code closed the fast lane's socket (the integrity check saw it and the
+                    # executor is exiting), or the supervisor is gone (so is fd 0: the loop
+                    # thread ends the process). Stop watching it meanwhile.
                     poller.unregister(fd)
                 elif self.on_fast is not None:
+                    # Poll after this one only if it came quickly after the last answer: a
+                    # caller sending back to back then finds us awake, and one that sends now
+                    # and then costs no CPU.
+                    quick = clock() - answered <= self.spin_s
                     self._run_fast(self.on_fast)
-                    if self.spin_s:  # a caller that sends back to back finds us awake
-                        spin_until = time.perf_counter() + self.spin_s
+                    answered = clock()
+                    if quick:
+                        spin_until = answered + self.spin_s
 
     def _run_items(self) -> bool:
         while self._items:
