@@ -170,9 +170,9 @@ class Settings:
     spin_us: int = setting(
         "FLASHRT_SPIN_US",
         100,
-        "How long (µs) the supervisor and the executor poll for a fast-lane answer or the next "
-        "request before they sleep. Waking a sleeping process costs tens of µs on a VM; 0 never "
-        "polls.",
+        "How long (µs) the worker's event loop stays awake for a fast-lane answer, and the "
+        "executor for the next request of a caller that sends back to back. Waking a sleeping "
+        "process costs tens of µs on a VM; 0 never polls.",
     )
     # Live output
     echo: bool = setting(
