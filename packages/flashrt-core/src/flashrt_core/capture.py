@@ -89,14 +89,17 @@ class OutputBuffer:
             self.closed = True
 
 
-def encodable(text: str) -> str:
-    """``text`` as UTF-8 can carry it: lone surrogates replaced, and a note saying so."""
+def encodable(text: str, *, note: bool = True) -> str:
+    """``text`` as UTF-8 can carry it: lone surrogates replaced, and a note saying so (unless
+    ``note`` is false: a piece of a stream, whose whole carries the note)."""
     if text.isascii():
         return text
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         fixed = text.encode("utf-8", "replace").decode("utf-8")
+        if not note:
+            return fixed
         count = sum(1 for a, b in zip(text, fixed, strict=False) if a != b and b == "?")
         return fixed + REPLACED_MARKER.format(count=count)
     return text

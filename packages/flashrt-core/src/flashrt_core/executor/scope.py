@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from .. import channel as ch
+from ..capture import encodable
 from ..protocol import FunctionRequest
 
 if TYPE_CHECKING:
@@ -51,16 +52,6 @@ current_scope: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
 )
 
 
-def _safe(text: str) -> str:
-    if text.isascii():
-        return text
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "replace").decode("utf-8")
-    return text
-
-
 class Streamer:
     """Sends a request's output to the supervisor a line at a time, as it is written.
 
@@ -88,7 +79,7 @@ class Streamer:
 
     def _send(self, stream: int, text: str) -> None:
         with contextlib.suppress(OSError):
-            self._chan.send(ch.Output(self._id, stream, _safe(text)))
+            self._chan.send(ch.Output(self._id, stream, encodable(text, note=False)))
 
 
 def request_body(frame: ch.Execute) -> Any:
