@@ -1,8 +1,9 @@
 """The supervisor: spawns the executor process, hands it requests, survives whatever it does.
 
 It lives on the worker's event loop (the shells' ``Runtime``). The executor is a fresh
-interpreter (``python -m flashrt_core.executor``, never a fork) whose stdin is our end of a
-socketpair (:mod:`flashrt_core.channel`); its stdout and stderr are the worker's.
+interpreter (:mod:`flashrt_core.executor_process`) whose stdin is our end of a socketpair
+(:mod:`flashrt_core.channel`); a simple request alone in flight goes over a second one, the fast
+lane, whose answer the loop awaits without sleeping for a short while.
 
 Its death is seen at once, through EOF on the channel or its pidfd becoming readable, never a
 poll. Every request in flight then either runs again on a fresh executor (once) or is answered
@@ -17,9 +18,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,15 +26,18 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from . import channel as ch
+from .executor_process import ExecutorProcess, ExecutorUnavailable, describe_exit
 from .failures import stage_failure
 from .logs import request_id
-from .protocol import FunctionRequest, FunctionResponse
+from .protocol import FunctionResponse
+from .request_peek import peek_request
 from .settings import settings_to_dict
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from .echo import LineEcho
+    from .protocol import FunctionRequest
     from .runtime import Runtime
 
 __all__ = ["ExecutorUnavailable", "Supervisor", "describe_exit"]
@@ -48,55 +49,7 @@ RETRIED_NOTE = "[flashrt] the executor process died while this request ran; runn
 _MAX_BACKOFF_S = 10.0
 
 
-class ExecutorUnavailable(RuntimeError):
-    """No executor could be started; the message says why."""
-
-
-class _Fields(msgspec.Struct):
-    """What the supervisor reads of a JSON request: its time limit, and whether it is simple."""
-
-    timeout_s: float | None = None
-    execution_type: str = "function"
-    function_code: str | None = None
-    class_code: str | None = None
-    dependencies: list[Any] | None = None
-    system_dependencies: list[Any] | None = None
-    modules: dict[str, Any] | None = None
-
-
-class _Peek(_Fields):
-    input: _Fields | None = None  # the queue's envelope
-
-
-_peek = msgspec.json.Decoder(_Peek)
-
-
-def _simple(get: Any) -> bool:
-    """Code to exec, nothing to install or mount: the executor's fast lane can run it."""
-    is_function = get("execution_type") in (None, "function")
-    code = get("function_code") if is_function else get("class_code")
-    return bool(
-        code and not get("dependencies") and not get("system_dependencies") and not get("modules")
-    )
-
-
 _response = msgspec.msgpack.Decoder(FunctionResponse)
-
-
-def describe_exit(returncode: int | None) -> str:
-    """How a process ended, in the words the issue asks for."""
-    if returncode is None:
-        return "stopped answering"
-    if returncode >= 0:
-        return f"exited with status {returncode}"
-    number = -returncode
-    try:
-        name = signal.Signals(number).name
-    except ValueError:
-        name = f"signal {number}"
-    if number == signal.SIGKILL:
-        return "killed by SIGKILL (out of memory?)"
-    return f"killed by signal {number} ({name})"
 
 
 class _Pending:
@@ -134,29 +87,6 @@ class _Pending:
         self.request_id = request_id.get()
 
 
-class _Executor:
-    """One executor process and its end of the channel."""
-
-    def __init__(
-        self,
-        proc: subprocess.Popen[bytes],
-        chan: ch.Channel,
-        fast: ch.Channel,
-        pidfd: int | None,
-    ) -> None:
-        self.proc = proc
-        self.chan = chan
-        #: The fast lane's socket, read by the executor's main thread (used when Hello says so).
-        self.fast = fast
-        self.fast_ok = False
-        self.pidfd = pidfd
-        self.readers = {chan.fd: ch.FrameReader(), fast.fd: ch.FrameReader()}
-        self.hello: asyncio.Future[ch.Hello] = asyncio.get_running_loop().create_future()
-        self.exit_reason: str | None = None  # set when we (or it) decided it should go
-        self.dead = False
-        self.started = time.monotonic()
-
-
 class Supervisor:
     """The worker side of the executor process, used through :class:`~flashrt_core.Runtime`."""
 
@@ -164,7 +94,7 @@ class Supervisor:
         self.runtime = runtime
         self.settings = runtime.settings
         self.loop = asyncio.get_running_loop()
-        self.executor: _Executor | None = None
+        self.executor: ExecutorProcess | None = None
         #: Why no executor is serving now (None while one is, or while starting the first).
         self.problem: str | None = None
         self._ready = asyncio.Event()
@@ -185,38 +115,12 @@ class Supervisor:
 
     def spawn(self) -> None:
         """Start a fresh executor interpreter (returns at once; :meth:`start` waits for it)."""
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        fast_parent, fast_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = dict(os.environ)
-        env["FLASHRT_EXECUTOR"] = "1"
-        env["FLASHRT_EXECUTOR_FAST_FD"] = str(fast_child.fileno())
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "flashrt_core.executor"],
-                stdin=child.fileno(),
-                pass_fds=(fast_child.fileno(),),
-                close_fds=True,
-                env=env,
-                start_new_session=True,  # its own process group: we kill what it started too
-            )
-        except BaseException:
-            fast_parent.close()
-            parent.close()
-            raise
-        finally:
-            child.close()
-            fast_child.close()
-        chan = ch.Channel(parent)
-        fast = ch.Channel(fast_parent)
-        pidfd: int | None = None
-        with contextlib.suppress(AttributeError, OSError):
-            pidfd = os.pidfd_open(proc.pid)
-        executor = _Executor(proc, chan, fast, pidfd)
+        executor = ExecutorProcess.spawn()
         self.executor = executor
-        self.loop.add_reader(chan.fd, self._on_readable, executor, chan)
-        self.loop.add_reader(fast.fd, self._on_readable, executor, fast)
-        if pidfd is not None:  # without one (old kernels), EOF alone tells
-            self.loop.add_reader(pidfd, self._on_exit, executor)
+        self.loop.add_reader(executor.chan.fd, self._on_readable, executor, executor.chan)
+        self.loop.add_reader(executor.fast.fd, self._on_readable, executor, executor.fast)
+        if executor.pidfd is not None:  # without one (old kernels), EOF alone tells
+            self.loop.add_reader(executor.pidfd, self._on_exit, executor)
 
     def _setup(self) -> ch.Setup:
         plugins: list[bytes] = []
@@ -260,7 +164,7 @@ class Supervisor:
         assert executor is not None
         await self._await_hello(executor)
 
-    async def _await_hello(self, executor: _Executor) -> None:
+    async def _await_hello(self, executor: ExecutorProcess) -> None:
         # Sent now, not at spawn: the start-up hooks may have unpacked the app meanwhile.
         with contextlib.suppress(OSError):  # a dead executor is reported through hello
             executor.chan.send(self._setup())
@@ -295,8 +199,7 @@ class Supervisor:
         if executor is None or executor.dead:
             return
         executor.exit_reason = "the worker is stopping"
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(executor.proc.pid, signal.SIGTERM)
+        executor.terminate_group()
         try:
             await asyncio.wait_for(
                 asyncio.to_thread(executor.proc.wait), self.settings.executor_stop_grace_s
@@ -323,10 +226,12 @@ class Supervisor:
     ) -> FunctionResponse:
         """Run ``request`` in the executor. Never raises (cancellation aside)."""
         try:
-            body, form, timeout, simple = self._encode(request)
+            peeked = peek_request(request, self.settings)
         except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
             return stage_failure("decode", f"invalid request: {exc}")
-        result = await self._submit(_Pending(body, form, timeout, False, simple))
+        result = await self._submit(
+            _Pending(peeked.body, peeked.form, peeked.timeout, False, peeked.simple)
+        )
         assert isinstance(result, FunctionResponse)
         return result
 
@@ -337,35 +242,6 @@ class Supervisor:
         except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
             return {"success": False, "error": f"the job cannot be encoded: {exc}"}
         return await self._submit(_Pending(body, "json", self.settings.timeout_s, deployed=True))
-
-    def _encode(self, request: Any) -> tuple[bytes, str, float, bool]:
-        """The frame body and its form, the time limit, and whether the request is simple."""
-        settings = self.settings
-        limit = settings.timeout_s
-        timeout: Any = None
-        simple = False
-        if isinstance(request, FunctionRequest):
-            body, form, timeout = msgspec.msgpack.encode(request), "request", request.timeout_s
-            simple = _simple(request.__getattribute__)
-        elif isinstance(request, (bytes, bytearray, memoryview, str)):
-            if isinstance(request, str):
-                body = request.encode("utf-8", "surrogatepass")
-            else:
-                body = bytes(request)
-            form = "json"
-            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                fields = _peek.decode(body)
-                source = fields.input or fields
-                timeout, simple = source.timeout_s, _simple(source.__getattribute__)
-        else:
-            body, form = msgspec.msgpack.encode(request), "msgpack"
-            inner = request.get("input") if isinstance(request, dict) else None
-            mapping = inner if isinstance(inner, dict) else request
-            if hasattr(mapping, "get"):
-                timeout, simple = mapping.get("timeout_s"), _simple(mapping.get)
-        if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0:
-            limit = timeout
-        return body, form, min(limit, settings.max_timeout_s), simple
 
     async def _submit(self, pending: _Pending) -> Any:
         rid = next(self._ids)
@@ -468,7 +344,7 @@ class Supervisor:
         self._answer(rid, response)
         self._give_up(rid)
 
-    def _runaway(self, rid: int, executor: _Executor) -> None:
+    def _runaway(self, rid: int, executor: ExecutorProcess) -> None:
         self._abandoned.pop(rid, None)
         if executor.dead or executor is not self.executor:
             return
@@ -482,7 +358,7 @@ class Supervisor:
 
     # --- frames from the executor -----------------------------------------------------------
 
-    def _on_readable(self, executor: _Executor, chan: ch.Channel) -> None:
+    def _on_readable(self, executor: ExecutorProcess, chan: ch.Channel) -> None:
         try:
             data = chan.recv_available()
         except BlockingIOError:
@@ -495,7 +371,7 @@ class Supervisor:
         for frame in executor.readers[chan.fd].feed(data):
             self._on_frame(executor, frame)
 
-    def _on_frame(self, executor: _Executor, frame: ch.Frame) -> None:
+    def _on_frame(self, executor: ExecutorProcess, frame: ch.Frame) -> None:
         if isinstance(frame, ch.Output):
             self._on_output(frame)
         elif isinstance(frame, ch.Result):
@@ -520,7 +396,7 @@ class Supervisor:
         elif isinstance(frame, ch.Exiting) and executor.exit_reason is None:
             self._retiring(executor, frame.reason)
 
-    def _retiring(self, executor: _Executor, reason: str) -> None:
+    def _retiring(self, executor: ExecutorProcess, reason: str) -> None:
         """It exits on purpose: hand it nothing more; its death brings the fresh one."""
         executor.exit_reason = reason
         if self.executor is executor:
@@ -575,10 +451,10 @@ class Supervisor:
 
     # --- death and restart ------------------------------------------------------------------
 
-    def _on_exit(self, executor: _Executor) -> None:
+    def _on_exit(self, executor: ExecutorProcess) -> None:
         self._died(executor)
 
-    def _eof(self, executor: _Executor) -> None:
+    def _eof(self, executor: ExecutorProcess) -> None:
         """EOF usually means it is exiting: let its pidfd say how, unless it lingers."""
         if executor is self.executor:
             self._ready.clear()  # hand it nothing more
@@ -589,33 +465,24 @@ class Supervisor:
             return
         self.loop.call_later(1.0, self._linger, executor)
 
-    def _linger(self, executor: _Executor) -> None:
+    def _linger(self, executor: ExecutorProcess) -> None:
         if not executor.dead:
             self._kill(executor, executor.exit_reason or "closed its channel")
             self._died(executor)
 
-    def _kill(self, executor: _Executor, reason: str) -> None:
-        if executor.exit_reason is None:
-            executor.exit_reason = reason
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(executor.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            executor.proc.kill()
+    def _kill(self, executor: ExecutorProcess, reason: str) -> None:
+        executor.kill(reason)
 
-    def _forget(self, executor: _Executor) -> None:
+    def _forget(self, executor: ExecutorProcess) -> None:
         if executor.dead:
             return
-        executor.dead = True
         self.loop.remove_reader(executor.chan.fd)
         self.loop.remove_reader(executor.fast.fd)
         if executor.pidfd is not None:
             self.loop.remove_reader(executor.pidfd)
-            with contextlib.suppress(OSError):
-                os.close(executor.pidfd)
-        executor.chan.close()
-        executor.fast.close()
+        executor.close()
 
-    def _drain(self, executor: _Executor) -> None:
+    def _drain(self, executor: ExecutorProcess) -> None:
         """Handle what it sent before it went (an answer, an ``Exiting``) before mourning it."""
         for chan in (executor.fast, executor.chan):
             for _ in range(1024):
@@ -628,7 +495,7 @@ class Supervisor:
                 for frame in executor.readers[chan.fd].feed(data):
                     self._on_frame(executor, frame)
 
-    def _died(self, executor: _Executor) -> None:
+    def _died(self, executor: ExecutorProcess) -> None:
         if executor.dead:
             return
         self._drain(executor)
