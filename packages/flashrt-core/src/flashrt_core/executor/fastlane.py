@@ -85,7 +85,15 @@ class FastLane:
             return
         for frame in self.reader.feed(data):
             if isinstance(frame, ch.Execute):
-                self._execute(frame)
+                try:
+                    self._execute(frame)
+                except Exception as exc:  # a bug of ours: answer, never leave the caller waiting
+                    self._internal_error(frame.id, exc)
+
+    def _internal_error(self, rid: int, exc: Exception) -> None:
+        response = stage_failure("call", f"internal error in the fast lane: {exc!r}")
+        with contextlib.suppress(OSError):
+            self.server.chan.send(ch.Result(rid, encode_response(response)))
 
     def cancel(self, rid: int) -> bool:
         """Loop thread: the supervisor gave up on ``rid``; ``False`` when it is not ours."""
