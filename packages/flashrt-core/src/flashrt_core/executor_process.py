@@ -93,10 +93,6 @@ class ExecutorProcess:
             pidfd = os.pidfd_open(proc.pid)
         return cls(proc, ch.Channel(parent), ch.Channel(fast_parent), pidfd)
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
     def kill(self, reason: str) -> None:
         """SIGKILL it and everything it started; the first reason given is the one kept."""
         if self.exit_reason is None:

@@ -14,7 +14,7 @@ from .protocol import FunctionRequest
 if TYPE_CHECKING:
     from .settings import Settings
 
-__all__ = ["Peeked", "peek_request"]
+__all__ = ["Peeked", "is_simple", "peek_request"]
 
 
 class _Fields(msgspec.Struct):
@@ -43,8 +43,11 @@ class Peeked(NamedTuple):
     simple: bool
 
 
-def _simple(get: Any) -> bool:
-    """Code to exec, nothing to install or mount: the executor's fast lane can run it."""
+def is_simple(get: Any) -> bool:
+    """Code to exec, nothing to install or mount: the executor's fast lane can run it.
+
+    ``get`` reads a field by name: a mapping's ``get``, or an object's ``__getattribute__``.
+    """
     is_function = get("execution_type") in (None, "function")
     code = get("function_code") if is_function else get("class_code")
     return bool(
@@ -60,7 +63,7 @@ def peek_request(request: Any, settings: Settings) -> Peeked:
     simple = False
     if isinstance(request, FunctionRequest):
         body, form, timeout = msgspec.msgpack.encode(request), "request", request.timeout_s
-        simple = _simple(request.__getattribute__)
+        simple = is_simple(request.__getattribute__)
     elif isinstance(request, (bytes, bytearray, memoryview, str)):
         if isinstance(request, str):
             body = request.encode("utf-8", "surrogatepass")
@@ -70,13 +73,13 @@ def peek_request(request: Any, settings: Settings) -> Peeked:
         with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
             fields = _json_fields.decode(body)
             source = fields.input or fields
-            timeout, simple = source.timeout_s, _simple(source.__getattribute__)
+            timeout, simple = source.timeout_s, is_simple(source.__getattribute__)
     else:
         body, form = msgspec.msgpack.encode(request), "msgpack"
         inner = request.get("input") if isinstance(request, dict) else None
         mapping = inner if isinstance(inner, dict) else request
         if hasattr(mapping, "get"):
-            timeout, simple = mapping.get("timeout_s"), _simple(mapping.get)
+            timeout, simple = mapping.get("timeout_s"), is_simple(mapping.get)
     if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0:
         limit = timeout
     return Peeked(body, form, min(limit, settings.max_timeout_s), simple)

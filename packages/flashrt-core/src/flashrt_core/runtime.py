@@ -186,7 +186,7 @@ class Runtime:
 
     async def run_blocking(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` in the runtime's thread pool, in a copy of the caller's context."""
-        if self.inline_thread is not None and threading.get_ident() == self.inline_thread:
+        if self._inline():
             return _call_inline(fn, *args, **kwargs)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
@@ -212,7 +212,7 @@ class Runtime:
         self, request: FunctionRequest | None, fn: Callable[..., T], /, *args: Any
     ) -> T:
         """Call sync user code: off the event loop; in an executor, on its main thread if free."""
-        if self.inline_thread is not None and threading.get_ident() == self.inline_thread:
+        if self._inline():
             return fn(*args)  # the fast lane: this is the main thread, and it is ours
         if self.user_sync is not None:
             return await self.user_sync(request, fn, *args)  # type: ignore[no-any-return]
@@ -222,9 +222,13 @@ class Runtime:
         """Await ``awaitable`` on the event loop: async user code, or the instance registry's
         build. From an executor's fast lane, that is the executor's loop, and the fast lane
         waits for it: every request's async code shares the one loop."""
-        if self.inline_wait is not None and threading.get_ident() == self.inline_thread:
+        if self.inline_wait is not None and self._inline():
             return self.inline_wait(awaitable)  # type: ignore[no-any-return]
         return await awaitable
+
+    def _inline(self) -> bool:
+        """On the fast lane's thread, where no event loop runs."""
+        return self.inline_thread is not None and threading.get_ident() == self.inline_thread
 
     def background(self, awaitable: Awaitable[Any]) -> asyncio.Task[Any]:
         """Run work off the request path; kept referenced and its failures logged."""

@@ -391,7 +391,7 @@ class Supervisor:
                 handle.cancel()
         elif isinstance(frame, ch.Hello):
             if not executor.hello.done():
-                executor.fast_ok = frame.fast and self.settings.fast_lane
+                executor.fast_ok = frame.fast
                 executor.hello.set_result(frame)
         elif isinstance(frame, ch.Exiting) and executor.exit_reason is None:
             self._retiring(executor, frame.reason)

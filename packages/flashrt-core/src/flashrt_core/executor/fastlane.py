@@ -27,6 +27,7 @@ from ..failures import stage_failure
 from ..logs import request_id
 from ..plugins import BUILTIN_PLUGINS
 from ..protocol import FunctionRequest
+from ..request_peek import is_simple
 from .integrity import cuda_context_lost
 from .scope import Scope, Streamer, current_scope, encode_response, exit_now, request_body
 
@@ -37,17 +38,7 @@ if TYPE_CHECKING:
     from ..runtime import Runtime
     from .server import ExecutorServer
 
-__all__ = ["FastLane", "builtin_executors_only", "is_simple"]
-
-
-def is_simple(request: FunctionRequest) -> bool:
-    """No install, no modules, code to exec: nothing in the pipeline needs the event loop."""
-    return bool(
-        (request.function_code if request.execution_type == "function" else request.class_code)
-        and not request.dependencies
-        and not request.system_dependencies
-        and not request.modules
-    )
+__all__ = ["FastLane", "builtin_executors_only"]
 
 
 def builtin_executors_only(runtime: Runtime) -> bool:
@@ -133,7 +124,7 @@ class FastLane:
                 request = decode_request(request)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
             request = None
-        if request is None or not is_simple(request):
+        if request is None or not is_simple(request.__getattribute__):
             # Not for this lane after all: the loop runs it (and reports a bad body).
             server.hand_to_loop(frame)
             return

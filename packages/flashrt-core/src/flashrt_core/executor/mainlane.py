@@ -55,7 +55,8 @@ class MainLane:
         saw nothing else in flight, and must not wait behind a long sync call.
         """
         with self._lock:
-            if self.busy or (self._peek is not None and self._peek.poll(0)):
+            waiting = self.on_fast is not None and self._peek is not None and self._peek.poll(0)
+            if self.busy or waiting:
                 return False
             self.busy = True
         self._items.append(item)

@@ -75,7 +75,11 @@ class ExecutorServer:
             self.chan.send(ch.Hello(os.getpid(), error=runtime.startup_error))
             return
         self.integrity = Integrity(loop, self.chan.fd, self.lane.fds)
-        fast = self.fast_lane is not None and builtin_executors_only(runtime)
+        fast = (
+            self.fast_lane is not None
+            and runtime.settings.fast_lane
+            and builtin_executors_only(runtime)
+        )
         if fast:
             assert self.fast_lane is not None
             self.fast_lane.attach()
