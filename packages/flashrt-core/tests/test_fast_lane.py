@@ -49,19 +49,45 @@ def test_the_fast_lane_can_be_turned_off(make_worker, wire):
     assert _lanes(worker)["fast"] == 0
 
 
-class _DecliningExecutor:
-    """A plugin executor that declines everything: its mere presence closes the fast lane."""
+WHERE = "def where():\n    import threading\n    return threading.current_thread().name\n"
+
+
+class _PluginExecutors:
+    """A third-party executor: ``plug_sync`` only calls the code, ``plug_async`` awaits the loop
+    first; it declines every other function, which the built-in executor then serves."""
 
     @hookimpl
     def flashrt_execute_function(self, request, call):
+        if request.function_name == "plug_sync":
+            return self._sync(call)
+        if request.function_name == "plug_async":
+            return self._async(call)
         return None
 
+    async def _sync(self, call):
+        fn = call.load_code(WHERE, "where")["where"]
+        return ["plugin", await call.call(fn)]
 
-def test_a_plugin_executor_closes_the_fast_lane(make_worker, wire):
-    worker = _worker(make_worker, extra_plugins=(_DecliningExecutor(),))
-    assert wire.dec(worker.execute(wire.function("def f():\n    return 2\n", "f"))) == 2
+    async def _async(self, call):
+        await asyncio.sleep(0.01)  # needs a running loop: the executor's
+        fn = call.load_code(WHERE, "where")["where"]
+        return ["plugin", asyncio.get_running_loop().is_running(), await call.call(fn)]
+
+
+def test_plugin_executors_keep_the_fast_lane(make_worker, wire):
+    worker = _worker(make_worker, extra_plugins=(_PluginExecutors(),))
+    # Declined: the built-in executor runs it, on the main thread, from the fast lane.
+    assert wire.dec(worker.execute(wire.function(WHERE, "where"))) == "MainThread"
+    # A plugin that only calls the code, and one that needs the event loop: both answered from
+    # the fast lane, the sync code on the main thread.
+    assert wire.dec(worker.execute(wire.function(WHERE, "plug_sync"))) == ["plugin", "MainThread"]
+    assert wire.dec(worker.execute(wire.function(WHERE, "plug_async"))) == [
+        "plugin",
+        True,
+        "MainThread",
+    ]
     lanes = _lanes(worker)
-    assert lanes["fast"] == 0 and lanes["loop"] == 1
+    assert lanes["fast"] == 3 and lanes["loop"] == 0
 
 
 def test_a_request_alone_in_the_fast_lane_does_not_block_the_next_one(make_worker, wire, tmp_path):

@@ -8,6 +8,7 @@ import hashlib
 import inspect
 import linecache
 import sys
+import time
 import types
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
@@ -18,8 +19,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from types import CodeType
 
+    from .lanes import Lanes
     from .protocol import FunctionRequest
     from .runtime import Runtime
+    from .timing import Timings
 
 __all__ = ["Invocation", "UserBaseException", "load_code"]
 
@@ -128,47 +131,72 @@ async def _drain(agen: Any) -> list[Any]:
 
 
 class Invocation:
-    """The ``call`` argument of the executor hooks."""
+    """The ``call`` argument of the executor hooks.
 
-    __slots__ = ("args", "constructor_args", "constructor_kwargs", "kwargs", "request", "runtime")
+    ``lanes`` is where its code runs; ``runtime`` is the process's :class:`Runtime`, for plugins
+    that read its settings or state (the same object the other hooks receive).
+    """
+
+    __slots__ = (
+        "args",
+        "constructor_args",
+        "constructor_kwargs",
+        "kwargs",
+        "lanes",
+        "request",
+        "runtime",
+        "timings",
+    )
 
     def __init__(
         self,
         request: FunctionRequest,
-        runtime: Runtime,
+        lanes: Lanes,
         args: list[Any],
         kwargs: dict[str, Any],
         constructor_args: list[Any] | None = None,
         constructor_kwargs: dict[str, Any] | None = None,
+        *,
+        runtime: Runtime,
+        timings: Timings | None = None,
     ) -> None:
         self.request = request
-        self.runtime = runtime
+        self.lanes = lanes
         self.args = args
         self.kwargs = kwargs
         self.constructor_args = constructor_args or []
         self.constructor_kwargs = constructor_kwargs or {}
+        self.runtime = runtime
+        self.timings = timings
 
     def load_code(self, source: str, name: str) -> dict[str, Any]:
         """Exec ``source`` into a fresh namespace; failures are blamed on *load code*."""
-        return load_code(source, name)
+        if self.timings is None:
+            return load_code(source, name)
+        started = time.perf_counter()
+        try:
+            return load_code(source, name)
+        finally:
+            self.timings.moved("load", time.perf_counter() - started)
 
     async def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Call user code the right way for its kind.
 
-        Sync callables run in the runtime's worker threads (never on the event loop), coroutine
-        functions are awaited, generators and async generators are collected into lists.
+        Sync callables run off the event loop (the executor's main thread or a worker thread),
+        coroutine functions are awaited, generators and async generators are collected into
+        lists.
         """
-        runtime = self.runtime
+        lanes = self.lanes
         if not _plain_sync(fn):
             if inspect.iscoroutinefunction(fn):
-                return await runtime.on_loop(_guard(fn(*args, **kwargs)))
+                return await lanes.on_loop(_guard(fn(*args, **kwargs)))
             if inspect.isasyncgenfunction(fn):
-                return await runtime.on_loop(_guard(_drain(fn(*args, **kwargs))))
-        result = await runtime.run_user_sync(self.request, _call_sync, fn, args, kwargs)
+                return await lanes.on_loop(_guard(_drain(fn(*args, **kwargs))))
+        result = await lanes.run_user_sync(_call_sync, fn, args, kwargs)
         if type(result) in _PLAIN_RESULTS:
             return result
         if inspect.isawaitable(result):
-            result = await runtime.on_loop(_guard(result))
+            result = await lanes.on_loop(_guard(result))
         elif inspect.isasyncgen(result):
-            result = await runtime.on_loop(_guard(_drain(result)))
+            result = await lanes.on_loop(_guard(_drain(result)))
         return result

@@ -185,6 +185,11 @@ class Settings:
         4 * 1024 * 1024,
         "Live echo per request; past it the echo is cut (once, with a notice).",
     )
+    timing_log: bool = setting(
+        "FLASHRT_TIMING_LOG",
+        True,
+        "One INFO line per request with its id: outcome, total, and the stages that took time.",
+    )
     log_level: str = setting("FLASHRT_LOG_LEVEL", "INFO", "Level of the worker's own logging.")
     tmp_dir: Path | None = setting(
         "FLASHRT_TMP_DIR",

@@ -1,11 +1,11 @@
 """Deployed mode's generated QB handler: it runs where user code runs, so it lives in core.
 
-Re-exported here for the shell and its tests; see :mod:`flashrt_core.deployed_handler`.
+Re-exported here for the shell and its tests; see :mod:`flashrt_core.deployment`.
 """
 
 from __future__ import annotations
 
-from flashrt_core.deployed_handler import (
+from flashrt_core.deployment import (
     DeployedHandler,
     DeployedHandlerError,
     is_function_request,

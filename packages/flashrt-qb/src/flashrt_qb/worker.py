@@ -298,7 +298,7 @@ class QueueWorker:
         assert handler is not None
         timeout = self.settings.timeout_s
         try:
-            return await asyncio.wait_for(handler(self.runtime, job), timeout)
+            return await asyncio.wait_for(handler(self.runtime.lanes, job), timeout)
         except asyncio.TimeoutError:
             return {
                 "success": False,

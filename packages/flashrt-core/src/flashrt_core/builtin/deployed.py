@@ -17,16 +17,21 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import json
-import threading
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..deployment import (
+    MANIFEST_FILE,
+    DeployedAppUnavailable,
+    deployed_app_dir,
+    load_manifest,
+)
 from ..errors import StageError
 from ..hookspecs import hookimpl
+from ..lanes import runs_inline
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Mapping
+    from pathlib import Path
 
     from ..instances import InstanceRegistry
     from ..invocation import Invocation
@@ -41,70 +46,6 @@ __all__ = [
     "flashrt_execute_function",
     "load_manifest",
 ]
-
-MANIFEST_FILE = "flash_manifest.json"
-
-
-class DeployedAppUnavailable(RuntimeError):
-    """Deployed mode, but the app directory cannot be used; the message says why."""
-
-
-def deployed_app_dir(runtime: Runtime) -> Path | None:
-    """The unpacked app's directory, ``None`` when this worker is not deployed.
-
-    Raises :class:`DeployedAppUnavailable` with the reason when unpacking failed or has not run.
-    With ``FLASH_DISABLE_UNPACK`` the app is expected, already unpacked, in ``FLASHRT_APP_DIR``
-    (put on ``sys.path`` here, the way the artifact step does after unpacking).
-    """
-    settings = runtime.settings
-    if not settings.resource_name:
-        return None
-    if settings.disable_unpack:
-        from ..artifact import add_app_dir_to_sys_path
-        from .volume_settings import volume_settings
-
-        app_dir = Path(volume_settings(runtime).app_dir)
-        add_app_dir_to_sys_path(app_dir)
-        return app_dir
-    outcome = runtime.state.get("artifact")
-    status = getattr(outcome, "status", None)
-    unpacked = getattr(outcome, "app_dir", None)
-    if status == "ready" and unpacked is not None:
-        return Path(unpacked)
-    if outcome is None:
-        raise DeployedAppUnavailable(
-            "the artifact has not been unpacked (start-up did not run or was blocked)"
-        )
-    reason = getattr(outcome, "reason", None) or f"unpacking is {status}"
-    raise DeployedAppUnavailable(f"the artifact could not be unpacked: {reason}")
-
-
-_manifest_cache: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}
-_manifest_lock = threading.Lock()
-
-
-def load_manifest(app_dir: Path) -> dict[str, Any]:
-    """Read ``flash_manifest.json`` of the app (parsed once per file version). Blocking."""
-    path = app_dir / MANIFEST_FILE
-    try:
-        st = path.stat()
-        key = (st.st_size, st.st_mtime_ns)
-        with _manifest_lock:
-            cached = _manifest_cache.get(path)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DeployedAppUnavailable(
-            f"the deployed app has no {MANIFEST_FILE} in {app_dir}"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise DeployedAppUnavailable(f"{path} cannot be read: {exc}") from None
-    if not isinstance(data, dict):
-        raise DeployedAppUnavailable(f"{path} is not a JSON object")
-    with _manifest_lock:
-        _manifest_cache[path] = (key, data)
-    return data
 
 
 async def _manifest(runtime: Runtime, app_dir: Path) -> Mapping[str, Any]:
@@ -208,6 +149,7 @@ def flashrt_execute_function(request: FunctionRequest, call: Invocation) -> Awai
     return _run_function(request, call)
 
 
+@runs_inline
 async def _run_function(request: FunctionRequest, call: Invocation) -> Any:
     name = request.function_name or ""
     fn, _ = await _resolve(call, name, "function")
@@ -226,6 +168,7 @@ def flashrt_execute_class(
     return _run_method(request, call, instances)
 
 
+@runs_inline
 async def _run_method(
     request: FunctionRequest, call: Invocation, instances: InstanceRegistry
 ) -> Any:

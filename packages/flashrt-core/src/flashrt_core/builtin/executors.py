@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import StageError
 from ..hookspecs import hookimpl
+from ..lanes import runs_inline
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -27,6 +28,7 @@ def flashrt_execute_function(request: FunctionRequest, call: Invocation) -> Awai
     return _run_function(request.function_code, request.function_name or "", call)
 
 
+@runs_inline
 async def _run_function(source: str, name: str, call: Invocation) -> Any:
     namespace = call.load_code(source, name)
     fn = namespace.get(name)
@@ -48,6 +50,7 @@ def flashrt_execute_class(
     return _run_method(request, request.class_code, call, instances)
 
 
+@runs_inline
 async def _run_method(
     request: FunctionRequest, source: str, call: Invocation, instances: InstanceRegistry
 ) -> Any:
@@ -80,7 +83,7 @@ async def call_on_instance(
     entry = None if request.create_new_instance else instances.live(instance_id, class_name)
     if entry is None:
         # Built on the event loop, where the registry's single-flight lock lives.
-        entry = await call.runtime.on_loop(
+        entry = await call.lanes.on_loop(
             instances.get_or_create(
                 instance_id, build, class_name=class_name, replace=request.create_new_instance
             )

@@ -8,12 +8,13 @@ to it over the fast lane's socket, when nothing else is in flight (``on_fast`` r
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import os
 import select
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -99,6 +100,27 @@ class MainLane:
                     answered = clock()
                     if quick:
                         spin_until = answered + self.spin_s
+
+    def wait_serving(self, future: concurrent.futures.Future[Any]) -> None:
+        """Main thread, in a fast-lane request waiting on the loop: wait for ``future`` and run
+        the sync calls that reach the lane meanwhile (a plugin's or an instance build's)."""
+        future.add_done_callback(lambda _: self._wake())
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        with self._lock:
+            self.busy = bool(self._items)
+        try:
+            while not future.done():
+                poller.poll()
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+                if not self._run_items():
+                    self._items.append(None)  # stopping: serve_forever sees it afterwards
+                    self._wake()
+                    break
+        finally:
+            with self._lock:
+                self.busy = True
 
     def _run_items(self) -> bool:
         while self._items:

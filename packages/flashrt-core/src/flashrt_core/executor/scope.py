@@ -13,13 +13,17 @@ import msgspec
 from .. import channel as ch
 from ..capture import encodable
 from ..protocol import FunctionRequest
+from .integrity import cuda_context_lost
 
 if TYPE_CHECKING:
     import concurrent.futures
 
     from ..protocol import FunctionResponse
+    from ..timing import Timings
+    from .integrity import Integrity
 
 __all__ = [
+    "Answers",
     "Scope",
     "Streamer",
     "current_scope",
@@ -110,3 +114,60 @@ def exit_now(status: int) -> None:
         with contextlib.suppress(Exception):
             stream.flush()  # type: ignore[union-attr]
     os._exit(status)
+
+
+class Answers:
+    """How an answer leaves, whichever lane ran the request: checked, sent, then the rest.
+
+    The interpreter (modules, builtins) and the CUDA verdict are checked before the answer goes,
+    so a poisoned executor says it exits in that answer and the supervisor hands it nothing
+    more; the descriptors and the timing line come after, when the caller has its answer.
+    """
+
+    def __init__(
+        self, chan: ch.Channel, fast: ch.Channel | None, integrity: Integrity, timing_log: bool
+    ) -> None:
+        self.chan = chan
+        self.fast = fast
+        self.integrity = integrity
+        self.timing_log = timing_log
+
+    def send(
+        self,
+        via: ch.Channel,
+        rid: int,
+        response: FunctionResponse,
+        *,
+        installed: bool = False,
+        timings: Timings | None = None,
+    ) -> None:
+        reason = cuda_context_lost(response) or self.integrity.interpreter_problem()
+        body = encode_response(response)
+        self._send(via, ch.Result(rid, body, installed, response.instance_id, reason))
+        if timings is not None and self.timing_log:
+            timings.log(response)
+        self._after(reason)
+
+    def send_deployed(self, rid: int, body: bytes) -> None:
+        reason = self.integrity.interpreter_problem()
+        self._send(self.chan, ch.Result(rid, body, exiting=reason))
+        self._after(reason)
+
+    def _send(self, via: ch.Channel, result: ch.Result) -> None:
+        try:
+            via.send(result)
+        except OSError:  # the request closed that socket: the other one is out of its reach
+            other = self.chan if via is self.fast else self.fast
+            if other is not None:
+                with contextlib.suppress(OSError):
+                    other.send(result)
+
+    def _after(self, reason: str | None) -> None:
+        if reason is None and (reason := self.integrity.descriptor_problem()) is not None:
+            # A request sent meanwhile runs again on the fresh executor.
+            for chan in (self.chan, self.fast):
+                if chan is not None:
+                    with contextlib.suppress(OSError):
+                        chan.send(ch.Exiting(reason))
+        if reason is not None:
+            exit_now(0)

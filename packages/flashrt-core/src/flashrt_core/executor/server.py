@@ -1,9 +1,9 @@
-"""The executor's main loop: read frames, run each request through the in-process pipeline.
+"""The executor's main loop: read frames, run each request through the pipeline.
 
 Threads: the main thread is the :class:`~.mainlane.MainLane` (sync user code when it is the only
-sync call running); the event loop runs in ``flashrt-executor-loop``; extra concurrent sync calls
-go to the runtime's thread pool. The channel is fd 0, close-on-exec, so user code that closes
-every descriptor above 2 cannot cut it, and subprocesses never inherit it.
+sync call running, and the fast lane); the event loop runs in ``flashrt-executor-loop``; extra
+concurrent sync calls go to the thread pool. The channel is fd 0, close-on-exec, so user code
+that closes every descriptor above 2 cannot cut it, and subprocesses never inherit it.
 """
 
 from __future__ import annotations
@@ -22,24 +22,27 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from .. import channel as ch
+from ..lanes import Lanes, call_catching, settle
 from ..logs import configure_logging, request_id
-from .fastlane import FastLane, builtin_executors_only
-from .integrity import Integrity, cuda_context_lost
+from ..pipeline import current_request
+from ..timing import Timings
+from .fastlane import FastLane
+from .integrity import Integrity
 from .mainlane import MainLane
-from .scope import Scope, Streamer, current_scope, encode_response, exit_now, request_body
+from .scope import Answers, Scope, Streamer, current_scope, encode_response, exit_now, request_body
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ..deployed_handler import DeployedHandler
+    from ..deployment import DeployedHandler
+    from ..pipeline import Pipeline
     from ..protocol import FunctionRequest
-    from ..runtime import Runtime
 
 __all__ = ["main"]
 
 
 class ExecutorServer:
-    """The executor's state: channel, runtime, in-flight tasks and the integrity baseline."""
+    """The executor's state: channel, pipeline, in-flight tasks and the integrity baseline."""
 
     def __init__(
         self, chan: ch.Channel, setup: ch.Setup, lane: MainLane, fast: ch.Channel | None = None
@@ -47,11 +50,14 @@ class ExecutorServer:
         self.chan = chan
         self.setup = setup
         self.lane = lane
-        self.fast_lane = FastLane(self, fast) if fast is not None else None
+        self.fast = fast
         self.reader = ch.FrameReader()
         self.tasks: dict[int, asyncio.Task[None]] = {}
-        self.runtime: Runtime | None = None
+        self.lanes: Lanes | None = None
+        self.pipeline: Pipeline | None = None
         self.integrity: Integrity | None = None
+        self.answers: Answers | None = None
+        self.fast_lane: FastLane | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._handler: DeployedHandler | None = None
 
@@ -67,29 +73,34 @@ class ExecutorServer:
     async def _main(self) -> None:
         loop = self.loop = asyncio.get_running_loop()
         try:
-            runtime = await self._make_runtime()
+            settings = await self._make_pipeline(loop)
         except Exception as exc:
             self.chan.send(ch.Hello(os.getpid(), error=f"{type(exc).__name__}: {exc}"))
             return
-        if runtime.startup_error:
-            self.chan.send(ch.Hello(os.getpid(), error=runtime.startup_error))
-            return
         self.integrity = Integrity(loop, self.chan.fd, self.lane.fds)
-        fast = (
-            self.fast_lane is not None
-            and runtime.settings.fast_lane
-            and builtin_executors_only(runtime)
-        )
+        self.answers = Answers(self.chan, self.fast, self.integrity, settings.timing_log)
+        fast = self.fast is not None and settings.fast_lane
         if fast:
-            assert self.fast_lane is not None
-            self.fast_lane.attach()
+            assert self.fast is not None and self.pipeline is not None and self.lanes is not None
+            self.fast_lane = FastLane(
+                self.fast,
+                self.pipeline,
+                self.lanes,
+                self.answers,
+                loop,
+                self.hand_to_loop,
+                self.lane.wait_serving,
+            )
             self.lane.on_fast = self.fast_lane.on_readable
         gone: asyncio.Future[None] = loop.create_future()
         loop.add_reader(self.chan.fd, self._on_readable, gone)
         self.chan.send(ch.Hello(os.getpid(), fast=fast))
         await gone
 
-    async def _make_runtime(self) -> Runtime:
+    async def _make_pipeline(self, loop: asyncio.AbstractEventLoop) -> Any:
+        from .. import capture
+        from ..codecs import preload
+        from ..pipeline import contain_user_tasks
         from ..runtime import Runtime
         from ..settings import Settings, settings_from_dict
 
@@ -98,19 +109,16 @@ class ExecutorServer:
         configure_logging(settings)
         # Capture stays installed for the executor's life (it exists to run user code): each
         # request then only routes its output, instead of installing and removing the routers.
-        from .. import capture
-
         capture.activate()
         plugins: tuple[object, ...] = ()
         if setup.plugins:
             import cloudpickle
 
             plugins = tuple(cloudpickle.loads(blob) for blob in setup.plugins)
-        runtime = await asyncio.to_thread(Runtime, settings, extra_plugins=plugins)
-        runtime.role = "executor"
-        runtime.user_sync = self._user_sync
-        runtime.on_phase = self._on_phase
-        runtime.on_installed = self._on_installed
+        lanes = self.lanes = Lanes(settings.max_threads)
+        lanes.main_lane = self._user_sync
+        # The object hooks receive as ``runtime``; its start-up hooks ran in the worker.
+        runtime = await asyncio.to_thread(Runtime, settings, extra_plugins=plugins, lanes=lanes)
         if setup.app_dir:
             from ..artifact import ArtifactOutcome, add_app_dir_to_sys_path
 
@@ -119,15 +127,20 @@ class ExecutorServer:
                 status="ready", app_dir=app_dir, artifact=settings.artifact_path
             )
             add_app_dir_to_sys_path(app_dir)
-        self.runtime = runtime
-        await runtime.start()
-        if not runtime.startup_error and setup.deployed_handler:
-            from ..deployed_handler import load_handler
+        runtime.ready = True
+        self.pipeline = runtime.pipeline(
+            in_executor=True, on_phase=self._on_phase, on_installed=self._on_installed
+        )
+        contain_user_tasks(loop)
+        # Pay cloudpickle's import now; the codecs hold it whatever a request does to sys.modules.
+        await lanes.run_blocking(preload)
+        if setup.deployed_handler:
+            from ..deployment import load_handler
 
-            self._handler = await runtime.run_blocking(
+            self._handler = await lanes.run_blocking(
                 load_handler, Path(setup.app_dir or "."), setup.deployed_handler
             )
-        return runtime
+        return settings
 
     # --- frames -----------------------------------------------------------------------------
 
@@ -165,14 +178,15 @@ class ExecutorServer:
         self.loop.call_soon_threadsafe(start)
 
     async def _execute(self, frame: ch.Execute) -> None:
-        assert self.runtime is not None
+        assert self.pipeline is not None and self.answers is not None
         scope = Scope(frame.id)
         current_scope.set(scope)
         request_id.set(frame.request_id)
         streamer = Streamer(self.chan, frame.id)
+        timings = Timings()
         try:
-            response = await self.runtime.execute_here(
-                request_body(frame), streamer, len(frame.body)
+            response = await self.pipeline.run(
+                request_body(frame), streamer, len(frame.body), timings
             )
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:  # never from our supervisor
             from ..failures import stage_failure
@@ -184,32 +198,19 @@ class ExecutorServer:
         finally:
             self.tasks.pop(frame.id, None)
             streamer.flush()
-        # Checked before answering: the supervisor then sends this executor nothing more.
-        reason = self._problem(cuda_context_lost(response))
-        result = ch.Result(
-            frame.id,
-            encode_response(response),
-            installed=scope.installed,
-            instance_id=response.instance_id,
-            exiting=reason,
-        )
-        self.chan.send(result)
-        if reason is not None:
-            exit_now(0)
+        self.answers.send(self.chan, frame.id, response, installed=scope.installed, timings=timings)
 
     async def _deployed(self, frame: ch.RunDeployed) -> None:
-        assert self.runtime is not None
+        assert self.lanes is not None and self.answers is not None
+        from ..deployment import run_deployed_job
+
         scope = Scope(frame.id)
         current_scope.set(scope)
         request_id.set(frame.request_id)
         try:
-            if self._handler is None:
-                output: Any = {
-                    "success": False,
-                    "error": "this executor serves no deployed handler (FLASH_RESOURCE_NAME?)",
-                }
-            else:
-                output = await self._handler(self.runtime, msgspec.json.decode(frame.job))
+            output = await run_deployed_job(
+                self._handler, self.lanes, msgspec.json.decode(frame.job)
+            )
         except asyncio.CancelledError:
             self._cancelled(scope)
             return
@@ -221,21 +222,13 @@ class ExecutorServer:
             body = msgspec.msgpack.encode(
                 {"success": False, "error": f"the deployed handler's result cannot be sent: {exc}"}
             )
-        reason = self._problem(None)
-        self.chan.send(ch.Result(frame.id, body, exiting=reason))
-        if reason is not None:
-            exit_now(0)
+        self.answers.send_deployed(frame.id, body)
 
     def _cancelled(self, scope: Scope) -> None:
         scope.cancelled = True
         if scope.sync_running == 0:
             with contextlib.suppress(OSError):
                 self.chan.send(ch.Settled(scope.id))
-
-    def _problem(self, reason: str | None) -> str | None:
-        """Why this interpreter can no longer be trusted, if it cannot."""
-        assert self.integrity is not None
-        return reason or self.integrity.check()
 
     # --- hooks into the runtime -------------------------------------------------------------
 
@@ -250,9 +243,9 @@ class ExecutorServer:
         if scope is not None:
             scope.installed = True
 
-    async def _user_sync(
-        self, request: FunctionRequest | None, fn: Callable[..., Any], *args: Any
-    ) -> Any:
+    async def _user_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Sync user code: on the main thread when it is free (``signal.signal`` works there),
+        else in the pool."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         ctx = contextvars.copy_context()
@@ -262,19 +255,13 @@ class ExecutorServer:
         on_main: list[bool] = [False]
 
         def work() -> None:
-            result: Any = None
-            error: BaseException | None = None
-            try:
-                result = ctx.run(fn, *args)
-            except Exception as exc:
-                error = exc
-            except BaseException as exc:
-                error = RuntimeError(f"{type(exc).__name__} in a worker thread: {exc}")
+            result, error = ctx.run(call_catching, fn, args)
             if scope is not None:
                 scope.sync_running -= 1
+            request = ctx.get(current_request)
             if on_main[0] and request is not None and not self._loop_intact():
                 self._rescue(ctx, request, result, error)
-            loop.call_soon_threadsafe(_settle, future, result, error)
+            loop.call_soon_threadsafe(settle, future, result, error)
             if scope is not None and scope.cancelled and scope.sync_running == 0:
                 with contextlib.suppress(OSError):
                     self.chan.send(ch.Settled(scope.id))
@@ -282,8 +269,8 @@ class ExecutorServer:
         on_main[0] = True
         if not self.lane.try_run(work):
             on_main[0] = False
-            assert self.runtime is not None
-            self.runtime.pool.submit(work)
+            assert self.lanes is not None
+            self.lanes.pool.submit(work)
         return await future
 
     def _loop_intact(self) -> bool:
@@ -322,15 +309,6 @@ class ExecutorServer:
         with contextlib.suppress(OSError):
             self.chan.send(ch.Exiting(reason))
         exit_now(0)
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
 
 
 def _harden() -> None:

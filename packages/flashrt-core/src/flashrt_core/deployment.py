@@ -1,0 +1,214 @@
+"""The deployed app, in one place: its directory, its manifest, and the generated QB handler.
+
+A deployed worker (``FLASH_RESOURCE_NAME`` set) runs a ``flash build`` artifact, unpacked at
+start-up by ``flashrt.artifact`` (or already in ``FLASHRT_APP_DIR`` with
+``FLASH_DISABLE_UNPACK``). Its ``flash_manifest.json`` maps code-less requests to modules
+(``flashrt.deployed``), and per queue resource ``flash build`` (runpod-flash 1.21) generates a
+``handler_<resource>.py`` whose ``handler(job)`` takes plain JSON kwargs in ``job["input"]`` and
+returns the plain result, or ``{"success": False, "error", "traceback"}``. That handler is
+synchronous (it runs coroutines with ``asyncio.run`` itself), so it is called off the event loop;
+an ``async def handler`` of a later build is awaited instead. Both run where user code runs: the
+executor process by default.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import re
+import threading
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    from .lanes import Lanes
+    from .runtime import Runtime
+
+__all__ = [
+    "MANIFEST_FILE",
+    "DeployedAppUnavailable",
+    "DeployedHandler",
+    "DeployedHandlerError",
+    "deployed_app_dir",
+    "executor_app_dir",
+    "is_function_request",
+    "load_handler",
+    "load_manifest",
+    "run_deployed_job",
+]
+
+MANIFEST_FILE = "flash_manifest.json"
+_RESOURCE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class DeployedAppUnavailable(RuntimeError):
+    """Deployed mode, but the app directory cannot be used; the message says why."""
+
+
+def deployed_app_dir(runtime: Runtime) -> Path | None:
+    """The unpacked app's directory, ``None`` when this worker is not deployed.
+
+    Raises :class:`DeployedAppUnavailable` with the reason when unpacking failed or has not run.
+    With ``FLASH_DISABLE_UNPACK`` the app is expected, already unpacked, in ``FLASHRT_APP_DIR``
+    (put on ``sys.path`` here, the way the artifact step does after unpacking).
+    """
+    settings = runtime.settings
+    if not settings.resource_name:
+        return None
+    if settings.disable_unpack:
+        from .artifact import add_app_dir_to_sys_path
+        from .builtin.volume_settings import volume_settings
+
+        app_dir = Path(volume_settings(runtime).app_dir)
+        add_app_dir_to_sys_path(app_dir)
+        return app_dir
+    outcome = runtime.state.get("artifact")
+    status = getattr(outcome, "status", None)
+    unpacked = getattr(outcome, "app_dir", None)
+    if status == "ready" and unpacked is not None:
+        return Path(unpacked)
+    if outcome is None:
+        raise DeployedAppUnavailable(
+            "the artifact has not been unpacked (start-up did not run or was blocked)"
+        )
+    reason = getattr(outcome, "reason", None) or f"unpacking is {status}"
+    raise DeployedAppUnavailable(f"the artifact could not be unpacked: {reason}")
+
+
+_manifest_cache: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}
+_manifest_lock = threading.Lock()
+
+
+def load_manifest(app_dir: Path) -> dict[str, Any]:
+    """Read ``flash_manifest.json`` of the app (parsed once per file version). Blocking."""
+    path = app_dir / MANIFEST_FILE
+    try:
+        st = path.stat()
+        key = (st.st_size, st.st_mtime_ns)
+        with _manifest_lock:
+            cached = _manifest_cache.get(path)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DeployedAppUnavailable(
+            f"the deployed app has no {MANIFEST_FILE} in {app_dir}"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise DeployedAppUnavailable(f"{path} cannot be read: {exc}") from None
+    if not isinstance(data, dict):
+        raise DeployedAppUnavailable(f"{path} is not a JSON object")
+    with _manifest_lock:
+        _manifest_cache[path] = (key, data)
+    return data
+
+
+class DeployedHandlerError(RuntimeError):
+    """The generated handler cannot be loaded; the message says why."""
+
+
+def is_function_request(job_input: Any) -> bool:
+    """Whether a deployed worker's job input is a FunctionRequest rather than plain kwargs.
+
+    Live clients always send ``execution_type`` and the code; code-less requests for the
+    manifest's ``function_registry`` send ``execution_type`` with ``function_name`` or
+    ``class_name``. Plain kwargs of a user function would have to use those names together.
+    """
+    if not isinstance(job_input, dict):
+        return False
+    if "function_code" in job_input or "class_code" in job_input:
+        return True
+    return "execution_type" in job_input and (
+        "function_name" in job_input or "class_name" in job_input
+    )
+
+
+class DeployedHandler:
+    """The loaded ``handler`` of ``handler_<resource>.py``."""
+
+    def __init__(self, fn: Callable[[dict[str, Any]], Any], resource: str) -> None:
+        self.fn = fn
+        self.resource = resource
+        self.is_async = inspect.iscoroutinefunction(fn)
+
+    async def __call__(self, lanes: Lanes, job: Mapping[str, Any]) -> Any:
+        """Run one job; a raised exception becomes the job's error (the SDK's shape)."""
+        payload = {"id": job.get("id"), "input": job.get("input")}
+        try:
+            if self.is_async:
+                return await self.fn(payload)
+            result = await lanes.run_user_sync(self.fn, payload)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+        except Exception as exc:
+            return {
+                "error": f"deployed handler of {self.resource!r} raised "
+                f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+            }
+
+
+def load_handler(app_dir: Path, resource: str) -> DeployedHandler:
+    """Import ``handler_<resource>`` from the app directory (already on ``sys.path``). Blocking.
+
+    The import runs the user's module code (and, for a class resource, builds its instance).
+    Raises :class:`DeployedHandlerError` naming the problem.
+    """
+    if not _RESOURCE_NAME.match(resource):
+        raise DeployedHandlerError(
+            f"FLASH_RESOURCE_NAME={resource!r} is not a valid resource name (letters, digits, _)"
+        )
+    module_name = f"handler_{resource}"
+    path = app_dir / f"{module_name}.py"
+    if not path.is_file():
+        found = sorted(p.stem[len("handler_") :] for p in app_dir.glob("handler_*.py"))
+        raise DeployedHandlerError(
+            f"{path.name} is not in the deployed app at {app_dir}: FLASH_RESOURCE_NAME="
+            f"{resource!r} names no queue resource of this build (it has handlers for: "
+            f"{', '.join(found) or 'none'})"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except BaseException as exc:
+        raise DeployedHandlerError(
+            f"importing {path.name} failed: {type(exc).__name__}: {exc}\n"
+            + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        ) from exc
+    fn = getattr(module, "handler", None)
+    if not callable(fn):
+        raise DeployedHandlerError(f"{path.name} defines no callable 'handler'")
+    where = getattr(module, "__file__", None)
+    if where and not Path(where).resolve().is_relative_to(app_dir.resolve()):
+        raise DeployedHandlerError(
+            f"module {module_name!r} was imported from {where}, not from the app at {app_dir}"
+        )
+    return DeployedHandler(fn, resource)
+
+
+def executor_app_dir(runtime: Runtime) -> str | None:
+    """The app directory an executor process is handed: what start-up unpacked, or with
+    ``FLASH_DISABLE_UNPACK`` the one already in ``FLASHRT_APP_DIR``."""
+    state = runtime.state.get("artifact")
+    app_dir = getattr(state, "app_dir", None) if getattr(state, "ready", False) else None
+    if app_dir:
+        return str(app_dir)
+    settings = runtime.settings
+    if not (settings.resource_name and settings.disable_unpack):
+        return None
+    from .builtin.volume_settings import volume_settings
+
+    return str(volume_settings(runtime).app_dir)
+
+
+async def run_deployed_job(handler: DeployedHandler | None, lanes: Lanes, job: Any) -> Any:
+    """One plain-JSON job through the loaded handler (``None``: this process serves none)."""
+    if handler is None:
+        return {
+            "success": False,
+            "error": "this worker serves no deployed handler (FLASH_RESOURCE_NAME?)",
+        }
+    return await handler(lanes, job)

@@ -1,0 +1,198 @@
+"""The requests handed to executors and not yet answered: each one's timer, output and retries.
+
+One :class:`Request` per call of the supervisor, from hand-over until its caller has an answer;
+the :class:`InFlight` table owns their timers (the time limit, paused while dependencies
+install), the bounded copy of their output (used only if the executor dies before answering),
+their live echo, and the requests given up on whose code may still be running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from typing import TYPE_CHECKING, Any
+
+from ..failures import stage_failure
+from ..logs import request_id
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import TextIO
+
+    from ..echo import LineEcho
+    from ..settings import Settings
+
+__all__ = ["RETRIED_NOTE", "InFlight", "Request"]
+
+log = logging.getLogger("flashrt.supervisor")
+
+RETRIED_NOTE = "[flashrt] the executor process died while this request ran; running it again\n"
+
+
+class Request:
+    """One request handed to the executor, until it is answered."""
+
+    __slots__ = (
+        "attempts",
+        "body",
+        "deployed",
+        "echo",
+        "form",
+        "future",
+        "output",
+        "output_size",
+        "request_id",
+        "simple",
+        "timeout",
+        "timer",
+    )
+
+    def __init__(
+        self, body: bytes, form: str, timeout: float, deployed: bool, simple: bool = False
+    ) -> None:
+        self.body = body
+        self.form = form
+        self.timeout = timeout
+        self.deployed = deployed
+        self.simple = simple
+        self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.attempts = 0
+        self.output: list[str] = []
+        self.output_size = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.echo: LineEcho | None = None
+        self.request_id = request_id.get()
+
+    def failure(self, message: str) -> Any:
+        """The caller's answer for a request that did not finish, with its output so far."""
+        stdout = "".join(self.output) or None
+        if self.deployed:
+            return {"success": False, "error": message, "stdout": stdout}
+        return stage_failure("call", message, stdout)
+
+
+class InFlight:
+    """The table of requests in flight, by the id their frames carry."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        echo_streams: Callable[[int], TextIO],
+        on_expired: Callable[[int], None],
+    ) -> None:
+        self.settings = settings
+        self.loop = asyncio.get_running_loop()
+        self._echo_streams = echo_streams
+        self._on_expired = on_expired  # after a timed-out request is answered: stop its code
+        self._ids = itertools.count(1)
+        self.requests: dict[int, Request] = {}
+        #: Requests given up on (timed out, cancelled) whose code may still run: the timer that
+        #: recycles their executor if it does not stop in time.
+        self.abandoned: dict[int, asyncio.TimerHandle] = {}
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def add(self, request: Request) -> int:
+        rid = next(self._ids)
+        self.requests[rid] = request
+        return rid
+
+    def get(self, rid: int) -> Request | None:
+        return self.requests.get(rid)
+
+    # --- timers -------------------------------------------------------------------------------
+
+    def arm(self, rid: int, request: Request) -> None:
+        """Start (or restart) the request's time limit."""
+        if request.timer is not None:
+            request.timer.cancel()
+        request.timer = self.loop.call_later(request.timeout, self._expired, rid)
+
+    def pause(self, request: Request) -> None:
+        """Installs are not the call: the time limit waits until they are done."""
+        if request.timer is not None:
+            request.timer.cancel()
+            request.timer = None
+
+    def _expired(self, rid: int) -> None:
+        request = self.requests.get(rid)
+        if request is None:
+            return
+        request.timer = None
+        message = f"timed out after {request.timeout:g} s"
+        log.warning("request %s %s", request.request_id or rid, message)
+        if request.deployed:
+            self.answer(rid, {"success": False, "error": f"the deployed handler {message}"})
+        else:
+            self.answer(rid, request.failure(message))
+        self._on_expired(rid)
+
+    # --- output -------------------------------------------------------------------------------
+
+    def output(self, rid: int, stream: int, text: str) -> None:
+        """A line the request's code wrote: echoed live, and copied (bounded) for a death."""
+        request = self.requests.get(rid)
+        if request is None:
+            return
+        if self.settings.echo:
+            if request.echo is None:  # made at the first output: most requests print nothing
+                from ..echo import LineEcho
+
+                request.echo = LineEcho(
+                    self.settings.echo_max_bytes, request.request_id, streams=self._echo_streams
+                )
+            request.echo(stream, text)
+        room = self.settings.max_output_bytes - request.output_size
+        if room > 0:
+            text = text[:room]
+            request.output.append(text)
+            request.output_size += len(text)
+
+    # --- endings ------------------------------------------------------------------------------
+
+    def answer(self, rid: int, value: Any) -> None:
+        request = self.requests.pop(rid, None)
+        if request is not None and not request.future.done():
+            request.future.set_result(value)
+
+    def done(self, request: Request) -> None:
+        """Its caller has its answer (or stopped waiting): release what it held."""
+        if request.timer is not None:
+            request.timer.cancel()
+        if request.echo is not None:
+            request.echo.close()
+
+    def abandon(self, rid: int, grace: float, runaway: Callable[[], None]) -> None:
+        """Its caller stopped waiting; ``runaway`` runs if its code has not settled in time."""
+        self.requests.pop(rid, None)
+        self.abandoned[rid] = self.loop.call_later(grace, self._runaway, rid, runaway)
+
+    def _runaway(self, rid: int, runaway: Callable[[], None]) -> None:
+        self.abandoned.pop(rid, None)
+        runaway()
+
+    def settled(self, rid: int) -> bool:
+        """An abandoned request's code has ended; ``False`` if it was not abandoned."""
+        handle = self.abandoned.pop(rid, None)
+        if handle is None:
+            return False
+        handle.cancel()
+        return True
+
+    def forget_abandoned(self) -> None:
+        for handle in self.abandoned.values():
+            handle.cancel()
+        self.abandoned.clear()
+
+    def retry(self, request: Request) -> bool:
+        """Whether a request whose executor died runs again (once); notes it in its output."""
+        if request.timer is not None:
+            request.timer.cancel()
+            request.timer = None
+        if not self.settings.retry_on_executor_death or request.attempts >= 2:
+            return False
+        request.output.append(RETRIED_NOTE)
+        request.output_size = sum(len(t) for t in request.output)
+        return True

@@ -1,0 +1,65 @@
+"""Where a request's time went: each pipeline stage timed, and one INFO line per request.
+
+The line is written after the answer has left (by whoever sends it), so the caller never waits
+for it; ``FLASHRT_TIMING_LOG=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .protocol import FunctionResponse
+
+__all__ = ["Timings"]
+
+log = logging.getLogger("flashrt.timing")
+
+#: Stages shorter than this are left out of the line: it names where the time went.
+_NOTABLE_S = 0.0001
+_clock = time.perf_counter
+
+
+class Timings:
+    """Seconds spent per stage of one request, from its arrival."""
+
+    __slots__ = ("_mark", "failed", "stages", "started", "what")
+
+    def __init__(self) -> None:
+        self.started = self._mark = _clock()
+        self.stages: dict[str, float] = {}
+        #: What ran (``function add``), and the stage it failed in, if it did.
+        self.what = "request"
+        self.failed: str | None = None
+
+    def lap(self, stage: str) -> None:
+        """The time since the last lap was spent in ``stage``."""
+        now = _clock()
+        self.stages[stage] = self.stages.get(stage, 0.0) + now - self._mark
+        self._mark = now
+
+    def moved(self, stage: str, seconds: float) -> None:
+        """``seconds`` already counted elsewhere belong to ``stage`` (code loads inside a call)."""
+        self.stages[stage] = self.stages.get(stage, 0.0) + seconds
+
+    def line(self, response: FunctionResponse) -> str:
+        total = _clock() - self.started
+        if "load" in self.stages and "call" in self.stages:
+            self.stages["call"] = max(0.0, self.stages["call"] - self.stages["load"])
+        if response.success:
+            outcome = "ok"
+        else:
+            outcome = f"failed during {self.failed}" if self.failed else "failed"
+        parts = [
+            f"{name} {seconds * 1e3:.2f} ms"
+            for name, seconds in self.stages.items()
+            if seconds >= _NOTABLE_S
+        ]
+        detail = f" ({', '.join(parts)})" if parts else ""
+        return f"{self.what}: {outcome} in {total * 1e3:.2f} ms{detail}"
+
+    def log(self, response: FunctionResponse) -> None:
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s", self.line(response))
