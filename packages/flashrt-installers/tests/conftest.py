@@ -59,8 +59,7 @@ def make_runtime() -> Iterator[Callable[..., Runtime]]:
 
     yield make
     for runtime in made:
-        if runtime._pool is not None:
-            runtime._pool.shutdown(wait=False)
+        runtime.lanes.shutdown()
 
 
 @pytest.fixture

@@ -22,7 +22,14 @@ __all__ = [
 
 
 class RequestError(ValueError):
-    """A request that cannot be decoded; the message names the offending field."""
+    """A request that cannot be decoded; the message names the offending field.
+
+    ``malformed``: the body is not JSON at all (an HTTP 400, where a wrong shape is a 422).
+    """
+
+    def __init__(self, message: str, *, malformed: bool = False) -> None:
+        super().__init__(message)
+        self.malformed = malformed
 
 
 class FunctionRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
@@ -100,12 +107,14 @@ def decode_request(data: bytes | str | bytearray | memoryview | Any) -> Function
                 return msgspec.convert(unwrap_input(parsed), FunctionRequest, strict=False)
         return msgspec.convert(unwrap_input(data), FunctionRequest, strict=False)
     except msgspec.ValidationError as exc:
-        raise RequestError(f"invalid request: {_describe(exc)}") from None
+        raise RequestError(f"invalid request: {describe_invalid(exc)}") from None
     except msgspec.DecodeError as exc:
-        raise RequestError(f"invalid request: body is not valid JSON ({exc})") from None
+        raise RequestError(
+            f"invalid request: body is not valid JSON ({exc})", malformed=True
+        ) from None
 
 
-def _describe(exc: msgspec.ValidationError) -> str:
+def describe_invalid(exc: msgspec.ValidationError) -> str:
     text = str(exc)
     # msgspec says "... - at `$.function_name`"; say it the way a person reads it.
     if " - at `$." in text:

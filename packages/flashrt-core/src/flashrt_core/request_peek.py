@@ -1,6 +1,11 @@
-"""What the supervisor reads of a request without parsing it: its time limit, and whether the
-executor's fast lane can run it. The body itself travels untouched and is parsed once, in the
-executor."""
+"""What the worker process reads of a request without parsing it: its time limit, and whether
+the executor's fast lane can run it. The body itself travels untouched and is parsed once, in
+the executor.
+
+A shell that must refuse a bad body itself (the HTTP shell's 400 and 422) peeks with
+:func:`peek_body`: it checks the request's shape, field types included, but leaves the large
+values (arguments, module sources) as the raw JSON they are, uncopied.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 
-from .protocol import FunctionRequest
+from .protocol import FunctionRequest, RequestError, describe_invalid
 
 if TYPE_CHECKING:
     from .settings import Settings
 
-__all__ = ["Peeked", "is_simple", "peek_request"]
+__all__ = ["Peeked", "is_simple", "peek_body", "peek_request"]
 
 
 class _Fields(msgspec.Struct):
@@ -32,6 +37,40 @@ class _Envelope(_Fields):
 
 
 _json_fields = msgspec.json.Decoder(_Envelope)
+
+
+class _Shape(msgspec.Struct, kw_only=True):
+    """A FunctionRequest's fields with the client's types; the bulky ones stay raw JSON."""
+
+    function_name: str | None = None
+    function_code: str | None = None
+    args: list[msgspec.Raw] = []
+    kwargs: dict[str, msgspec.Raw] = {}
+    dependencies: list[str] | None = None
+    system_dependencies: list[str] | None = None
+    modules: dict[str, msgspec.Raw] = {}
+    execution_type: str = "function"
+    class_name: str | None = None
+    class_code: str | None = None
+    constructor_args: list[msgspec.Raw] = []
+    constructor_kwargs: dict[str, msgspec.Raw] = {}
+    method_name: str = "__call__"
+    instance_id: str | None = None
+    create_new_instance: bool = True
+    accelerate_downloads: bool = True
+    serialization_format: str = "cloudpickle"
+    timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        FunctionRequest.__post_init__(self)  # type: ignore[arg-type]  # the same two rules
+
+
+class _ShapeEnvelope(msgspec.Struct):
+    input: _Shape
+
+
+_shape = msgspec.json.Decoder(_Shape, strict=False)
+_shape_envelope = msgspec.json.Decoder(_ShapeEnvelope, strict=False)
 
 
 class Peeked(NamedTuple):
@@ -83,3 +122,26 @@ def peek_request(request: Any, settings: Settings) -> Peeked:
     if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0:
         limit = timeout
     return Peeked(body, form, min(limit, settings.max_timeout_s), simple)
+
+
+def peek_body(body: bytes, settings: Settings) -> Peeked:
+    """Check a JSON body's shape and peek at it; raises :class:`RequestError` naming the field
+    at fault (``malformed`` when it is not JSON at all)."""
+    try:
+        try:
+            shape = _shape.decode(body)
+        except msgspec.ValidationError as exc:
+            try:  # maybe the queue's envelope
+                shape = _shape_envelope.decode(body).input
+            except msgspec.ValidationError:
+                raise exc from None
+    except msgspec.ValidationError as exc:
+        raise RequestError(f"invalid request: {describe_invalid(exc)}") from None
+    except msgspec.DecodeError as exc:
+        raise RequestError(
+            f"invalid request: body is not valid JSON ({exc})", malformed=True
+        ) from None
+    timeout = shape.timeout_s
+    limit = timeout if timeout is not None and timeout > 0 else settings.timeout_s
+    simple = is_simple(shape.__getattribute__)
+    return Peeked(body, "json", min(limit, settings.max_timeout_s), simple)

@@ -257,6 +257,14 @@ class Runtime:
 
     # --- requests ----------------------------------------------------------------------------
 
+    def peek(self, body: bytes) -> Peeked:
+        """Check a JSON body's shape without decoding its payload; hand the result to
+        :meth:`execute`. Raises :class:`~flashrt_core.protocol.RequestError` naming the field
+        at fault (``malformed`` when the body is not JSON at all)."""
+        from .request_peek import peek_body
+
+        return peek_body(body, self.settings)
+
     async def execute(
         self, request: FunctionRequest | Mapping[str, Any] | bytes | str | Peeked
     ) -> FunctionResponse:

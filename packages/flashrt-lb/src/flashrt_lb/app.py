@@ -20,11 +20,10 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from flashrt_core.logs import request_id
-from flashrt_core.protocol import RequestError, decode_request, encode_response
+from flashrt_core.protocol import RequestError, encode_response
 from flashrt_core.settings import Settings, load_settings
 
 from .settings import LBSettings
@@ -160,8 +159,8 @@ class Worker:
         """
         from flashrt_core.artifact import add_app_dir_to_sys_path
         from flashrt_core.builtin.artifact_startup import STATE_KEY, ensure_artifact
-        from flashrt_core.builtin.deployed import DeployedAppUnavailable, deployed_app_dir
         from flashrt_core.builtin.volume_settings import VolumeSettings
+        from flashrt_core.deployment import DeployedAppUnavailable, deployed_app_dir
 
         if self.settings.resource_name:
             try:
@@ -201,7 +200,7 @@ class Worker:
             return True
         if app_dir is None or not self.settings.resource_name:
             return False
-        from flashrt_core.builtin.deployed import DeployedAppUnavailable, load_manifest
+        from flashrt_core.deployment import DeployedAppUnavailable, load_manifest
 
         try:
             resources = load_manifest(app_dir).get("resources")
@@ -229,10 +228,10 @@ class Worker:
     async def ping(self, request: Request) -> Response:
         """204 while starting, 200 when ready, 503 with the reason when start-up failed."""
         phase = self.phase
-        supervisor = self.runtime.supervisor if self.runtime is not None else None
-        if phase == "ready" and supervisor is not None and supervisor.problem:
+        problem = self.runtime.problem if self.runtime is not None else None
+        if phase == "ready" and problem:
             # Between executors, and none can be started: say why (one is tried again).
-            return _json(503, {"status": "unavailable", "reason": supervisor.problem})
+            return _json(503, {"status": "unavailable", "reason": problem})
         if phase == "ready":
             return Response(b'{"status":"ready"}', media_type=_JSON)
         if phase == "starting":
@@ -266,13 +265,14 @@ class Worker:
                 {"error": f"request body exceeds the limit of {self.max_body} bytes"},
                 {"Connection": "close"},
             )
-        try:
-            decoded = decode_request(body)
-        except RequestError as exc:
-            return _json(_decode_status(body), {"error": str(exc)})
         assert self.runtime is not None
+        try:
+            # Its shape only: the executor decodes the request, once.
+            peeked = self.runtime.peek(body)
+        except RequestError as exc:
+            return _json(400 if exc.malformed else 422, {"error": str(exc)})
         request_id.set(request.headers.get("x-request-id") or f"http-{next(_request_ids)}")
-        response = await self.runtime.execute(decoded)
+        response = await self.runtime.execute(peeked)
         return Response(encode_response(response), media_type=_JSON)
 
     def _authorized(self, request: Request) -> bool:
@@ -313,15 +313,6 @@ class Worker:
         if lifespan is not None and lifespan.state:
             scope["state"] = {**scope.get("state", {}), **lifespan.state}
         await app(scope, receive, send)
-
-
-def _decode_status(body: bytes) -> int:
-    """400 when the body is not JSON at all, 422 when it is JSON but not a FunctionRequest."""
-    try:
-        msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        return 400
-    return 422
 
 
 def create_app(

@@ -8,7 +8,6 @@ to it over the fast lane's socket, when nothing else is in flight (``on_fast`` r
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import contextlib
 import os
 import select
@@ -17,6 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import concurrent.futures
     from collections.abc import Callable
 
 __all__ = ["MainLane"]
