@@ -17,20 +17,24 @@ nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
 UV_RUN = ("uv", "run", "--locked", "--")
+#: The test sessions' environment: the workspace plus the test-only plugins (the ``test-plugins``
+#: group), kept apart from ``.venv`` so ``uv run flashrt plugins`` lists only what ships.
+TEST_RUN = ("uv", "run", "--locked", "--group", "test-plugins", "--")
+TEST_ENV = {"UV_PROJECT_ENVIRONMENT": str(Path(".nox") / "tests-env")}
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """The whole test suite (unit, contract, e2e with the real client and shells)."""
     args = session.posargs or ["-q"]
-    session.run(*UV_RUN, "pytest", *args)
+    session.run(*TEST_RUN, "pytest", *args, env=TEST_ENV)
 
 
 @nox.session
 def inprocess(session: nox.Session) -> None:
     """The suite with ``FLASHRT_ISOLATION=none``: user code in the worker's own process."""
     args = session.posargs or ["-q", "-p", "no:randomly"]
-    session.run(*UV_RUN, "pytest", *args, env={"FLASHRT_ISOLATION": "none"})
+    session.run(*TEST_RUN, "pytest", *args, env={**TEST_ENV, "FLASHRT_ISOLATION": "none"})
 
 
 @nox.session
@@ -105,4 +109,16 @@ def compat(session: nox.Session, python_version: str) -> None:
         session.skip(f"no Python {python_version} on this machine")
     env = {"UV_PROJECT_ENVIRONMENT": str(Path(".nox") / f"compat-{python_version}")}
     args = session.posargs or ["-q", "-p", "no:cacheprovider"]
-    session.run("uv", "run", "--locked", "--python", interpreter, "--", "pytest", *args, env=env)
+    session.run(
+        "uv",
+        "run",
+        "--locked",
+        "--group",
+        "test-plugins",
+        "--python",
+        interpreter,
+        "--",
+        "pytest",
+        *args,
+        env=env,
+    )

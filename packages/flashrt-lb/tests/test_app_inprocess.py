@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+from flashrt_core import hookimpl
 from flashrt_core.settings import Settings, SettingsError, load_settings
 from flashrt_lb.app import Worker, create_app
 from flashrt_lb.settings import LBSettings
@@ -172,3 +173,79 @@ def test_a_missing_app_variable_is_named(app_dir: Any) -> None:
 
     reason = asyncio.run(scenario())["reason"]
     assert "handler_inproc_noapp.py defines no 'app'" in reason
+
+
+class _CountingDecoder:
+    """Stands in front of the protocol's JSON decoder of whole requests and counts its uses."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.calls = 0
+
+    def decode(self, data: Any) -> Any:
+        self.calls += 1
+        return self.real.decode(data)
+
+
+class _Observer:
+    """A worker-side observer: its presence is the one reason to decode a request fully."""
+
+    def __init__(self) -> None:
+        self.seen: list[str | None] = []
+
+    @hookimpl
+    def flashrt_request_started(self, request: Any, runtime: Any) -> None:
+        self.seen.append(request.function_name)
+
+
+def _count_full_decodes(monkeypatch: pytest.MonkeyPatch, *plugins: object) -> tuple[int, Any]:
+    from flashrt_core import protocol
+
+    counter = _CountingDecoder(protocol._json_decoder)
+    monkeypatch.setattr(protocol, "_json_decoder", counter)
+    calls: list[int] = []
+    real_decode_request = protocol.decode_request
+
+    def counted(data: Any) -> Any:
+        calls.append(1)
+        return real_decode_request(data)
+
+    monkeypatch.setattr(protocol, "decode_request", counted)
+    body = {
+        "function_name": "f",
+        "function_code": "def f(x):\n    return x * 2\n",
+        "args": [21],
+        "serialization_format": "json",
+    }
+
+    async def scenario() -> Any:
+        from flashrt_core.runtime import Runtime
+
+        settings = _settings(isolation="process")
+        worker = Worker(settings, runtime=Runtime(settings, extra_plugins=plugins))
+        async with await _started(worker) as client:
+            counter.calls = 0
+            calls.clear()
+            answer = (await client.post("/execute", json=body)).json()
+            bad = await client.post("/execute", content=b'{"function_name": "f", "args": "x"}')
+        await worker.stop()
+        return answer, bad.status_code
+
+    answer, bad_status = asyncio.run(scenario())
+    assert answer["success"] is True and answer["json_result"] == 42
+    assert bad_status == 422  # the shape check still refuses a wrong field type itself
+    return counter.calls + len(calls), answer
+
+
+def test_the_worker_process_never_decodes_a_request_fully(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The executor (another process) decodes it, once; here only its shape is checked.
+    decodes, _ = _count_full_decodes(monkeypatch)
+    assert decodes == 0
+
+
+def test_an_observer_costs_the_worker_exactly_one_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    observer = _Observer()
+    decodes, _ = _count_full_decodes(monkeypatch, observer)
+    assert observer.seen == ["f"]
+    # decode_request, then the decoder inside it: one full decode of the one valid body.
+    assert decodes == 2

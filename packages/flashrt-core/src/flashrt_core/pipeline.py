@@ -24,6 +24,7 @@ from .failures import failure_response
 from .invocation import Invocation, UserBaseException
 from .lanes import steps_inline
 from .locks import KeyedLocks
+from .logs import request_id
 from .modules import ModuleMount, top_level_names, validate_modules
 from .protocol import FunctionRequest, FunctionResponse, RequestError, decode_request
 from .timing import Timings
@@ -101,6 +102,7 @@ class Pipeline:
         ``size``: the request's encoded size where the caller knows it (an executor's frame).
         """
         timings = timings or Timings()
+        timings.request_id = request_id.get()
         buffer = capture.OutputBuffer(self.settings.max_output_bytes, listener)
         token = capture.use_buffer(buffer)
         capture.activate()

@@ -25,7 +25,7 @@ _clock = time.perf_counter
 class Timings:
     """Seconds spent per stage of one request, from its arrival."""
 
-    __slots__ = ("_mark", "failed", "stages", "started", "what")
+    __slots__ = ("_mark", "failed", "request_id", "stages", "started", "what")
 
     def __init__(self) -> None:
         self.started = self._mark = _clock()
@@ -33,6 +33,8 @@ class Timings:
         #: What ran (``function add``), and the stage it failed in, if it did.
         self.what = "request"
         self.failed: str | None = None
+        #: The request id, read where the request runs (the line may be written elsewhere).
+        self.request_id: str | None = None
 
     def lap(self, stage: str) -> None:
         """The time since the last lap was spent in ``stage``."""
@@ -62,4 +64,5 @@ class Timings:
 
     def log(self, response: FunctionResponse) -> None:
         if log.isEnabledFor(logging.INFO):
-            log.info("%s", self.line(response))
+            # The id the line is about, on the record: the worker's format shows it as [id].
+            log.info("%s", self.line(response), extra={"request_id": self.request_id})
