@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytest
 from flashrt_core.logs import request_id
+
+if TYPE_CHECKING:
+    import pytest
 
 NAP = "def nap(seconds):\n    import time\n    time.sleep(seconds)\n    return seconds\n"
 
