@@ -85,9 +85,6 @@ def _worker(kind: str) -> Any:
             {
                 "FLASHRT_DISABLE_VOLUME_CACHE": "1",
                 "FLASHRT_LOG_LEVEL": "WARNING",
-                # The workspace's test plugin is no part of a worker image; an executor plugin
-                # closes the fast lane (docs/plugins.md), so it would measure another worker.
-                "FLASHRT_BLOCKED_PLUGINS": "test-executor",
             }
         )
     port = free_port()
