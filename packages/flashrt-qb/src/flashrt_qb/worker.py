@@ -245,7 +245,13 @@ class QueueWorker:
     # --- the SDK side ---------------------------------------------------------------------
 
     async def handler(self, job: dict[str, Any]) -> Any:
-        """The runpod handler: run the job on the runtime loop and return its output."""
+        """The runpod handler: the job's output, answered on the runtime loop.
+
+        The production job loop runs on that loop, so the job is awaited in place; called from
+        another loop (the SDK's local modes, tests), it hops there and back.
+        """
+        if asyncio.get_running_loop() is self.loop.loop:
+            return await self.handle(job)
         return await asyncio.wrap_future(self.loop.submit(self.handle(job)))
 
     def concurrency_modifier(self, current: int) -> int:
@@ -327,7 +333,12 @@ class QueueWorker:
         from .job_loop import start
 
         try:
-            start(serverless, self.sdk_config(), take_timeout_s=self.qb.take_timeout_s)
+            start(
+                serverless,
+                self.sdk_config(),
+                take_timeout_s=self.qb.take_timeout_s,
+                loop=self.loop.loop,
+            )
         finally:
             self.close()
 
