@@ -4,8 +4,9 @@
   job's result, against ``python -c "import runpod"`` measured in the same run (the floor: no
   worker on the runpod SDK starts faster than importing it). Once as shipped, once with
   ``FLASHRT_QB_FAST_SDK_IMPORT=0`` (py-cpuinfo's 1 s probe left in).
-* Warm per-job overhead: ``await worker.handler(job)`` from another thread's loop (as the SDK
-  calls it) against ``Runtime.execute`` alone on the runtime's loop, same trivial request.
+* Warm per-job overhead: ``await worker.handler(job)`` on the loop the production job loop runs
+  on (the runtime's: that is where the SDK calls it) against ``Runtime.execute`` alone on that
+  loop, same trivial request.
 * Through the job loop, on the fake control plane: a burst of 20 trivial jobs queued at once,
   drained by a real worker at concurrency 1 and 4 (with the peak of jobs it held), then
   one-at-a-time jobs (the next queued when the last one's result is in): median submit ->
@@ -141,7 +142,7 @@ def _warm_rows() -> list[dict[str, Any]]:
                 best = min(best, (time.perf_counter() - start) / WARM_N * 1e6)
             return best
 
-        handler_us = asyncio.run(through_handler())
+        handler_us = worker.loop.submit(through_handler()).result(300)
         execute_us = worker.loop.submit(execute_alone()).result(300)
     finally:
         worker.close()

@@ -23,6 +23,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,8 @@ log = RunPodLogger()
 
 #: Pause after a 429 from job-take, as the SDK's ``get_jobs`` does.
 TOO_MANY_REQUESTS_PAUSE_S = 5.0
+#: Longest the main thread waits for the job loop to drain after an unexpected exception.
+DRAIN_BOUND_S = 30.0
 #: Pause after a failed job-take (the SDK retries at once, which spins on a failing server).
 ERROR_PAUSE_S = 1.0
 
@@ -72,6 +75,35 @@ class SlotJobScaler(rp_scale.JobScaler):  # type: ignore[misc]
                 await self._drain()
                 stops.cancel()
                 await asyncio.gather(stops, return_exceptions=True)
+
+    def start_on(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """The SDK's ``start`` (shutdown signals, then :meth:`run` until done), on ``loop``.
+
+        ``loop`` is one running in another thread (the worker's runtime loop, so that a job's
+        handler and the runtime share a loop: no hop between threads per job); this thread,
+        the main one, only waits, and its signal handlers still run while it does.
+        """
+        if loop is None:
+            super().start()
+            return
+        sys.excepthook = rp_scale._handle_uncaught_exception
+        signal.signal(signal.SIGTERM, self.handle_shutdown)
+        signal.signal(signal.SIGINT, self.handle_shutdown)
+        drained = threading.Event()
+
+        async def serving() -> None:
+            try:
+                await self.run()
+            finally:
+                drained.set()
+
+        done = asyncio.run_coroutine_threadsafe(serving(), loop)
+        try:
+            done.result()
+        except BaseException:
+            done.cancel()  # reaches run()'s task, which still drains the jobs it holds
+            drained.wait(DRAIN_BOUND_S)
+            raise
 
     def kill_worker(self) -> None:
         """Also wake the loop (a signal handler runs between bytecodes, not in a loop callback)."""
@@ -170,9 +202,17 @@ def is_production(serverless: ModuleType, argv: list[str], environ: Mapping[str,
 
 
 def start(
-    serverless: ModuleType, config: dict[str, Any], *, take_timeout_s: float | None = None
+    serverless: ModuleType,
+    config: dict[str, Any],
+    *,
+    take_timeout_s: float | None = None,
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> None:
-    """``runpod.serverless.start`` with :class:`SlotJobScaler` as the production job loop."""
+    """``runpod.serverless.start`` with :class:`SlotJobScaler` as the production job loop.
+
+    With ``loop`` (running in another thread) the production job loop runs there; local modes
+    run on the SDK's own loop in this thread either way.
+    """
     if not is_production(serverless, sys.argv, os.environ):
         serverless.start(config)
         return
@@ -188,4 +228,4 @@ def start(
     mirror = PingJobMirror()
     JobsProgress().set_mirror(mirror)
     sdk_worker.heartbeat.start_ping(mirror)
-    SlotJobScaler(config, take_timeout_s=take_timeout_s).start()
+    SlotJobScaler(config, take_timeout_s=take_timeout_s).start_on(loop)

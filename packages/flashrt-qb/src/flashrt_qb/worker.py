@@ -5,11 +5,13 @@ Shape of the process:
 * The ``Runtime`` lives on an event loop in a thread of its own. Its start-up (plugins, cache
   hydration, artifact unpacking) begins at once, while the main thread is still importing the
   runpod SDK, so a cold start costs the longer of the two instead of their sum; only the
-  deployed handler's import (user code, which imports runpod itself) waits for the SDK's. The
-  SDK's loop and ours never stall each other either.
-* ``runpod.serverless.start`` runs in the main thread with :meth:`QueueWorker.handler`, an async
-  handler that hands the job to the runtime loop and awaits the answer; when the SDK cancels a
-  job (its stop channel), the cancellation reaches the job's task on the runtime loop.
+  deployed handler's import (user code, which imports runpod itself) waits for the SDK's.
+* Once imported, the SDK's production job loop (:mod:`flashrt_qb.job_loop`) runs on that same
+  loop, the main thread only waiting for it and handling SIGTERM, so :meth:`QueueWorker.handler`
+  awaits the job in place: no hop between threads per job. Nothing blocking runs on the loop
+  (user code runs in the executor process, or in the runtime's threads). The SDK's local modes
+  (``--test_input``, ...) run on its own loop in the main thread and hop to the runtime loop.
+  When the SDK cancels a job (its stop channel), the cancellation reaches the job's request.
 * Every job waits for start-up (bounded by ``FLASHRT_QB_STARTUP_TIMEOUT_S``); if start-up failed,
   every job answers with the reason.
 
@@ -245,7 +247,13 @@ class QueueWorker:
     # --- the SDK side ---------------------------------------------------------------------
 
     async def handler(self, job: dict[str, Any]) -> Any:
-        """The runpod handler: run the job on the runtime loop and return its output."""
+        """The runpod handler: the job's output, answered on the runtime loop.
+
+        The production job loop runs on that loop, so the job is awaited in place; called from
+        another loop (the SDK's local modes, tests), it hops there and back.
+        """
+        if asyncio.get_running_loop() is self.loop.loop:
+            return await self.handle(job)
         return await asyncio.wrap_future(self.loop.submit(self.handle(job)))
 
     def concurrency_modifier(self, current: int) -> int:
@@ -327,7 +335,12 @@ class QueueWorker:
         from .job_loop import start
 
         try:
-            start(serverless, self.sdk_config(), take_timeout_s=self.qb.take_timeout_s)
+            start(
+                serverless,
+                self.sdk_config(),
+                take_timeout_s=self.qb.take_timeout_s,
+                loop=self.loop.loop,
+            )
         finally:
             self.close()
 
