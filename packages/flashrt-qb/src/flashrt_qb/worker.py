@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import logging
 import threading
-import traceback
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flashrt_core.logs import request_id
@@ -49,7 +48,6 @@ if TYPE_CHECKING:
     from flashrt_core.protocol import FunctionResponse
     from flashrt_core.runtime import Runtime
 
-    from .deployed import DeployedHandler
 
 __all__ = ["QueueWorker", "RuntimeLoop", "response_output"]
 
@@ -120,7 +118,6 @@ class QueueWorker:
         #: "starting", "ready" or "failed".
         self.phase = "starting"
         self.startup_error: str | None = None
-        self.deployed_handler: DeployedHandler | None = None
         self._startup: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(self.qb.slots)
         # Set while no import of the SDK is in progress. User code (the deployed handler's
@@ -191,12 +188,11 @@ class QueueWorker:
                 )
             raise _StartupFailed(runtime.startup_error)
         if self.deployed and not runtime.isolated:
-            self.deployed_handler = await self._load_deployed(runtime)
+            await self._load_deployed(runtime)
 
-    async def _load_deployed(self, runtime: Runtime) -> DeployedHandler:
-        from flashrt_core.builtin.deployed import DeployedAppUnavailable, deployed_app_dir
-
-        from .deployed import DeployedHandlerError, load_handler
+    async def _load_deployed(self, runtime: Runtime) -> None:
+        """In-process: load the generated handler now, so a broken one fails start-up."""
+        from flashrt_core.deployment import DeployedAppUnavailable, DeployedHandlerError
 
         resource = self.settings.resource_name or ""
         if not self.settings.endpoint_id:
@@ -206,10 +202,9 @@ class QueueWorker:
                 "the app's functions as remote ones"
             )
         try:
-            app_dir = deployed_app_dir(runtime)
-            assert app_dir is not None
+            # The handler imports runpod too: never alongside the main thread's import.
             await runtime.run_blocking(self._sdk_import_done.wait)
-            return await runtime.run_blocking(load_handler, app_dir, resource)
+            await runtime.load_deployed_handler()
         except (DeployedAppUnavailable, DeployedHandlerError) as exc:
             raise _StartupFailed(f"deployed app {resource!r} unavailable: {exc}") from None
 
@@ -299,21 +294,9 @@ class QueueWorker:
         """A deployed endpoint's plain-JSON job, through the generated handler."""
         if problem is not None:
             return {"success": False, "error": problem}
-        handler = self.deployed_handler
         assert self.runtime is not None
-        if self.runtime.isolated:  # the executor runs it and applies the time limit
-            return await self.runtime.run_deployed_job(job)
-        assert handler is not None
-        timeout = self.settings.timeout_s
-        try:
-            return await asyncio.wait_for(handler(self.runtime.lanes, job), timeout)
-        except asyncio.TimeoutError:
-            return {
-                "success": False,
-                "error": f"the deployed handler timed out after {timeout:g} s",
-            }
-        except Exception as exc:  # pragma: no cover - DeployedHandler catches its own
-            return {"success": False, "error": f"{exc}\n{traceback.format_exc()}"}
+        # Where user code runs (the executor by default), under the time limit.
+        return await self.runtime.run_deployed_job(job)
 
     # --- the process ----------------------------------------------------------------------
 
