@@ -52,7 +52,9 @@ class FastLane:
         answers: Answers,
         loop: asyncio.AbstractEventLoop,
         hand_to_loop: Callable[[ch.Execute], None],
-        wait_serving: Callable[[concurrent.futures.Future[Any]], None],
+        wait_serving: Callable[
+            [Callable[[], concurrent.futures.Future[Any]]], concurrent.futures.Future[Any]
+        ],
     ) -> None:
         self.chan = chan
         self.pipeline = pipeline
@@ -97,15 +99,18 @@ class FastLane:
 
     def wait(self, awaitable: Awaitable[Any]) -> Any:
         """Run async user code on the executor's loop and wait for it here."""
-        future = asyncio.run_coroutine_threadsafe(_awaited(awaitable), self.loop)
         scope = current_scope.get()
-        if scope is not None:
-            scope.waiting = future
-            if scope.cancelled:
-                future.cancel()
+
+        def start() -> concurrent.futures.Future[Any]:
+            future = asyncio.run_coroutine_threadsafe(_awaited(awaitable), self.loop)
+            if scope is not None:
+                scope.waiting = future
+                if scope.cancelled:
+                    future.cancel()
+            return future
+
         try:
-            self.wait_serving(future)
-            return future.result()
+            return self.wait_serving(start).result()
         except concurrent.futures.CancelledError:
             raise asyncio.CancelledError from None
         finally:

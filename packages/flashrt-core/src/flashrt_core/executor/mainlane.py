@@ -101,15 +101,21 @@ class MainLane:
                     if quick:
                         spin_until = answered + self.spin_s
 
-    def wait_serving(self, future: concurrent.futures.Future[Any]) -> None:
-        """Main thread, in a fast-lane request waiting on the loop: wait for ``future`` and run
-        the sync calls that reach the lane meanwhile (a plugin's or an instance build's)."""
-        future.add_done_callback(lambda _: self._wake())
-        poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
+    def wait_serving(
+        self, start: Callable[[], concurrent.futures.Future[Any]]
+    ) -> concurrent.futures.Future[Any]:
+        """Main thread, in a fast-lane request: ``start`` work on the loop, then wait for it,
+        running the sync calls that reach the lane meanwhile (a plugin's, an instance build's).
+
+        The lane is free before the work starts, so its first sync call cannot miss it.
+        """
         with self._lock:
             self.busy = bool(self._items)
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
         try:
+            future = start()
+            future.add_done_callback(lambda _: self._wake())
             while not future.done():
                 poller.poll()
                 with contextlib.suppress(BlockingIOError):
@@ -121,6 +127,7 @@ class MainLane:
         finally:
             with self._lock:
                 self.busy = True
+        return future
 
     def _run_items(self) -> bool:
         while self._items:
