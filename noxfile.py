@@ -77,6 +77,27 @@ def image(session: nox.Session) -> None:
 
 
 @nox.session
+def pythons(session: nox.Session) -> None:
+    """The image recipe for other Pythons (images/pythons.py; not in the default run).
+
+    buildx bake --print gives every image for every client Python; the CPU qb image built on
+    Debian trixie (3.13) and forky (3.14) bases runs its tag's Python and answers jobs; a build
+    whose PYTHON_VERSION is not the base's Python fails. Needs root, as ``nox -s image`` does.
+    """
+    session.run(*UV_RUN, "python", "images/pythons.py", *session.posargs)
+
+
+@nox.session
+def py314(session: nox.Session) -> None:
+    """The test suite on Python 3.14, in a Debian forky container (images/pysuite.py).
+
+    Not in the default run: needs root and podman (installed when missing, as for
+    ``nox -s image``). Arguments go to pytest.
+    """
+    session.run(*UV_RUN, "python", "images/pysuite.py", "--suite", "forky", "--", *session.posargs)
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks, each reported as a ratio against a floor measured in the same run."""
     session.run(*UV_RUN, "python", "benchmarks/run.py", *session.posargs)

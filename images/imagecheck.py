@@ -1,7 +1,9 @@
 """``nox -s image``: build the worker images with a real engine and run them as RunPod would.
 
 Podman on a stand-in base (see podman.py) builds the CPU ``qb`` and ``lb`` targets and the GPU
-path (``ACCELERATOR=gpu``), then:
+path (``ACCELERATOR=gpu``, torch included), tagged ``py3.11-latest`` as the base's Python is, then:
+
+* each image's ``python3`` is the version its tag names;
 
 * ``qb --test_input`` on fixtures 01 and 07 (CPU and GPU builds), and on a real ``flash build``
   artifact mounted read-only at ``FLASH_BUILD_ARTIFACT_PATH``;
@@ -42,10 +44,12 @@ from procs import SmokeError, Timings, free_port, run, tail  # noqa: E402
 if TYPE_CHECKING:
     from fake_runpod import FakeRunPod
 
+#: Tagged as the client names images, for the stand-in base's Python (bookworm: 3.11).
+PYTHON = podman.SUITES["bookworm"]
 TAGS = {
-    "qb": "localhost/flashrt-test/qb-cpu",
-    "lb": "localhost/flashrt-test/lb-cpu",
-    "gpu": "localhost/flashrt-test/qb-gpu",
+    "qb": f"localhost/flashrt-test/qb-cpu:py{PYTHON}-latest",
+    "lb": f"localhost/flashrt-test/lb-cpu:py{PYTHON}-latest",
+    "gpu": f"localhost/flashrt-test/qb-gpu:py{PYTHON}-latest",
 }
 ARTIFACT_PATH = "/root/.runpod/artifact.tar.gz"
 #: How long the platform waits after SIGTERM before it kills (Docker's and podman's default).
@@ -76,6 +80,11 @@ class ImageCheck(Timings):
             self.note(
                 f"built {TAGS[name]} ({target}, ACCELERATOR={accelerator}) in {seconds:.0f} s"
             )
+
+    def pythons(self) -> None:
+        """Each image runs the Python its tag names (the build checked it too)."""
+        for tag in TAGS.values():
+            self.note(f"{tag}: Python {self.engine.check_python(tag)}")
 
     def sizes(self) -> None:
         """What flashrt adds on top of its base, layer by layer."""
@@ -295,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
             check.note(f"{podman.BASE_IMAGE} {'made' if made else 'cached'}")
         with check.step("podman build: qb, lb (cpu), qb (gpu)"):
             check.build()
+        with check.step("each image's Python is the one its tag names"):
+            check.pythons()
         with check.step("layer sizes"):
             check.sizes()
         with check.step("image contents and ENV"):

@@ -26,8 +26,10 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("FLASHRT_IMAGE_CACHE", "/var/tmp/flashrt-image"))
-BASE_IMAGE = "localhost/flashrt-standin-base:bookworm"
 BASE_PACKAGES = "ca-certificates,netbase,tzdata,python3,python3-venv,python-is-python3"
+#: Debian suite -> the Python its python3 is: the stand-in for python:<version>-slim.
+SUITES = {"bookworm": "3.11", "trixie": "3.13", "forky": "3.14"}
+BASE_IMAGE = "localhost/flashrt-standin-base:bookworm"
 #: The host's CA bundle: PyPI is reached through a TLS-intercepting proxy on some machines.
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 TOOLS = {"podman": "podman", "mmdebstrap": "mmdebstrap", "runc": "runc"}
@@ -80,19 +82,23 @@ class Podman:
         )
         return done.returncode == 0
 
-    def ensure_base(self) -> bool:
-        """The stand-in base: Debian bookworm minbase with Python; False when it was cached."""
-        if self.exists(BASE_IMAGE):
+    def ensure_base(self, suite: str = "bookworm") -> bool:
+        """The stand-in base: Debian ``suite`` minbase with Python; False when it was cached."""
+        image = base_image(suite)
+        if self.exists(image):
             return False
-        tarball = CACHE / "base.tar"
-        # Debian's EXTERNALLY-MANAGED marker is removed, as python:3.12-slim has none.
+        tarball = CACHE / f"base-{suite}.tar"
+        # Debian's EXTERNALLY-MANAGED marker is removed, as python:3.12-slim has none. The
+        # mirror's Release files of testing may be past their Valid-Until on a machine whose
+        # clock runs ahead: their signatures are still checked.
         run(
             [
                 "mmdebstrap",
                 "--variant=minbase",
+                "--aptopt=Acquire::Check-Valid-Until false",
                 f"--include={BASE_PACKAGES}",
                 '--customize-hook=rm -f "$1"/usr/lib/python3*/EXTERNALLY-MANAGED',
-                "bookworm",
+                suite,
                 tarball,
             ],
             timeout=600,
@@ -107,19 +113,31 @@ class Podman:
                 "--change",
                 'CMD ["python3"]',
                 str(tarball),
-                BASE_IMAGE,
+                image,
                 timeout=300,
             )
         finally:
             tarball.unlink(missing_ok=True)
         return True
 
-    def build(self, tag: str, target: str, accelerator: str) -> float:
-        """images/Dockerfile's ``target`` on the stand-in base; returns the seconds it took.
+    def build(
+        self,
+        tag: str,
+        target: str,
+        accelerator: str,
+        *,
+        suite: str = "bookworm",
+        python_version: str | None = None,
+    ) -> float:
+        """images/Dockerfile's ``target`` on the ``suite`` stand-in base; the seconds it took.
 
-        ``--no-cache``: buildah 1.28's layer cache can bind-mount an empty directory for
-        ``--mount=from=builder``. The dangling intermediates are pruned afterwards.
+        ``python_version`` (default: the suite's) is the build's PYTHON_VERSION: the Dockerfile
+        fails the build when the base's Python is another. ``--no-cache``: buildah 1.28's layer
+        cache can bind-mount an empty directory for ``--mount=from=builder``. The dangling
+        intermediates are pruned afterwards.
         """
+        base = base_image(suite)
+        version = python_version or SUITES[suite]
         started = time.monotonic()
         try:
             self(
@@ -132,11 +150,13 @@ class Podman:
                 "--target",
                 target,
                 "--build-arg",
-                f"BASE_IMAGE={BASE_IMAGE}",
+                f"BASE_IMAGE={base}",
                 "--build-arg",
-                f"BUILDER_IMAGE={BASE_IMAGE}",
+                f"BUILDER_IMAGE={base}",
                 "--build-arg",
                 f"ACCELERATOR={accelerator}",
+                "--build-arg",
+                f"PYTHON_VERSION={version}",
                 "--volume",
                 f"{CA_BUNDLE}:{CA_BUNDLE}:ro",
                 "--tag",
@@ -149,10 +169,19 @@ class Podman:
                 self("image", "prune", "--force", timeout=120)
         return time.monotonic() - started
 
-    def added_layers(self, image: str) -> list[tuple[int, str]]:
-        """(bytes, instruction) of each layer ``image`` adds on top of the base, top first."""
+    def check_python(self, tag: str) -> str:
+        """The image's python3 is the version its tag names (run time); returns the version."""
+        wanted = image_python(tag)
+        probe = "import sys; print('%d.%d' % sys.version_info[:2])"
+        found = self("run", "--rm", tag, "python3", "-c", probe, timeout=120).split()[-1]
+        if found != wanted:
+            raise SmokeError(f"{tag} is tagged for Python {wanted} but runs Python {found}")
+        return found
+
+    def added_layers(self, image: str, suite: str = "bookworm") -> list[tuple[int, str]]:
+        """(bytes, instruction) of each layer ``image`` adds on top of its base, top first."""
         ours = json.loads(self("history", "--format", "json", image))
-        base = json.loads(self("history", "--format", "json", BASE_IMAGE))
+        base = json.loads(self("history", "--format", "json", base_image(suite)))
         return [(int(entry["size"]), str(entry["CreatedBy"])) for entry in ours[: -len(base)]]
 
     def state(self, name: str) -> dict[str, Any]:
@@ -180,6 +209,22 @@ class Podman:
             yield name
         finally:
             self.remove(name)
+
+
+def base_image(suite: str) -> str:
+    """The name of the stand-in base made from Debian ``suite``."""
+    if suite not in SUITES:
+        raise SmokeError(f"no stand-in base for Debian {suite!r}: known are {sorted(SUITES)}")
+    return f"localhost/flashrt-standin-base:{suite}"
+
+
+def image_python(tag: str) -> str:
+    """The Python version an image's tag names: ``...:py3.13-latest`` -> ``3.13``."""
+    _, _, name = tag.rpartition(":")
+    version, sep, _ = name.removeprefix("py").partition("-")
+    if not name.startswith("py") or not sep or version.count(".") != 1:
+        raise SmokeError(f"{tag}: its tag names no Python (py<major.minor>-<suffix>)")
+    return version
 
 
 def env_flags(env: Mapping[str, str]) -> list[str]:

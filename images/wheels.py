@@ -29,7 +29,8 @@ PROVIDED_MODULES = (
     "uvicorn",
     *WHEELS,
 )
-GPU_MODULES = ("hf_transfer",)
+#: What the GPU images add: hf_transfer, and the torch stack `flash build` never bundles.
+GPU_MODULES = ("hf_transfer", "torch", "torchvision", "torchaudio")
 
 
 def build_wheels(uv: str, src: Path, dist: Path) -> None:

@@ -1,7 +1,8 @@
 """The image recipe says what the client expects (REFERENCE.md section 7), without building it.
 
 ``nox -s smoke`` proves the CPU images' Python side by running it; these fast checks cover what
-that does not run: the GPU stage's environment, the bake file's four targets, the pin files.
+that does not run: the GPU stage's environment, the bake file's matrix, the pin files, the
+interpreter check.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,8 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "images"
 sys.path.insert(0, str(IMAGES))
 
+import bake  # noqa: E402
 import dockerfile  # noqa: E402
 import pins  # noqa: E402
+import podman  # noqa: E402
+from procs import SmokeError  # noqa: E402
 
 PROVIDED = ("runpod", "cloudpickle", "pydantic", "httpx", "aiohttp", "fastapi", "uvicorn", "uv")
 
@@ -43,6 +48,10 @@ def test_only_gpu_images_use_hf_transfer() -> None:
     assert "HF_HUB_ENABLE_HF_TRANSFER" not in cpu_env
     assert "hf-transfer==" in pins.requirements_path("gpu").read_text()
     assert "hf-transfer==" not in pins.requirements_path("cpu").read_text()
+    # torch for the image's own Python comes from the lock, on the GPU images only.
+    for name in ("torch", "torchvision", "torchaudio"):
+        assert re.search(rf"^{name}==", pins.requirements_path("gpu").read_text(), re.M)
+        assert not re.search(rf"^{name}==", pins.requirements_path("cpu").read_text(), re.M)
 
 
 def test_http_images_expose_port_80() -> None:
@@ -60,31 +69,84 @@ def test_pins_provide_what_deployed_artifacts_import(accelerator: str) -> None:
     assert not re.search(r"^flashrt", text, re.M)
 
 
-def test_bake_file_has_the_four_images_under_settable_names() -> None:
-    bake = (IMAGES / "docker-bake.hcl").read_text()
-    defaults = dict(re.findall(r'variable "(\w+)" \{[^}]*?default = "([^"]*)"', bake, re.S))
-    assert defaults["TAG"] == "py3.12-latest"
-    assert defaults["GPU_BASE_IMAGE"] == "pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime"
-    assert defaults["CPU_BASE_IMAGE"] == "python:3.12-slim"
-    targets = {
-        name: body for name, body in re.findall(r'^target "([\w-]+)" \{(.*?)^\}', bake, re.S | re.M)
+def test_bake_file_builds_every_image_for_the_clients_pythons() -> None:
+    """The matrix's versions are runpod-flash's own lists; each image is a matrix target."""
+    from runpod_flash.core.resources import constants
+
+    text = (IMAGES / "docker-bake.hcl").read_text()
+    defaults = dict(re.findall(r'variable "(\w+)" \{[^}]*?default = "([^"]*)"', text, re.S))
+    versions = defaults["PYTHON_VERSIONS"].split(",")
+    assert versions == list(constants.GPU_PYTHON_VERSIONS) == list(constants.CPU_PYTHON_VERSIONS)
+    assert defaults["TAG"] == "latest"  # the client's FLASH_IMAGE_TAG default
+    for kind in bake.KINDS:
+        body = re.search(rf'^target "{kind}" \{{(.*?)^\}}', text, re.S | re.M)
+        assert body is not None, kind
+        assert 'matrix   = { python = split(",", PYTHON_VERSIONS) }' in body.group(1)
+    assert len(bake.expected()) == 16
+
+
+def test_bake_checker_names_what_differs() -> None:
+    """bake.problems, fed a --print document with one tag and one target wrong, says so."""
+    printed: dict[str, Any] = {
+        "group": {kind: {"targets": []} for kind in bake.KINDS},
+        "target": bake.expected(),
     }
-    expected = {
-        "gpu": ("qb", "_gpu", "GPU_IMAGE", "runpod/flash"),
-        "cpu": ("qb", "_cpu", "CPU_IMAGE", "runpod/flash-cpu"),
-        "lb": ("lb", "_gpu", "LB_IMAGE", "runpod/flash-lb"),
-        "lb-cpu": ("lb", "_cpu", "CPU_LB_IMAGE", "runpod/flash-lb-cpu"),
-    }
-    for name, (stage, parent, variable, image) in expected.items():
-        body = targets[name]
-        assert f'target   = "{stage}"' in body
-        assert f'inherits = ["{parent}"]' in body
-        assert f'"${{REGISTRY}}${{{variable}}}:${{TAG}}"' in body
-        assert defaults[variable] == image
-    assert 'ACCELERATOR = "gpu"' in targets["_gpu"]
-    assert "GPU_BASE_IMAGE" in targets["_gpu"]
-    assert 'ACCELERATOR = "cpu"' in targets["_cpu"]
-    assert "CPU_BASE_IMAGE" in targets["_cpu"]
+    for kind in bake.KINDS:
+        printed["group"][kind]["targets"] = [
+            n for n in printed["target"] if n.rsplit("-py", 1)[0] == kind
+        ]
+    printed["group"]["default"] = {"targets": list(bake.KINDS)}
+    assert bake.problems(printed) == []
+    printed["target"]["cpu-py3-11"]["tags"] = ["runpod/flash-cpu:py3.12-latest"]
+    del printed["target"]["lb-py3-13"]
+    found = bake.problems(printed)
+    assert "missing target lb-py3-13" in found
+    assert any(issue.startswith("cpu-py3-11: tags") for issue in found)
+
+
+def test_bake_print_gives_every_image_for_every_python(tmp_path: Path) -> None:
+    """The real buildx reads the file: 16 targets, tagged as the client asks (nox -s pythons
+    runs this in a container on machines without buildx)."""
+    buildx = bake.find_buildx()
+    if buildx is None:
+        pytest.skip("no buildx on PATH (nox -s pythons runs Debian's in a container)")
+    env = {k: v for k, v in os.environ.items() if k not in ("REGISTRY", "TAG", "PYTHON_VERSIONS")}
+    done = subprocess.run(
+        [*buildx, "bake", "-f", str(IMAGES / "docker-bake.hcl"), "--print"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert bake.problems(bake.parse_print(done.stdout)) == []
+
+
+def test_the_runtime_stage_checks_its_python_before_installing() -> None:
+    runtime = (IMAGES / "Dockerfile").read_text().split(" AS runtime\n", 1)[1]
+    check = runtime.index('check-python.sh python3 "${PYTHON_VERSION}"')
+    assert check < runtime.index("install-runtime.sh")
+
+
+def test_python_check_passes_the_tagged_version_and_refuses_another() -> None:
+    script = IMAGES / "check-python.sh"
+    mine = f"{sys.version_info.major}.{sys.version_info.minor}"
+    other = f"{sys.version_info.major}.{sys.version_info.minor + 1}"
+    done = subprocess.run(["sh", script, sys.executable, mine], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run(["sh", script, sys.executable, other], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert f"tagged py{other} but its interpreter {sys.executable} is Python {mine}" in done.stderr
+    done = subprocess.run(["sh", script, "/no/python", mine], capture_output=True, text=True)
+    assert done.returncode == 1 and "no working Python at '/no/python'" in done.stderr
+
+
+def test_image_tags_name_their_python() -> None:
+    assert podman.image_python("localhost/flashrt-test/qb-cpu:py3.13-latest") == "3.13"
+    assert podman.image_python("registry:5000/runpod/flash:py3.10-dev") == "3.10"
+    with pytest.raises(SmokeError):
+        podman.image_python("runpod/flash:latest")
 
 
 def test_install_script_refuses_missing_inputs(tmp_path: Path) -> None:

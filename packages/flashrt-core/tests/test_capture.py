@@ -157,8 +157,10 @@ def test_output_of_a_thread_the_user_starts_is_captured(worker, wire):
 
 
 def test_output_after_the_request_ended_goes_to_the_real_stream_not_the_next_response(
-    capfd, make_worker, wire
+    capfd, make_worker, wire, monkeypatch
 ):
+    # A block-buffered stdout, as a worker has unless PYTHONUNBUFFERED is set: still shown.
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
     worker = make_worker()  # after capfd: an executor process inherits the captured fds
     starts_late_printer = (
         "def a():\n"

@@ -51,6 +51,22 @@ def test_success_keeps_only_the_tail_of_the_output() -> None:
     assert "line 4999" in result.output and "line 10\n" not in result.output
 
 
+def test_python_children_write_unbuffered_unless_told_otherwise(monkeypatch) -> None:
+    """pip's stdout must not be held back past its stderr: the tail ends with the error."""
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
+    code = "import sys\nprint('progress')\nprint('the error', file=sys.stderr)\nsys.exit(1)"
+    result = asyncio.run(proc.run_command([sys.executable, "-c", code], timeout_s=30))
+    assert result.returncode == 1
+    assert result.output == "progress\nthe error\n"
+    probe = "import os; print(os.environ.get('PYTHONUNBUFFERED'))"
+    told = asyncio.run(
+        proc.run_command(
+            [sys.executable, "-c", probe], timeout_s=30, env={**os.environ, "PYTHONUNBUFFERED": ""}
+        )
+    )
+    assert told.output == "\n"
+
+
 def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     pidfile = tmp_path / "grandchild.pid"
     script = f"sleep 60 & echo $! > {pidfile}; wait"

@@ -141,7 +141,13 @@ class _Router:
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         buf = current_buffer()
         if buf is None:
-            return self._stream.write(text)
+            # Output of no request (a finished request's thread): out at once, line by line, as
+            # a terminal would show it. The process's stdout is block-buffered without
+            # PYTHONUNBUFFERED, and an executor that is killed never flushes it.
+            written = self._stream.write(text)
+            if "\n" in text:
+                self._stream.flush()
+            return written
         return buf.write(text, self._number)
 
     def close(self) -> None:

@@ -121,6 +121,17 @@ class _Collector(asyncio.SubprocessProtocol):
         return body
 
 
+def _child_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    """``env`` (default: ours) with Python children unbuffered unless it says otherwise.
+
+    A Python installer (pip) writing to a pipe buffers stdout but not stderr: its error lines
+    would come before the stdout flushed at exit, and fall out of the kept tail.
+    """
+    child = dict(os.environ if env is None else env)
+    child.setdefault("PYTHONUNBUFFERED", "1")
+    return child
+
+
 def _kill_group(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
@@ -151,7 +162,7 @@ async def run_command(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         start_new_session=True,
-        env=dict(env) if env is not None else None,
+        env=_child_env(env),
         cwd=cwd,
     )
     pid = transport.get_pid()
