@@ -68,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     pytest_args = " ".join(args.pytest_args or ["-q"])
     script = (
         "set -e; mkdir /src; cd /checkout; tar -cf - -T /listing | tar -xf - -C /src; cd /src;"
-        f" uv sync --locked --quiet --python {python};"
-        f" exec uv run --locked --python {python} -- pytest -p no:cacheprovider {pytest_args}"
+        f" uv sync --locked --quiet --group test-plugins --python {python};"
+        f" exec uv run --locked --group test-plugins --python {python} --"
+        f" pytest -p no:cacheprovider {pytest_args}"
     )
     command = [
         "podman",
