@@ -122,7 +122,8 @@ async def _timed(runtime: Any, request: dict[str, Any], n: int) -> float:
     return _best(samples)
 
 
-def _warm_us(body: dict[str, Any], isolation: str, **settings: Any) -> tuple[float, float]:
+def _requests(body: dict[str, Any], instance_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The example's add() without its print, and the same call as a kept instance's method."""
     silent = dict(body, function_code=body["function_code"].replace("print(", "str("))
     method = {
         "execution_type": "class",
@@ -131,9 +132,14 @@ def _warm_us(body: dict[str, Any], isolation: str, **settings: Any) -> tuple[flo
         "method_name": "add",
         "args": body["args"],
         "kwargs": body["kwargs"],
-        "instance_id": "adder-1",
+        "instance_id": instance_id,
         "create_new_instance": False,
     }
+    return silent, method
+
+
+def _warm_us(body: dict[str, Any], isolation: str, **settings: Any) -> tuple[float, float]:
+    silent, method = _requests(body, "adder-1")
 
     async def main() -> tuple[float, float]:
         runtime = _runtime(isolation, **settings)  # defaults: the live echo on
@@ -158,17 +164,7 @@ def _paced_us(body: dict[str, Any], isolation: str, **settings: Any) -> tuple[fl
     environment has is loaded (the quick start's environment: the installers)."""
     from flashrt_core import Runtime, Settings, load_settings
 
-    silent = dict(body, function_code=body["function_code"].replace("print(", "str("))
-    method = {
-        "execution_type": "class",
-        "class_name": "Adder",
-        "class_code": CLASS_CODE,
-        "method_name": "add",
-        "args": body["args"],
-        "kwargs": body["kwargs"],
-        "instance_id": "adder-paced",
-        "create_new_instance": False,
-    }
+    silent, method = _requests(body, "adder-paced")
 
     async def one(runtime: Any, request: dict[str, Any]) -> float:
         for _ in range(200):
