@@ -32,8 +32,10 @@ __all__ = [
     "Frame",
     "FrameReader",
     "Hello",
+    "Imported",
     "Output",
     "Phase",
+    "Preload",
     "Result",
     "RunDeployed",
     "Settled",
@@ -79,6 +81,14 @@ class Cancel(msgspec.Struct, tag=True):
     """The supervisor gave up on a request (cancelled or timed out): stop what can be stopped."""
 
     id: int
+
+
+class Preload(msgspec.Struct, tag=True):
+    """Import these top-level modules ahead of need (a spare executor, or the zygote before it
+    forks), so a fresh executor does not pay the user's imports again. ``modules`` maps each
+    name to the origin it had where it was imported; one that resolves elsewhere is skipped."""
+
+    modules: dict[str, str]
 
 
 # --- executor → supervisor ---------------------------------------------------------------------
@@ -129,7 +139,27 @@ class Exiting(msgspec.Struct, tag=True):
     reason: str
 
 
-Frame = Setup | Execute | RunDeployed | Cancel | Hello | Output | Phase | Result | Settled | Exiting
+class Imported(msgspec.Struct, tag=True):
+    """Top-level modules user code imported since the last report (not flashrt's own), each
+    with its origin (a file, or ``built-in``): the next executor imports them in advance."""
+
+    modules: dict[str, str]
+
+
+Frame = (
+    Setup
+    | Execute
+    | RunDeployed
+    | Cancel
+    | Preload
+    | Hello
+    | Output
+    | Phase
+    | Result
+    | Settled
+    | Exiting
+    | Imported
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Frame)
