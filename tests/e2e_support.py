@@ -403,6 +403,22 @@ class LineRecorder:
         return next((t for t, seen in self.entries() if seen == line), None)
 
 
+def parent_of(pid: int) -> int | None:
+    """The parent of a live process, from ``/proc``."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    return int(stat[stat.rfind(b")") + 2 :].split()[1])
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    """Whether ``ancestor`` is ``pid``'s parent, or its parent's (an executor is the worker's
+    child, or a fork of the worker's zygote)."""
+    parent = parent_of(pid)
+    return parent == ancestor or (parent is not None and parent_of(parent) == ancestor)
+
+
 class Shell:
     """One worker process of either shell, answering FunctionRequests as response dicts.
 

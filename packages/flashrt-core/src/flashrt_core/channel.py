@@ -25,10 +25,13 @@ if TYPE_CHECKING:
     import socket
 
 __all__ = [
+    "EXECUTOR_TAG_ENV",
     "Cancel",
     "Channel",
     "Execute",
     "Exiting",
+    "Fork",
+    "Forked",
     "Frame",
     "FrameReader",
     "Hello",
@@ -36,10 +39,14 @@ __all__ = [
     "Output",
     "Phase",
     "Preload",
+    "Reaped",
     "Result",
     "RunDeployed",
     "Settled",
     "Setup",
+    "ZygoteFrame",
+    "decode_zygote",
+    "encode_zygote",
 ]
 
 _HEADER = struct.Struct(">I")
@@ -163,6 +170,49 @@ Frame = (
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Frame)
+
+#: The environment variable naming the executor a process descends from: set in each executor,
+#: so what its code starts (a subprocess, even in a session of its own) can be found and ended
+#: with it.
+EXECUTOR_TAG_ENV = "FLASHRT_EXECUTOR_TAG"
+
+
+# --- supervisor ⇄ zygote (one frame per SOCK_SEQPACKET message, no length prefix) --------------
+
+
+class Fork(msgspec.Struct, tag=True):
+    """Fork an executor; its two sockets (channel, fast lane) travel with the message."""
+
+    tag: str
+
+
+class Forked(msgspec.Struct, tag=True):
+    """The executor forked for the last ``Fork`` (``pid`` 0 and ``error`` when it failed)."""
+
+    pid: int
+    error: str | None = None
+
+
+class Reaped(msgspec.Struct, tag=True):
+    """A child of the zygote ended (an executor, or an orphan it adopted), as
+    :attr:`subprocess.Popen.returncode` would say it."""
+
+    pid: int
+    returncode: int
+
+
+ZygoteFrame = Setup | Preload | Fork | Hello | Forked | Reaped
+
+_zygote_decoder = msgspec.msgpack.Decoder(ZygoteFrame)
+
+
+def encode_zygote(frame: ZygoteFrame) -> bytes:
+    return _encoder.encode(frame)
+
+
+def decode_zygote(data: bytes) -> ZygoteFrame:
+    frame: ZygoteFrame = _zygote_decoder.decode(data)
+    return frame
 
 
 def encode(frame: Frame) -> bytes:

@@ -161,6 +161,19 @@ class Settings:
         5.0,
         "On shutdown, time between SIGTERM and SIGKILL of the executor.",
     )
+    spare: bool = setting(
+        "FLASHRT_SPARE",
+        True,
+        "Keep one spare executor started and idle, so a recycle hands the next request to it "
+        "at once. Costs one more executor's memory (the modules it imported).",
+    )
+    zygote: bool = setting(
+        "FLASHRT_ZYGOTE",
+        True,
+        "Fork executors after the first from a zygote: an idle process with the executor's "
+        "imports done (and the user's, carried over), so a new one is ready in milliseconds "
+        "instead of a fresh interpreter's quarter second. Costs one idle process's memory.",
+    )
     fast_lane: bool = setting(
         "FLASHRT_FAST_LANE",
         True,

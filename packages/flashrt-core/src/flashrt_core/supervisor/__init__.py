@@ -1,19 +1,17 @@
-"""The supervisor: spawns the executor process, hands it requests, survives whatever it does.
+"""The supervisor: hands requests to executor processes and survives whatever they do.
 
-It lives on the worker's event loop (the shells' ``Runtime``). The executor is a fresh
-interpreter (:mod:`.process`) whose stdin is our end of a socketpair
-(:mod:`flashrt_core.channel`); a simple request alone in flight goes over a second one, the fast
-lane, whose answer the loop awaits without sleeping for a short while.
+It lives on the worker's event loop and never sees the ``Runtime``: it gets the settings, what
+an executor's ``Setup`` carries, an "installs changed the environment" callback and the echo's
+streams. One executor serves new requests (:mod:`.serving`); a simple request alone on it goes
+over its fast lane, whose answer the loop awaits without sleeping for a short while. The
+:mod:`.launcher` keeps a ready spare and makes every later executor, forked by the zygote.
 
-Its death is seen at once, through EOF on the channel or its pidfd becoming readable, never a
-poll. Every request in flight then either runs again on a fresh executor (once) or is answered
-with what happened and the output it produced so far. Time limits are applied here
-(:mod:`.inflight` holds each request's timer): a request past its limit is answered at once, and
-an executor whose code keeps running past the grace period is recycled so the runaway code stops
-using the CPU or GPU.
-
-It never sees the ``Runtime``: it gets the settings, what the executor's ``Setup`` carries, a
-callback for "an install changed the environment", and the streams the live echo writes to.
+A death is seen at once (channel EOF, the process's end), never polled. It costs only the
+request that caused it: every other request on the dead executor runs again once, each alone on
+an executor of its own, never beside the culprit nor on the serving one; one that dies twice
+fails, saying so. What the dead executor's code started is ended with it (:mod:`.descendants`).
+Past its time limit (:mod:`.inflight`) a request is answered at once, and an executor whose code
+keeps running past the grace period is recycled so it stops using the CPU or GPU.
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import subprocess
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -31,9 +28,17 @@ from .. import channel as ch
 from ..failures import stage_failure
 from ..protocol import FunctionResponse
 from ..request_peek import Peeked, peek_request
-from .backoff import Backoff
+from . import descendants
 from .inflight import RETRIED_NOTE, InFlight, Request
-from .process import ExecutorProcess, ExecutorSetup, ExecutorUnavailable, describe_exit
+from .launcher import Launcher
+from .process import (
+    ExecutorProcess,
+    ExecutorSetup,
+    ExecutorUnavailable,
+    ForkedChild,
+    describe_exit,
+)
+from .serving import Serving
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -47,10 +52,12 @@ __all__ = ["RETRIED_NOTE", "ExecutorSetup", "ExecutorUnavailable", "Supervisor",
 log = logging.getLogger("flashrt.supervisor")
 
 _response = msgspec.msgpack.Decoder(FunctionResponse)
+#: SIGTERM to SIGKILL for what a dead executor's code left running.
+_DESCENDANTS_GRACE_S = 0.5
 
 
 class Supervisor:
-    """The worker side of the executor process, used through :class:`~flashrt_core.Runtime`."""
+    """The worker side of the executor processes, used through :class:`~flashrt_core.Runtime`."""
 
     def __init__(
         self,
@@ -61,79 +68,77 @@ class Supervisor:
         echo_streams: Callable[[int], TextIO],
     ) -> None:
         self.settings = settings
-        self._setup_contents = setup  # asked at each spawn: start-up may unpack the app meanwhile
         self._on_installed = on_installed
         self.loop = asyncio.get_running_loop()
-        self.executor: ExecutorProcess | None = None
-        #: Why no executor is serving now (None while one is, or while starting the first).
-        self.problem: str | None = None
-        self._ready = asyncio.Event()
+        self.launcher = Launcher(settings, setup, self._watch)
+        #: The executor that new requests go to, and its replacement.
+        self.serving = Serving(self.launcher, settings.executor_start_timeout_s)
+        #: Every executor alive: the serving one, the spare, those running a retry alone, and
+        #: any still finishing after it was told to go.
+        self.executors: set[ExecutorProcess] = set()
         self.inflight = InFlight(settings, echo_streams, self._give_up)
-        self._backoff = Backoff()
-        self._instances: set[str] = set()
         self._closing = False
-        self._restarting: asyncio.Task[None] | None = None
-        self._fast_id: int | None = None  # the request in the fast lane, if one is
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._spin_s = max(0, settings.spin_us) / 1e6
-        #: Requests handed to the executor, by lane: "fast" (its main thread) or "loop".
+        #: Requests handed to executors, by lane: "fast" (its main thread) or "loop".
         self.lanes = {"fast": 0, "loop": 0}
-        self.restarts = 0
+
+    @property
+    def problem(self) -> str | None:
+        """Why no executor is serving now (None while one is, or while starting the first)."""
+        return self.serving.problem
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def spawn(self) -> None:
-        """Start a fresh executor interpreter (returns at once; :meth:`start` waits for it)."""
+        """Start the first executor's interpreter and the zygote (returns at once)."""
         executor = ExecutorProcess.spawn()
-        self.executor = executor
+        self.serving.executor = executor
+        self._watch(executor)
+        self.launcher.start_zygote()
+
+    def _watch(self, executor: ExecutorProcess) -> None:
+        self.executors.add(executor)
         executor.watch(self.loop, self._on_readable, self._died)
 
     async def start(self) -> None:
         """Wait until the executor spawned by :meth:`spawn` is serving; raise if it cannot."""
-        if self.executor is None:
+        if self.serving.executor is None:
             self.spawn()
-        assert self.executor is not None
-        await self._await_hello(self.executor)
-
-    async def _await_hello(self, executor: ExecutorProcess) -> None:
-        # Sent now, not at spawn: the start-up hooks may have unpacked the app meanwhile.
-        executor.send_setup(self.settings, self._setup_contents())
-        timeout = self.settings.executor_start_timeout_s
-        try:
-            hello = await asyncio.wait_for(asyncio.shield(executor.hello), timeout)
-        except asyncio.TimeoutError:
-            executor.kill("did not start in time")
-            raise ExecutorUnavailable(
-                f"the executor process did not start within {timeout:g} s"
-            ) from None
-        if hello.error:
-            executor.kill("start-up failed")
-            raise ExecutorUnavailable(f"the executor process could not start: {hello.error}")
-        self.problem = None
-        self._ready.set()
-        log.info("executor %d ready", hello.pid)
+        executor = self.serving.executor
+        assert executor is not None
+        await self.launcher.await_hello(executor)
+        self.serving.serve(executor)
 
     async def stop(self) -> None:
-        """Answer what is left, then TERM the executor and KILL it after the grace period."""
+        """Answer what is left, TERM every executor (KILL after the grace period), and end what
+        their code started."""
         self._closing = True
-        if self._restarting is not None:
-            self._restarting.cancel()
+        self.launcher.stop_tasks()
+        self.serving.stop()
         for rid, request in list(self.inflight.requests.items()):
             self.inflight.answer(
                 rid, request.failure("the worker stopped before this request finished")
             )
         self.inflight.forget_abandoned()
-        executor = self.executor
-        if executor is None or executor.dead:
-            return
-        await executor.stop(self.settings.executor_stop_grace_s)
-        executor.forget(self.loop)
+        executors = list(self.executors)
+        live = [executor for executor in executors if not executor.dead]
+        if live:
+            await asyncio.gather(
+                *(executor.stop(self.settings.executor_stop_grace_s) for executor in live)
+            )
+        for executor in executors:
+            executor.forget(self.loop)
+        self.executors.clear()
+        self.launcher.stop_zygote()
+        await descendants.end_soon(self.loop, executors, self.settings.executor_stop_grace_s)
 
     # --- requests ----------------------------------------------------------------------------
 
     async def execute(
         self, request: FunctionRequest | Mapping[str, Any] | bytes | str | Peeked
     ) -> FunctionResponse:
-        """Run ``request`` in the executor. Never raises (cancellation aside)."""
+        """Run ``request`` in an executor. Never raises (cancellation aside)."""
         if isinstance(request, Peeked):
             peeked = request
         else:
@@ -148,7 +153,7 @@ class Supervisor:
         return result
 
     async def run_deployed(self, job: Mapping[str, Any]) -> Any:
-        """Run the deployed QB handler on one plain job, in the executor."""
+        """Run the deployed QB handler on one plain job, in an executor."""
         try:
             body = msgspec.json.encode({"id": job.get("id"), "input": job.get("input")})
         except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
@@ -168,30 +173,32 @@ class Supervisor:
             return await request.future
         except asyncio.CancelledError:
             if self.inflight.get(rid) is request:
-                self._give_up(rid)
+                self.inflight.requests.pop(rid, None)
+                self._give_up(rid, request)
             raise
         finally:
             self.inflight.done(request)
 
     async def _dispatch(self, rid: int, request: Request) -> bool:
-        """Hand the request to a serving executor (waiting, bounded, for one to be ready).
+        """Hand the request to the serving executor (waiting, bounded, for one to be ready).
 
         ``True`` when it went to the fast lane.
         """
-        if not self._ready.is_set():
-            try:
-                await asyncio.wait_for(self._ready.wait(), self.settings.executor_start_timeout_s)
-            except asyncio.TimeoutError:
-                self.inflight.answer(
-                    rid,
-                    stage_failure("call", f"no executor process could be started: {self.problem}"),
-                )
-                return False
+        executor = await self.serving.wait()
+        if executor is None:
+            self.inflight.answer(
+                rid, stage_failure("call", f"no executor process could be started: {self.problem}")
+            )
+            return False
         if self.inflight.get(rid) is not request:  # answered meanwhile (the worker is stopping)
             return False
-        executor = self.executor
-        assert executor is not None
+        return self._send(executor, rid, request)
+
+    def _send(self, executor: ExecutorProcess, rid: int, request: Request) -> bool:
+        """Hand ``request`` to ``executor``; ``True`` when it went to its fast lane."""
         request.attempts += 1
+        request.executor = executor
+        executor.load += 1
         chan = executor.chan
         if request.deployed:
             frame: ch.Frame = ch.RunDeployed(rid, request.body, request.request_id)
@@ -200,13 +207,12 @@ class Supervisor:
             if (
                 request.simple
                 and executor.fast_ok
-                and self._fast_id is None
-                and len(self.inflight) == 1
+                and executor.load == 1
                 and not self.inflight.abandoned
             ):
-                # Alone in flight, so the executor's main thread is free: it runs this itself.
+                # Alone on it, so its main thread is free: it runs this itself.
                 chan = executor.fast
-                self._fast_id = rid
+                executor.fast_rid = rid
         self.lanes["fast" if chan is executor.fast else "loop"] += 1
         try:
             chan.send(frame)
@@ -216,17 +222,25 @@ class Supervisor:
         return chan is executor.fast
 
     def _answer(self, rid: int, response: Any) -> None:
-        if rid == self._fast_id:
-            self._fast_id = None
+        request = self.inflight.get(rid)
+        if request is not None:
+            self._release(rid, request)
         self.inflight.answer(rid, response)
 
-    def _give_up(self, rid: int) -> None:
+    @staticmethod
+    def _release(rid: int, request: Request) -> None:
+        """The request no longer occupies its executor (answered, or given up on)."""
+        executor = request.executor
+        if executor is not None:
+            executor.load -= 1
+            if executor.fast_rid == rid:
+                executor.fast_rid = None  # an abandoned one keeps the lane closed until it ends
+
+    def _give_up(self, rid: int, request: Request) -> None:
         """The caller stopped waiting: tell the executor, and watch that it really stops."""
-        if rid == self._fast_id:
-            self._fast_id = None  # the abandoned entry keeps the lane closed until it ends
-        executor = self.executor
+        self._release(rid, request)
+        executor = request.executor
         if executor is None or executor.dead:
-            self.inflight.requests.pop(rid, None)
             return
         with contextlib.suppress(OSError):
             executor.chan.send(ch.Cancel(rid))
@@ -235,7 +249,7 @@ class Supervisor:
         )
 
     def _runaway(self, executor: ExecutorProcess) -> None:
-        if executor.dead or executor is not self.executor:
+        if executor.dead:
             return
         grace = self.settings.hard_timeout_grace_s
         reason = (
@@ -243,9 +257,10 @@ class Supervisor:
             "recycled to stop it"
         )
         log.warning("%s", reason)
+        self._retiring(executor, reason)
         executor.kill(reason)
 
-    # --- frames from the executor -----------------------------------------------------------
+    # --- frames from executors --------------------------------------------------------------
 
     def _on_readable(self, executor: ExecutorProcess, chan: ch.Channel) -> None:
         frames = executor.read(chan)
@@ -262,7 +277,7 @@ class Supervisor:
         elif isinstance(frame, ch.Result):
             if frame.exiting and executor.exit_reason is None:
                 self._retiring(executor, frame.exiting)
-            self._on_result(frame)
+            self._on_result(executor, frame)
         elif isinstance(frame, ch.Phase):
             request = inflight.get(frame.id)
             if request is not None:
@@ -271,6 +286,8 @@ class Supervisor:
                     inflight.arm(frame.id, request)
         elif isinstance(frame, ch.Settled):
             inflight.settled(frame.id)
+        elif isinstance(frame, ch.Imported):
+            self.launcher.imported(frame.modules)
         elif isinstance(frame, ch.Hello):
             if not executor.hello.done():
                 executor.fast_ok = frame.fast
@@ -279,13 +296,14 @@ class Supervisor:
             self._retiring(executor, frame.reason)
 
     def _retiring(self, executor: ExecutorProcess, reason: str) -> None:
-        """It exits on purpose: hand it nothing more; its death brings the fresh one."""
-        executor.exit_reason = reason
-        if self.executor is executor:
-            self._ready.clear()
-        log.warning("executor %d is being replaced: %s", executor.proc.pid, reason)
+        """It goes (on purpose, or we decided): hand it nothing more, and replace it now."""
+        if executor.exit_reason is None:
+            executor.exit_reason = reason
+        if executor.solo is None and executor is self.serving.executor:
+            log.warning("executor %d is being replaced: %s", executor.proc.pid, reason)
+        self.serving.replace(executor)
 
-    def _on_result(self, frame: ch.Result) -> None:
+    def _on_result(self, executor: ExecutorProcess, frame: ch.Result) -> None:
         if self.inflight.settled(frame.id):  # a late answer to a request we gave up on
             return
         request = self.inflight.get(frame.id)
@@ -306,17 +324,20 @@ class Supervisor:
         if frame.installed:
             self._on_installed()
         if frame.instance_id:
-            self._instances.add(frame.instance_id)
+            executor.instances.add(frame.instance_id)
         self._answer(frame.id, value)
+        if executor.solo == frame.id:  # it ran one retried request, alone: its work is done
+            self._retiring(executor, "its retried request was answered")
+            executor.kill(executor.exit_reason or "done")
 
-    # --- death and restart ------------------------------------------------------------------
+    # --- death, retries, replacement ---------------------------------------------------------
 
     def _eof(self, executor: ExecutorProcess) -> None:
-        """EOF usually means it is exiting: let its pidfd say how, unless it lingers."""
-        if executor is self.executor:
-            self._ready.clear()  # hand it nothing more
+        """EOF usually means it is exiting: let its end say how, unless it lingers."""
+        self.serving.replace(executor)  # hand it nothing more
         executor.unwatch_sockets(self.loop)
-        if executor.pidfd is None or executor.proc.poll() is not None:
+        told = executor.pidfd is not None or isinstance(executor.proc, ForkedChild)
+        if not told or executor.proc.poll() is not None:
             self._died(executor)
             return
         self.loop.call_later(1.0, self._linger, executor)
@@ -331,71 +352,55 @@ class Supervisor:
             return
         for frame in executor.drain():
             self._on_frame(executor, frame)
-        if executor.proc.poll() is None:
-            # EOF with the process alive (it closed its channel), or a pidfd event racing the
-            # reaper: either way it is no use any more.
-            executor.kill(executor.exit_reason or "closed its channel")
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                executor.proc.wait(timeout=5)
-        executor.forget(self.loop)
-        if not executor.hello.done():
-            executor.hello.set_exception(
-                ExecutorUnavailable(
-                    f"the executor process {describe_exit(executor.proc.returncode)} while starting"
-                )
-            )
-            executor.hello.exception()  # retrieved: start() or the restart task reports it
-        if self.executor is executor:
-            self._ready.clear()
+        executor.bury(self.loop)
+        self.executors.discard(executor)
+        was_spare = self.launcher.spare is executor
+        self.launcher.forget(executor)
+        descendants.end_soon(self.loop, [executor], _DESCENDANTS_GRACE_S)
         if self._closing:
             return
-        planned = executor.exit_reason is not None
         what = executor.exit_reason or describe_exit(executor.proc.returncode)
-        if executor.hello.done() and executor.hello.exception() is None:
-            log.error("executor %d %s; starting a fresh one", executor.proc.pid, what)
-        self._settle_in_flight(what)
-        if not planned:  # a replacement we asked for is no sign of an executor that keeps dying
-            self._backoff.death()
-        if self.executor is executor and (self._restarting is None or self._restarting.done()):
-            self._restarting = self.loop.create_task(self._restart())
+        if executor.solo is None and executor.hello.exception() is None:
+            # A death nobody asked for is an error; one it announced or we caused is not.
+            level = logging.ERROR if executor.exit_reason is None else logging.INFO
+            log.log(level, "executor %d %s", executor.proc.pid, what)
+        self._settle(executor, what)
+        if was_spare:
+            self.launcher.spare_died()
+        self.serving.replace(executor)
 
-    def _settle_in_flight(self, what: str) -> None:
-        """Each request the dead executor had runs again once, or fails saying why."""
-        inflight = self.inflight
-        inflight.forget_abandoned()
-        lost = sorted(self._instances)
-        self._instances.clear()
-        self._fast_id = None
-        for rid, request in list(inflight.requests.items()):
-            if request.attempts == 0:
-                continue  # not handed over yet: it goes to the fresh executor
-            if inflight.retry(request):
-                self.loop.create_task(self._dispatch(rid, request))
+    def _settle(self, executor: ExecutorProcess, what: str) -> None:
+        """Each request the dead executor had runs again once, alone, or fails saying why."""
+        lost = sorted(executor.instances)
+        executor.instances.clear()
+        for rid, request in list(self.inflight.requests.items()):
+            if request.executor is not executor:
                 continue
-            message = f"the executor process running this request {what}"
-            if request.attempts > 1:
-                message += " (the request ran twice, and the executor died both times)"
-            if lost:
-                message += (
-                    f"; class instances it held were lost ({', '.join(lost)}): the next call "
-                    "with one of those instance_ids builds it again"
-                )
-            self._answer(rid, request.failure(message))
+            self._release(rid, request)
+            request.executor = None
+            if self.inflight.retry(request):
+                self._spawn_task(self._retry_alone(rid, request))
+            else:
+                self.inflight.answer(rid, request.failure(request.death_message(what, lost)))
 
-    async def _restart(self) -> None:
-        while not self._closing:
-            delay = self._backoff.delay()
-            if delay:
-                log.warning("executor keeps dying: next start in %.1f s", delay)
-                await asyncio.sleep(delay)
-            try:
-                self.spawn()
-                assert self.executor is not None
-                await self._await_hello(self.executor)
-            except (ExecutorUnavailable, OSError) as exc:
-                self.problem = str(exc)
-                log.error("%s", exc)
-                self._backoff.death()
-                continue
-            self.restarts += 1
+    async def _retry_alone(self, rid: int, request: Request) -> None:
+        """Run a request that was on a dead executor again, on a fresh executor of its own: a
+        culprit's retry can then only take itself down."""
+        try:
+            executor = await self.launcher.launch()
+        except (ExecutorUnavailable, OSError) as exc:
+            self.inflight.answer(
+                rid, request.failure(f"its executor died, and no executor to retry it on: {exc}")
+            )
             return
+        executor.solo = rid
+        if self.inflight.get(rid) is not request or self._closing:  # answered meanwhile
+            self._retiring(executor, "its retried request was answered")
+            executor.kill("not needed")
+            return
+        self._send(executor, rid, request)
+
+    def _spawn_task(self, coro: Any) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

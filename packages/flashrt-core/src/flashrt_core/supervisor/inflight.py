@@ -38,6 +38,7 @@ class Request:
         "body",
         "deployed",
         "echo",
+        "executor",
         "form",
         "future",
         "output",
@@ -63,6 +64,20 @@ class Request:
         self.timer: asyncio.TimerHandle | None = None
         self.echo: LineEcho | None = None
         self.request_id = request_id.get()
+        #: The executor it was handed to (``ExecutorProcess``), while it is there.
+        self.executor: Any = None
+
+    def death_message(self, what: str, lost: list[str]) -> str:
+        """Why it failed: its executor died (``what`` says how), and which instances went."""
+        message = f"the executor process running this request {what}"
+        if self.attempts > 1:
+            message += " (the request ran twice, and the executor died both times)"
+        if lost:
+            message += (
+                f"; class instances it held were lost ({', '.join(lost)}): the next call "
+                "with one of those instance_ids builds it again"
+            )
+        return message
 
     def failure(self, message: str) -> Any:
         """The caller's answer for a request that did not finish, with its output so far."""
@@ -79,7 +94,7 @@ class InFlight:
         self,
         settings: Settings,
         echo_streams: Callable[[int], TextIO],
-        on_expired: Callable[[int], None],
+        on_expired: Callable[[int, Request], None],
     ) -> None:
         self.settings = settings
         self.loop = asyncio.get_running_loop()
@@ -127,7 +142,7 @@ class InFlight:
             self.answer(rid, {"success": False, "error": f"the deployed handler {message}"})
         else:
             self.answer(rid, request.failure(message))
-        self._on_expired(rid)
+        self._on_expired(rid, request)
 
     # --- output -------------------------------------------------------------------------------
 

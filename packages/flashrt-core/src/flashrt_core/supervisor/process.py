@@ -1,15 +1,18 @@
-"""One executor process as the supervisor sees it: spawned, talked to, killed, described.
+"""One executor process as the supervisor sees it: started, talked to, killed, described.
 
-A fresh interpreter (``python -m flashrt_core.executor``, never a fork) in a process group of its
-own. Its stdin is our end of the channel (:mod:`flashrt_core.channel`); a second socketpair is
-the fast lane its main thread reads; its stdout and stderr are the worker's. Its pidfd, where
-the kernel has them, says the moment it exits.
+Either a fresh interpreter (``python -m flashrt_core.executor``) or a fork of the zygote
+(:mod:`flashrt_core.executor.zygote`), never a fork of the worker; in a session and process
+group of its own either way. Its stdin is our end of the channel (:mod:`flashrt_core.channel`);
+a second socketpair is the fast lane its main thread reads; its stdout and stderr are the
+worker's. A spawned one's pidfd, where the kernel has them, says the moment it exits; a forked
+one's end is reported by the zygote, its parent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -17,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from .. import channel as ch
 from ..settings import settings_to_dict
@@ -29,7 +32,52 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flashrt.supervisor")
 
-__all__ = ["ExecutorProcess", "ExecutorSetup", "ExecutorUnavailable", "describe_exit"]
+__all__ = [
+    "Child",
+    "ExecutorProcess",
+    "ExecutorSetup",
+    "ExecutorUnavailable",
+    "ForkedChild",
+    "describe_exit",
+    "new_tag",
+]
+
+_tags = itertools.count(1)
+
+
+def new_tag() -> str:
+    """A name for one executor, unique on this machine: its descendants carry it."""
+    return f"{os.getpid()}-{next(_tags)}-{os.urandom(4).hex()}"
+
+
+class Child(Protocol):
+    """The process of an executor: a :class:`subprocess.Popen`, or a :class:`ForkedChild`."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def poll(self) -> int | None: ...
+
+
+class ForkedChild:
+    """An executor the zygote forked: its parent, the zygote, reports its exit status."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self.ended = asyncio.get_running_loop().create_future()
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def exited(self, returncode: int) -> None:
+        if self.returncode is None:
+            self.returncode = returncode
+            if not self.ended.done():
+                self.ended.set_result(None)
 
 
 class ExecutorSetup(NamedTuple):
@@ -66,12 +114,15 @@ class ExecutorProcess:
 
     def __init__(
         self,
-        proc: subprocess.Popen[bytes],
+        proc: subprocess.Popen[bytes] | ForkedChild,
         chan: ch.Channel,
         fast: ch.Channel,
         pidfd: int | None,
+        tag: str,
     ) -> None:
         self.proc = proc
+        #: Its name in the environment of whatever its code starts (``EXECUTOR_TAG_ENV``).
+        self.tag = tag
         self.chan = chan
         #: The fast lane's socket, read by the executor's main thread (used when Hello says so).
         self.fast = fast
@@ -82,15 +133,41 @@ class ExecutorProcess:
         self.exit_reason: str | None = None  # set when we (or it) decided it should go
         self.dead = False
         self.started = time.monotonic()
+        #: Requests handed to it and not answered yet, and the one on its fast lane (if any).
+        self.load = 0
+        self.fast_rid: int | None = None
+        #: Class instances it holds (by ``instance_id``): lost with it.
+        self.instances: set[str] = set()
+        #: Set on an executor of its own that runs one retried request, then goes.
+        self.solo: int | None = None
+
+    @property
+    def ready(self) -> bool:
+        """It said hello, has not been told to go, and is alive."""
+        return (
+            self.hello.done()
+            and not self.hello.cancelled()
+            and self.hello.exception() is None
+            and self.exit_reason is None
+            and not self.dead
+        )
+
+    @staticmethod
+    def sockets() -> tuple[socket.socket, socket.socket, socket.socket, socket.socket]:
+        """Our ends and its ends of the channel and the fast lane."""
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fast_parent, fast_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        return parent, fast_parent, child, fast_child
 
     @classmethod
     def spawn(cls) -> ExecutorProcess:
         """Start the interpreter; it reads its ``Setup`` from the channel when it is up."""
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        fast_parent, fast_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        parent, fast_parent, child, fast_child = cls.sockets()
+        tag = new_tag()
         env = dict(os.environ)
         env["FLASHRT_EXECUTOR"] = "1"
         env["FLASHRT_EXECUTOR_FAST_FD"] = str(fast_child.fileno())
+        env[ch.EXECUTOR_TAG_ENV] = tag
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "flashrt_core.executor"],
@@ -110,7 +187,14 @@ class ExecutorProcess:
         pidfd: int | None = None
         with contextlib.suppress(AttributeError, OSError):
             pidfd = os.pidfd_open(proc.pid)
-        return cls(proc, ch.Channel(parent), ch.Channel(fast_parent), pidfd)
+        return cls(proc, ch.Channel(parent), ch.Channel(fast_parent), pidfd, tag)
+
+    @classmethod
+    def forked(
+        cls, pid: int, parent: socket.socket, fast_parent: socket.socket, tag: str
+    ) -> ExecutorProcess:
+        """One the zygote forked: its end comes as the zygote's ``Reaped``."""
+        return cls(ForkedChild(pid), ch.Channel(parent), ch.Channel(fast_parent), None, tag)
 
     def send_setup(self, settings: Settings, contents: ExecutorSetup) -> None:
         """Its first frame: the worker's settings and ``sys.path``, and what start-up made."""
@@ -135,6 +219,8 @@ class ExecutorProcess:
         loop.add_reader(self.fast.fd, on_readable, self, self.fast)
         if self.pidfd is not None:  # without one (old kernels), EOF alone tells
             loop.add_reader(self.pidfd, on_exit, self)
+        elif isinstance(self.proc, ForkedChild):
+            self.proc.ended.add_done_callback(lambda _: on_exit(self))
 
     def unwatch_sockets(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.remove_reader(self.chan.fd)
@@ -164,17 +250,47 @@ class ExecutorProcess:
                 frames += self.readers[chan.fd].feed(data)
         return frames
 
-    async def stop(self, grace: float) -> None:
+    async def stop(self, grace: float, reason: str = "the worker is stopping") -> None:
         """SIGTERM its group, SIGKILL it after ``grace`` seconds, and reap it."""
-        self.exit_reason = self.exit_reason or "the worker is stopping"
+        self.exit_reason = self.exit_reason or reason
         self.terminate_group()
         try:
-            await asyncio.wait_for(asyncio.to_thread(self.proc.wait), grace)
+            await asyncio.wait_for(self._wait(), grace)
         except asyncio.TimeoutError:
             log.warning("executor %d ignored SIGTERM: killing it", self.proc.pid)
-        self.kill("the worker is stopping")
+        self.kill(reason)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.to_thread(self.proc.wait), 5)
+            await asyncio.wait_for(self._wait(), 5)
+
+    async def _wait(self) -> None:
+        proc = self.proc
+        if isinstance(proc, ForkedChild):
+            await asyncio.shield(proc.ended)
+        else:
+            await asyncio.to_thread(proc.wait)
+
+    def reap(self, timeout: float) -> None:
+        """Wait (blocking, briefly) for a killed spawned one to be gone; a forked one is the
+        zygote's to reap."""
+        if isinstance(self.proc, subprocess.Popen):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=timeout)
+
+    def bury(self, loop: asyncio.AbstractEventLoop) -> None:
+        """It is gone (or no use any more): make sure, stop watching it, and fail its hello if
+        it never said one, so whoever started it reports why."""
+        if self.proc.poll() is None:
+            # EOF with the process alive (it closed its channel), or an exit event racing the
+            # reaper: either way it is no use any more.
+            self.kill(self.exit_reason or "closed its channel")
+            self.reap(timeout=5)
+        self.forget(loop)
+        if not self.hello.done():
+            what = describe_exit(self.proc.returncode)
+            self.hello.set_exception(
+                ExecutorUnavailable(f"the executor process {what} while starting")
+            )
+            self.hello.exception()  # retrieved: whoever started it reports it
 
     def forget(self, loop: asyncio.AbstractEventLoop) -> None:
         """Stop watching it and close our ends (once)."""
@@ -186,18 +302,21 @@ class ExecutorProcess:
         self.close()
 
     def kill(self, reason: str) -> None:
-        """SIGKILL it and everything it started; the first reason given is the one kept."""
+        """SIGKILL it and its process group; the first reason given is the one kept."""
         if self.exit_reason is None:
             self.exit_reason = reason
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.kill()
+        self._signal_group(signal.SIGKILL)
+        if self.proc.poll() is None:  # never a pid the zygote has reaped (it may be reused)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGKILL)
 
     def terminate_group(self) -> None:
         """SIGTERM its process group: the polite first step of a shutdown."""
+        self._signal_group(signal.SIGTERM)
+
+    def _signal_group(self, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            os.killpg(self.proc.pid, signum)
 
     def close(self) -> None:
         """Close our ends (after the loop stopped watching them)."""

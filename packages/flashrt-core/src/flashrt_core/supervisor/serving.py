@@ -1,0 +1,95 @@
+"""Which executor takes new requests, and who takes over when it goes.
+
+The spare, when one is ready, at once; otherwise a fresh executor, started with back-off only
+if executors keep failing to start (:mod:`.launcher`). Meanwhile new requests wait, bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from .process import ExecutorUnavailable
+
+if TYPE_CHECKING:
+    from .launcher import Launcher
+    from .process import ExecutorProcess
+
+__all__ = ["Serving"]
+
+log = logging.getLogger("flashrt.supervisor")
+
+
+class Serving:
+    """The serving executor: set once the first is ready, replaced whenever it goes."""
+
+    def __init__(self, launcher: Launcher, start_timeout_s: float) -> None:
+        self.launcher = launcher
+        self.start_timeout_s = start_timeout_s
+        self.executor: ExecutorProcess | None = None
+        #: Why no executor is serving now (None while one is, or while starting the first).
+        self.problem: str | None = None
+        #: Times the serving executor was replaced, and by what: "spare" or "start".
+        self.replacements = {"spare": 0, "start": 0}
+        self.closing = False
+        self._ready = asyncio.Event()
+        self._restarting: asyncio.Task[None] | None = None
+
+    def serve(self, executor: ExecutorProcess) -> None:
+        """``executor`` said hello: it takes new requests from now on."""
+        self.executor = executor
+        self.problem = None
+        self._ready.set()
+        self.launcher.fill_spare()
+
+    async def wait(self) -> ExecutorProcess | None:
+        """The serving executor, waiting (bounded) while one is being started; ``None`` when
+        none could be (:attr:`problem` says why)."""
+        if not self._ready.is_set():
+            try:
+                await asyncio.wait_for(self._ready.wait(), self.start_timeout_s)
+            except asyncio.TimeoutError:
+                return None
+        return self.executor
+
+    def replace(self, executor: ExecutorProcess) -> None:
+        """``executor`` goes: if it was serving, the spare takes over, else a fresh one starts."""
+        if executor is not self.executor or self.closing:
+            return
+        spare = self.launcher.take_spare()
+        if spare is not None:
+            self.executor = spare
+            self.replacements["spare"] += 1
+            return
+        self._ready.clear()
+        if self._restarting is None or self._restarting.done():
+            self._restarting = asyncio.get_running_loop().create_task(self._restart())
+
+    async def _restart(self) -> None:
+        backoff = self.launcher.backoff
+        while not self.closing:
+            spare = self.launcher.take_spare()  # one may have become ready meanwhile
+            if spare is not None:
+                self.replacements["spare"] += 1
+                self.serve(spare)
+                return
+            delay = backoff.delay()
+            if delay:
+                log.warning("executors keep failing to start: next start in %.1f s", delay)
+                await asyncio.sleep(delay)
+            try:
+                executor = await self.launcher.launch()
+            except (ExecutorUnavailable, OSError) as exc:
+                self.problem = str(exc)
+                log.error("%s", exc)
+                backoff.death()
+                continue
+            self.replacements["start"] += 1
+            self.serve(executor)
+            return
+
+    def stop(self) -> None:
+        self.closing = True
+        if self._restarting is not None:
+            self._restarting.cancel()
