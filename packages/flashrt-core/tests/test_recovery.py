@@ -133,10 +133,12 @@ def test_an_executor_that_cannot_start_backs_off_and_says_why(make_worker, wire,
     worker = _worker(make_worker, executor_start_timeout_s=3.0, retry_on_executor_death=False)
     caplog.set_level(logging.WARNING, logger="flashrt.supervisor")
     _pid(worker, wire)
+    _spare_pid(worker)
     # From now on every new executor fails its Setup: its deployed handler does not exist.
     worker.rt.deployed_handler_resource = "no_such_resource"
-    died = worker.execute(wire.function(CULPRIT, "culprit", 0))
-    assert "exited with status 3" in died.error
+    for _ in range(2):  # the spare (started before) takes over once; then none can start
+        died = worker.execute(wire.function(CULPRIT, "culprit", 0))
+        assert "exited with status 3" in died.error
     failed = worker.execute(wire.function(PID, "pid"))
     assert failed.success is False
     assert "could not start" in failed.error

@@ -77,6 +77,7 @@ class Supervisor:
         #: any still finishing after it was told to go.
         self.executors: set[ExecutorProcess] = set()
         self.inflight = InFlight(settings, echo_streams, self._give_up)
+        self._first: ExecutorProcess | None = None  # spawned, while no zygote starts
         self._closing = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._spin_s = max(0, settings.spin_us) / 1e6
@@ -91,24 +92,30 @@ class Supervisor:
     # --- lifecycle ---------------------------------------------------------------------------
 
     def spawn(self) -> None:
-        """Start the first executor's interpreter and the zygote (returns at once)."""
-        executor = ExecutorProcess.spawn()
-        self.serving.executor = executor
-        self._watch(executor)
-        self.launcher.start_zygote()
+        """Start the zygote's interpreter, or without one the first executor's (returns at
+        once: start-up hooks run meanwhile)."""
+        if self.settings.zygote:
+            self.launcher.start_zygote()
+        else:
+            self._first = ExecutorProcess.spawn()
+            self._watch(self._first)
 
     def _watch(self, executor: ExecutorProcess) -> None:
         self.executors.add(executor)
         executor.watch(self.loop, self._on_readable, self._died)
 
     async def start(self) -> None:
-        """Wait until the executor spawned by :meth:`spawn` is serving; raise if it cannot."""
-        if self.serving.executor is None:
+        """Wait until the first executor is serving; raise if it cannot."""
+        if not self._spawned:
             self.spawn()
-        executor = self.serving.executor
-        assert executor is not None
+        executor = self._first or await self.launcher.make()
+        self._first = None
         await self.launcher.await_hello(executor)
         self.serving.serve(executor)
+
+    @property
+    def _spawned(self) -> bool:
+        return self._first is not None or self.launcher.zygote_started
 
     async def stop(self) -> None:
         """Answer what is left, TERM every executor (KILL after the grace period), and end what

@@ -66,6 +66,10 @@ class Launcher:
 
     # --- the zygote ------------------------------------------------------------------------
 
+    @property
+    def zygote_started(self) -> bool:
+        return self._zygote_task is not None
+
     def start_zygote(self) -> None:
         """Start the zygote in the background (the first executor does not wait for it)."""
         if not self.settings.zygote or self.closing:
@@ -114,9 +118,14 @@ class Launcher:
 
     async def launch(self) -> ExecutorProcess:
         """A fresh executor that said hello; raises :class:`ExecutorUnavailable` saying why."""
+        executor = await self.make()
+        await self.await_hello(executor)
+        return executor
+
+    async def make(self) -> ExecutorProcess:
+        """A fresh executor, watched, not yet set up: forked by the zygote, else spawned."""
         executor = await self._make()
         self._watch(executor)
-        await self.await_hello(executor)
         return executor
 
     async def _make(self) -> ExecutorProcess:
