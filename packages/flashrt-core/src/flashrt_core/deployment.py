@@ -37,6 +37,7 @@ __all__ = [
     "DeployedAppUnavailable",
     "DeployedHandler",
     "DeployedHandlerError",
+    "DeployedHandlerTimeout",
     "deployed_app_dir",
     "executor_app_dir",
     "handler_step",
@@ -117,6 +118,10 @@ def load_manifest(app_dir: Path) -> dict[str, Any]:
 
 class DeployedHandlerError(RuntimeError):
     """The generated handler cannot be loaded; the message says why."""
+
+
+class DeployedHandlerTimeout(DeployedHandlerError):
+    """The handler's import passed the start-up limit; it still runs in a thread of its own."""
 
 
 def is_function_request(job_input: Any) -> bool:
@@ -208,7 +213,7 @@ async def load_handler_within(
     """:func:`load_handler` in a thread, bounded by the start-up limit, with progress lines.
 
     An import past the limit cannot be stopped: it is left running and
-    :class:`DeployedHandlerError` names it and the limit (an executor then exits, which ends it).
+    :class:`DeployedHandlerTimeout` names it and the limit (an executor then exits, which ends it).
     """
     bound = StartupBound(limit_s, progress_s, log)
     try:
@@ -216,7 +221,7 @@ async def load_handler_within(
             handler_step(resource), lanes.run_blocking(load_handler, app_dir, resource)
         )
     except StartupTimeout as exc:
-        raise DeployedHandlerError(str(exc)) from None
+        raise DeployedHandlerTimeout(str(exc)) from None
 
 
 def executor_app_dir(runtime: Runtime) -> str | None:

@@ -210,6 +210,7 @@ class QueueWorker:
         from flashrt_core.deployment import (
             DeployedAppUnavailable,
             DeployedHandlerError,
+            DeployedHandlerTimeout,
             handler_step,
         )
         from flashrt_core.startup import StartupBound, StartupTimeout
@@ -232,10 +233,10 @@ class QueueWorker:
                 self.settings.startup_timeout_s, self.settings.startup_progress_s, log
             )
             await bound.step(self.starting, runtime.load_deployed_handler())
-        except (DeployedAppUnavailable, DeployedHandlerError) as exc:
-            raise _StartupFailed(f"deployed app {resource!r} unavailable: {exc}") from None
-        except StartupTimeout as exc:
-            self.abandoned = True
+        except (DeployedAppUnavailable, DeployedHandlerError, StartupTimeout) as exc:
+            # A timeout (the shell's bound, or the runtime's once it bounds its own load) leaves
+            # the import running in a thread of this process.
+            self.abandoned = isinstance(exc, (StartupTimeout, DeployedHandlerTimeout))
             raise _StartupFailed(f"deployed app {resource!r} unavailable: {exc}") from None
 
     async def _wait_ready(self) -> str | None:
