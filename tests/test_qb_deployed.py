@@ -233,3 +233,37 @@ def test_test_input_runs_one_plain_json_job_locally(
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Job result: {'output': 50}" in done.stdout
+
+
+def test_a_handler_import_past_the_start_up_limit_fails_the_job_and_the_worker_exits(
+    tmp_path: Path,
+) -> None:
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "handler_frozen.py").write_text(
+        "import time\n\nwhile True:  # never finishes importing\n    time.sleep(0.05)\n"
+    )
+    env = clean_env(
+        RUNPOD_ENDPOINT_ID="local-preview",
+        FLASH_RESOURCE_NAME="frozen",
+        FLASH_DISABLE_UNPACK="1",
+        FLASHRT_APP_DIR=str(app),
+        FLASHRT_VOLUME_DIR=str(tmp_path / "no-volume"),
+        FLASHRT_ISOLATION="none",  # the import's thread is this process's: it must not hold it
+        FLASHRT_STARTUP_TIMEOUT_S="1",
+        FLASHRT_STARTUP_PROGRESS_S="0.3",
+    )
+    job = json.dumps({"input": {"a": 2, "b": 3}})
+    done = subprocess.run(
+        [sys.executable, "-m", "flashrt_qb", "--test_input", job],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "start-up still running after" in output
+    assert "importing the deployed handler handler_frozen.py" in output
+    assert "start-up did not finish within 1 s (FLASHRT_STARTUP_TIMEOUT_S)" in done.stdout

@@ -223,3 +223,159 @@ def test_sigterm_stops_the_worker_cleanly_and_runs_the_apps_shutdown(deployed: D
     # Last in the module: it stops the legacy worker.
     assert deployed.legacy.stop(timeout=30) == 0, deployed.legacy.output()
     assert "the app's lifespan shut down" in deployed.legacy.output()
+
+
+# --- the bound on start-up (FLASHRT_STARTUP_TIMEOUT_S) ---------------------------------------
+
+STUCK_LIFESPAN = textwrap.dedent(
+    """
+    import asyncio
+    import contextlib
+
+    from fastapi import FastAPI
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        print("lifespan entered", flush=True)
+        try:
+            await asyncio.Event().wait()  # a model load that never finishes
+        finally:
+            print("lifespan cancelled", flush=True)
+        yield
+
+    app = FastAPI(lifespan=lifespan)
+    """
+)
+
+STUCK_IMPORT = textwrap.dedent(
+    """
+    import time
+
+    print("import entered", flush=True)
+    while True:  # module code that never returns; its thread cannot be stopped
+        time.sleep(0.05)
+    """
+)
+
+PATIENT_APP = textwrap.dedent(
+    """
+    import asyncio
+    import contextlib
+
+    from fastapi import FastAPI
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await asyncio.sleep(1.5)
+        yield {"loaded": "the model"}
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/model")
+    async def model() -> dict:
+        return {"ok": True}
+    """
+)
+
+
+@dataclass
+class Bounded:
+    stuck_lifespan: WorkerProcess
+    stuck_import: WorkerProcess
+    patient: WorkerProcess
+    #: /ping of the stuck-lifespan worker once its lifespan had begun, within the limit.
+    during: tuple[int, bytes] = (0, b"")
+    final: dict[str, tuple[int, bytes]] = field(default_factory=dict)
+
+
+def _wait_for_line(worker: WorkerProcess, line: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while line not in worker.output():
+        assert worker.proc is not None and worker.proc.poll() is None, worker.output()
+        assert time.monotonic() < deadline, f"no {line!r} in:\n{worker.output()}"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def bounded(
+    tmp_path_factory: pytest.TempPathFactory, worker_env: Any, tar_gz: Any, manifest: Any
+) -> Iterator[Bounded]:
+    def start(name: str, source: str, limit_s: str) -> WorkerProcess:
+        tmp = tmp_path_factory.mktemp(f"lb-{name}")
+        (tmp / "artifact.tar.gz").write_bytes(
+            tar_gz(
+                {
+                    f"handler_{name}.py": source,
+                    "flash_manifest.json": manifest(name, {}, is_live=False),
+                }
+            )
+        )
+        env = worker_env(
+            tmp,
+            FLASH_RESOURCE_NAME=name,
+            FLASHRT_STARTUP_TIMEOUT_S=limit_s,
+            FLASHRT_STARTUP_PROGRESS_S="0.3",
+        )
+        return WorkerProcess(env).start()
+
+    workers: list[WorkerProcess] = []
+    try:
+        workers.append(start("stuck_lifespan", STUCK_LIFESPAN, "4"))
+        workers.append(start("stuck_import", STUCK_IMPORT, "2"))
+        workers.append(start("patient", PATIENT_APP, "60"))
+        found = Bounded(*workers)
+        _wait_for_line(found.stuck_lifespan, "lifespan entered")
+        found.during = found.stuck_lifespan.ping()
+        for name in ("stuck_lifespan", "stuck_import", "patient"):
+            found.final[name] = getattr(found, name).wait_ready(timeout=90)
+        yield found
+    finally:
+        for worker in workers:
+            worker.cleanup()
+
+
+def test_a_lifespan_that_never_finishes_gives_503_naming_it_after_the_limit(
+    bounded: Bounded,
+) -> None:
+    worker = bounded.stuck_lifespan
+    assert bounded.during == (204, b""), worker.output()
+    status, body = bounded.final["stuck_lifespan"]
+    assert status == 503, worker.output()
+    reason = json.loads(body)["reason"]
+    assert "running the lifespan start-up of handler_stuck_lifespan.py" in reason
+    assert "within 4 s (FLASHRT_STARTUP_TIMEOUT_S)" in reason
+    assert worker.ready_after_s is not None and worker.ready_after_s >= 4
+    output = worker.output()
+    # Meanwhile the log said what was still starting, and for how long.
+    assert "start-up still running after" in output
+    assert "running the lifespan start-up of handler_stuck_lifespan.py, for" in output
+    # The app's lifespan was cancelled; the worker keeps serving, honestly.
+    assert "lifespan cancelled" in output
+    assert worker.ping() == (status, body)
+    execute = httpx.post(f"{worker.base_url}/execute", json={"function_name": "f"})
+    assert (execute.status_code, execute.json()["reason"]) == (503, reason)
+
+
+def test_an_import_that_never_finishes_gives_503_and_the_worker_still_stops(
+    bounded: Bounded,
+) -> None:
+    worker = bounded.stuck_import
+    status, body = bounded.final["stuck_import"]
+    assert status == 503, worker.output()
+    reason = json.loads(body)["reason"]
+    assert "still importing handler_stuck_import.py" in reason
+    assert "within 2 s (FLASHRT_STARTUP_TIMEOUT_S)" in reason
+    assert "import entered" in worker.output()
+    assert "start-up still running after" in worker.output()
+    assert worker.ping()[0] == 503
+    # Its import thread never ends; SIGTERM still ends the process at once.
+    began = time.monotonic()
+    assert worker.stop(timeout=20) == 0, worker.output()
+    assert time.monotonic() - began < 15
+
+
+def test_a_start_up_within_the_limit_is_unaffected(bounded: Bounded) -> None:
+    worker = bounded.patient
+    assert bounded.final["patient"] == (200, b'{"status":"ready"}'), worker.output()
+    assert "running the lifespan start-up of handler_patient.py, for" in worker.output()
+    assert httpx.get(f"{worker.base_url}/model").json() == {"ok": True}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import subprocess
 import sys
 import textwrap
@@ -100,7 +102,8 @@ def test_a_job_waits_for_start_up_only_as_long_as_the_bound_then_jobs_are_served
         early = worker.loop.submit(worker.handle({"id": "1", "input": ADD})).result(30)
         assert early == {
             "success": False,
-            "error": "worker start-up has not finished after 0.2 s",
+            "error": "worker start-up has not finished after 0.2 s: still starting the runtime "
+            "(plugins, volume cache, artifact, the executor process)",
         }
         worker.loop.loop.call_soon_threadsafe(plugin.release.set)
         for _ in range(600):  # start-up goes on past the bound (the executor still starts)
@@ -112,6 +115,81 @@ def test_a_job_waits_for_start_up_only_as_long_as_the_bound_then_jobs_are_served
         assert later["stdout"] == "adding\n"
     finally:
         worker.close()
+
+
+STUCK_HANDLER = """
+import os
+import time
+
+while not os.path.exists({flag!r}):  # a model load that does not finish in time
+    time.sleep(0.02)
+
+
+def handler(job):
+    return job["input"]
+"""
+
+
+@pytest.mark.parametrize("isolation", ["none", "process"])
+def test_a_deployed_handler_still_loading_at_the_limit_fails_jobs_naming_it(
+    isolation: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "flashrt")
+    resource = f"stuck_qb_unit_{isolation}"
+    handler_file = f"handler_{resource}.py"
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    release = tmp_path / "release"
+    (app_dir / handler_file).write_text(STUCK_HANDLER.format(flag=str(release)))
+    monkeypatch.setenv("FLASHRT_APP_DIR", str(app_dir))
+    settings = Settings(
+        disable_plugin_autoload=True,
+        isolation=isolation,
+        resource_name=resource,
+        disable_unpack=True,
+        startup_timeout_s=3.0,
+        startup_progress_s=0.3,
+    )
+    worker = QueueWorker(settings, QBSettings(startup_timeout_s=0.2))
+
+    def job(n: int) -> Any:
+        return worker.loop.submit(worker.handle({"id": str(n), "input": {"n": n}}))
+
+    worker.begin()
+    try:
+        deadline = time.monotonic() + 30
+        while handler_file not in worker.starting:
+            assert time.monotonic() < deadline, worker.starting
+            time.sleep(0.01)
+        # A job that stops waiting before start-up ends hears what is still starting.
+        early = job(1).result(30)
+        assert early["success"] is False
+        assert "start-up has not finished after 0.2 s: still " in early["error"]
+        assert f"importing the deployed handler {handler_file}" in early["error"]
+        # One that waits longer, and one sent after the limit, hear the limit and the step.
+        worker.qb = dataclasses.replace(worker.qb, startup_timeout_s=60.0)
+        waiting = job(2).result(60)
+        assert worker.phase == "failed"
+        after = job(3).result(30)
+        for answer in (waiting, after):
+            assert answer["success"] is False
+            assert (
+                "start-up did not finish within 3 s (FLASHRT_STARTUP_TIMEOUT_S)" in answer["error"]
+            )
+            assert f"still importing the deployed handler {handler_file}" in answer["error"]
+        assert worker.abandoned is (isolation == "none")  # an executor's import ends with it
+    finally:
+        release.touch()
+        worker.close()
+    # Meanwhile a line said what was still starting (an executor logs to the worker's stderr).
+    logged = caplog.text + capfd.readouterr().err
+    assert f"start-up still running after 1 s: importing the deployed handler {handler_file}" in (
+        logged
+    )
 
 
 def test_a_job_whose_input_is_not_an_object_fails_clearly() -> None:

@@ -8,7 +8,8 @@ start-up by ``flashrt.artifact`` (or already in ``FLASHRT_APP_DIR`` with
 returns the plain result, or ``{"success": False, "error", "traceback"}``. That handler is
 synchronous (it runs coroutines with ``asyncio.run`` itself), so it is called off the event loop;
 an ``async def handler`` of a later build is awaited instead. Both run where user code runs: the
-executor process by default.
+executor process by default. Its import (a model load, often) is bounded by the start-up limit
+(:func:`load_handler_within`), so one that never finishes is reported instead of awaited forever.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import logging
 import re
 import threading
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .startup import StartupBound, StartupTimeout
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -33,13 +37,18 @@ __all__ = [
     "DeployedAppUnavailable",
     "DeployedHandler",
     "DeployedHandlerError",
+    "DeployedHandlerTimeout",
     "deployed_app_dir",
     "executor_app_dir",
+    "handler_step",
     "is_function_request",
     "load_handler",
+    "load_handler_within",
     "load_manifest",
     "run_deployed_job",
 ]
+
+log = logging.getLogger("flashrt.deployed")
 
 MANIFEST_FILE = "flash_manifest.json"
 _RESOURCE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -109,6 +118,10 @@ def load_manifest(app_dir: Path) -> dict[str, Any]:
 
 class DeployedHandlerError(RuntimeError):
     """The generated handler cannot be loaded; the message says why."""
+
+
+class DeployedHandlerTimeout(DeployedHandlerError):
+    """The handler's import passed the start-up limit; it still runs in a thread of its own."""
 
 
 def is_function_request(job_input: Any) -> bool:
@@ -187,6 +200,28 @@ def load_handler(app_dir: Path, resource: str) -> DeployedHandler:
             f"module {module_name!r} was imported from {where}, not from the app at {app_dir}"
         )
     return DeployedHandler(fn, resource)
+
+
+def handler_step(resource: str) -> str:
+    """How the start-up bound names loading ``resource``'s handler (progress and timeout)."""
+    return f"importing the deployed handler handler_{resource}.py"
+
+
+async def load_handler_within(
+    lanes: Lanes, app_dir: Path, resource: str, limit_s: float, progress_s: float
+) -> DeployedHandler:
+    """:func:`load_handler` in a thread, bounded by the start-up limit, with progress lines.
+
+    An import past the limit cannot be stopped: it is left running and
+    :class:`DeployedHandlerTimeout` names it and the limit (an executor then exits, which ends it).
+    """
+    bound = StartupBound(limit_s, progress_s, log)
+    try:
+        return await bound.step(
+            handler_step(resource), lanes.run_blocking(load_handler, app_dir, resource)
+        )
+    except StartupTimeout as exc:
+        raise DeployedHandlerTimeout(str(exc)) from None
 
 
 def executor_app_dir(runtime: Runtime) -> str | None:

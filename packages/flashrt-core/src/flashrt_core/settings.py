@@ -241,6 +241,21 @@ class Settings:
     disable_unpack: bool = setting(
         "FLASH_DISABLE_UNPACK", False, "Deployed mode: serve an already-unpacked app."
     )
+    # A model download and load can take many minutes; a start-up that never finishes must
+    # still be reported rather than leave the worker "starting" forever.
+    startup_timeout_s: float = setting(
+        "FLASHRT_STARTUP_TIMEOUT_S",
+        1800.0,
+        "Deployed mode: longest the app's start-up may take (importing the QB handler, or the LB"
+        " app and its lifespan start-up). Past it `/ping` answers 503 and jobs fail, naming what"
+        " was still starting; the worker keeps running. 0: no limit.",
+    )
+    startup_progress_s: float = setting(
+        "FLASHRT_STARTUP_PROGRESS_S",
+        30.0,
+        "Deployed mode: while the app starts, a log line this often says what is still starting"
+        " and for how long. 0: none.",
+    )
 
 
 def settings_to_dict(settings: Any) -> dict[str, Any]:

@@ -33,7 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     from .app import Worker
     from .server import run
 
-    run(Worker(settings, lb_settings))
+    worker = Worker(settings, lb_settings)
+    run(worker)
+    if worker.abandoned:
+        from flashrt_core.startup import exit_without_joining
+
+        exit_without_joining(0)
     return 0
 
 

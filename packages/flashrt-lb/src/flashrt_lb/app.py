@@ -3,7 +3,9 @@
 Start-up (plugins, cache hydration, artifact unpack, the user app's import and lifespan) runs in a
 background task started by our lifespan, so uvicorn accepts connections at once and ``/ping``
 answers 204 until that task finishes: 200 when it succeeded, 503 with the reason when it failed.
-The process stays up either way so the platform can read the reason.
+The process stays up either way so the platform can read the reason. The deployed app's import
+and lifespan start-up share one limit (``FLASHRT_STARTUP_TIMEOUT_S``, :mod:`flashrt_core.startup`),
+so one that never finishes becomes a 503 naming the step rather than a 204 forever.
 
 ``/ping`` and ``/execute`` are ours; every other path is forwarded to the deployed app, whose
 own ``/ping`` and ``/execute`` are therefore never reachable (they are reserved, REFERENCE §4).
@@ -25,6 +27,7 @@ from fastapi.responses import Response
 from flashrt_core.logs import request_id
 from flashrt_core.protocol import RequestError, encode_response
 from flashrt_core.settings import Settings, load_settings
+from flashrt_core.startup import StartupBound, StartupTimeout
 
 from .settings import LBSettings
 from .userapp import AppLoadError, Lifespan, import_app
@@ -87,6 +90,9 @@ class Worker:
             else self.settings.max_request_bytes
         )
         self._token = self.lb.token.encode() if self.lb.token else None
+        #: Whether start-up left the app's import running past the limit (its thread never
+        #: ends, so the process must exit without waiting for it).
+        self.abandoned = False
         self._done: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -187,10 +193,25 @@ class Worker:
             file_name, variable = self.lb.main_file, self.lb.app_variable
         else:
             file_name, variable = f"handler_{self.settings.resource_name}.py", "app"
-        # Importing runs the user's module code (and its heavy imports): in a thread.
-        app = await runtime.run_blocking(import_app, app_dir, file_name, variable)
+        # One limit over both (a model load may sit in either): past it, /ping says 503 naming
+        # the step, while a progress line says meanwhile what is still starting.
+        bound = StartupBound(self.settings.startup_timeout_s, self.settings.startup_progress_s, log)
+        try:
+            # Importing runs the user's module code (and its heavy imports): in a thread, which
+            # is left running if it passes the limit (a thread cannot be stopped).
+            app = await bound.step(
+                f"importing {file_name}",
+                runtime.run_blocking(import_app, app_dir, file_name, variable),
+            )
+        except StartupTimeout as exc:
+            self.abandoned = True
+            raise AppLoadError(str(exc)) from None
         lifespan = Lifespan(app)
-        await lifespan.startup()
+        try:
+            await bound.step(f"running the lifespan start-up of {file_name}", lifespan.startup())
+        except StartupTimeout as exc:
+            lifespan.cancel()
+            raise AppLoadError(str(exc)) from None
         self.user_app, self.user_lifespan = app, lifespan
 
     def _decide_execute(self, app_dir: Path | None) -> bool:

@@ -102,6 +102,12 @@ class Lifespan:
         if message.get("error") is not None:
             log.info("the deployed app does not support lifespan (%s)", message["error"])
 
+    def cancel(self) -> None:
+        """Cancel the app's lifespan (its start-up passed the limit); it gets no shutdown."""
+        self._supported = False
+        if self._task is not None:
+            self._task.cancel()
+
     async def shutdown(self, timeout_s: float) -> None:
         """Send ``lifespan.shutdown``; give the app ``timeout_s`` to finish it."""
         task = self._task

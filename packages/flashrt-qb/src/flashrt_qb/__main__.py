@@ -44,7 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings)
     from .worker import QueueWorker
 
-    QueueWorker(settings, qb).serve()
+    worker = QueueWorker(settings, qb)
+    try:
+        worker.serve()
+    except SystemExit as exc:  # the SDK's local modes end this way
+        if not worker.abandoned:
+            raise
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    else:
+        code = 0
+    if worker.abandoned:
+        from flashrt_core.startup import exit_without_joining
+
+        exit_without_joining(code)
     return 0
 
 

@@ -8,8 +8,15 @@ from __future__ import annotations
 from flashrt_core.deployment import (
     DeployedHandler,
     DeployedHandlerError,
+    handler_step,
     is_function_request,
     load_handler,
 )
 
-__all__ = ["DeployedHandler", "DeployedHandlerError", "is_function_request", "load_handler"]
+__all__ = [
+    "DeployedHandler",
+    "DeployedHandlerError",
+    "handler_step",
+    "is_function_request",
+    "load_handler",
+]

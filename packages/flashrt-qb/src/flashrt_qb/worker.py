@@ -12,8 +12,10 @@ Shape of the process:
   (user code runs in the executor process, or in the runtime's threads). The SDK's local modes
   (``--test_input``, ...) run on its own loop in the main thread and hop to the runtime loop.
   When the SDK cancels a job (its stop channel), the cancellation reaches the job's request.
-* Every job waits for start-up (bounded by ``FLASHRT_QB_STARTUP_TIMEOUT_S``); if start-up failed,
-  every job answers with the reason.
+* Every job waits for start-up (bounded by ``FLASHRT_QB_STARTUP_TIMEOUT_S``; a job that stops
+  waiting is told what is still starting); if start-up failed, every job answers with the reason.
+  The deployed handler's import is itself bounded by ``FLASHRT_STARTUP_TIMEOUT_S``, where it
+  runs: the executor (:func:`flashrt_core.deployment.load_handler_within`) or, in-process, here.
 
 Concurrency: ``FLASHRT_QB_CONCURRENCY`` jobs run at once (a semaphore on the runtime loop). The
 production job loop (:mod:`flashrt_qb.job_loop`) takes a job only when one of its slots is free
@@ -118,6 +120,11 @@ class QueueWorker:
         #: "starting", "ready" or "failed".
         self.phase = "starting"
         self.startup_error: str | None = None
+        #: While starting: what start-up is doing now, for a job that gives up waiting.
+        self.starting = "creating the runtime (plugin discovery)"
+        #: Whether start-up left the deployed handler's import running past the limit, in a
+        #: thread that never ends (so the process must exit without waiting for it).
+        self.abandoned = False
         self._startup: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(self.qb.slots)
         # Set while no import of the SDK is in progress. User code (the deployed handler's
@@ -176,9 +183,17 @@ class QueueWorker:
             # third-party modules) delays no job that could otherwise run.
             self.runtime = Runtime(self.settings)
         runtime = self.runtime
+        parts = "plugins, volume cache, artifact"
+        if runtime.isolated:
+            parts += ", the executor process"
         if self.deployed:
             # The generated handler is loaded where user code runs: the executor by default.
             runtime.deployed_handler_resource = self.settings.resource_name
+            if runtime.isolated:
+                from .deployed import handler_step
+
+                parts += f" {handler_step(self.settings.resource_name or '')}"
+        self.starting = f"starting the runtime ({parts})"
         await runtime.start()
         if runtime.startup_error:
             if self.deployed:
@@ -192,7 +207,13 @@ class QueueWorker:
 
     async def _load_deployed(self, runtime: Runtime) -> None:
         """In-process: load the generated handler now, so a broken one fails start-up."""
-        from flashrt_core.deployment import DeployedAppUnavailable, DeployedHandlerError
+        from flashrt_core.deployment import (
+            DeployedAppUnavailable,
+            DeployedHandlerError,
+            DeployedHandlerTimeout,
+            handler_step,
+        )
+        from flashrt_core.startup import StartupBound, StartupTimeout
 
         resource = self.settings.resource_name or ""
         if not self.settings.endpoint_id:
@@ -203,9 +224,19 @@ class QueueWorker:
             )
         try:
             # The handler imports runpod too: never alongside the main thread's import.
+            self.starting = "waiting for the runpod SDK's import to finish"
             await runtime.run_blocking(self._sdk_import_done.wait)
-            await runtime.load_deployed_handler()
-        except (DeployedAppUnavailable, DeployedHandlerError) as exc:
+            self.starting = handler_step(resource)
+            # Bounded here until Runtime.load_deployed_handler bounds itself (an executor's
+            # load is bounded by load_handler_within); then this becomes a plain await.
+            bound = StartupBound(
+                self.settings.startup_timeout_s, self.settings.startup_progress_s, log
+            )
+            await bound.step(self.starting, runtime.load_deployed_handler())
+        except (DeployedAppUnavailable, DeployedHandlerError, StartupTimeout) as exc:
+            # A timeout (the shell's bound, or the runtime's once it bounds its own load) leaves
+            # the import running in a thread of this process.
+            self.abandoned = isinstance(exc, (StartupTimeout, DeployedHandlerTimeout))
             raise _StartupFailed(f"deployed app {resource!r} unavailable: {exc}") from None
 
     async def _wait_ready(self) -> str | None:
@@ -216,7 +247,9 @@ class QueueWorker:
             try:
                 await asyncio.wait_for(asyncio.shield(task), timeout)
             except asyncio.TimeoutError:
-                return f"worker start-up has not finished after {timeout:g} s"
+                return (
+                    f"worker start-up has not finished after {timeout:g} s: still {self.starting}"
+                )
             except Exception:  # _start records its own failures
                 pass
         return self.startup_error if self.phase == "failed" else None

@@ -135,10 +135,16 @@ class ExecutorServer:
         # Pay cloudpickle's import now; the codecs hold it whatever a request does to sys.modules.
         await lanes.run_blocking(preload)
         if setup.deployed_handler:
-            from ..deployment import load_handler
+            from ..deployment import load_handler_within
 
-            self._handler = await lanes.run_blocking(
-                load_handler, Path(setup.app_dir or "."), setup.deployed_handler
+            # Past the start-up limit this raises: Hello then carries the reason, and this
+            # process exits, which ends an import that would never finish.
+            self._handler = await load_handler_within(
+                lanes,
+                Path(setup.app_dir or "."),
+                setup.deployed_handler,
+                settings.startup_timeout_s,
+                settings.startup_progress_s,
             )
         return settings
 
