@@ -80,6 +80,7 @@ class Runtime:
         self.supervisor: Supervisor | None = None
         self._pipeline: Pipeline | None = None
         self._deployed_handler: DeployedHandler | None = None
+        self._deployed_failure: Exception | None = None
         self._started: asyncio.Future[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.pm.hook.flashrt_configure.call_historic(kwargs={"settings": self.settings})
@@ -166,20 +167,37 @@ class Runtime:
         )
 
     async def load_deployed_handler(self) -> DeployedHandler:
-        """Load this process's deployed QB handler once (in-process mode; an executor loads its
-        own). Raises :class:`~flashrt_core.deployment.DeployedHandlerError` or
-        :class:`~flashrt_core.deployment.DeployedAppUnavailable` naming the problem."""
+        """Load this process's deployed QB handler once, within the start-up limit (in-process
+        mode; an executor loads its own). Raises
+        :class:`~flashrt_core.deployment.DeployedHandlerError` (a
+        :class:`~flashrt_core.deployment.DeployedHandlerTimeout` past the limit) or
+        :class:`~flashrt_core.deployment.DeployedAppUnavailable` naming the problem; a failure
+        is kept, so a later call does not start a second import behind the first."""
         if self._deployed_handler is None:
-            from .deployment import deployed_app_dir, load_handler
+            if self._deployed_failure is not None:
+                raise self._deployed_failure
+            from .deployment import (
+                DeployedAppUnavailable,
+                DeployedHandlerError,
+                deployed_app_dir,
+                load_handler_within,
+            )
 
             app_dir = deployed_app_dir(self)
             if app_dir is None or self.deployed_handler_resource is None:
-                from .deployment import DeployedAppUnavailable
-
                 raise DeployedAppUnavailable("this worker is not deployed (FLASH_RESOURCE_NAME?)")
-            self._deployed_handler = await self.run_blocking(
-                load_handler, app_dir, self.deployed_handler_resource
-            )
+            settings = self.settings
+            try:
+                self._deployed_handler = await load_handler_within(
+                    self.lanes,
+                    app_dir,
+                    self.deployed_handler_resource,
+                    settings.startup_timeout_s,
+                    settings.startup_progress_s,
+                )
+            except (DeployedAppUnavailable, DeployedHandlerError) as exc:
+                self._deployed_failure = exc
+                raise
         return self._deployed_handler
 
     def _executor_setup(self) -> ExecutorSetup:

@@ -213,7 +213,6 @@ class QueueWorker:
             DeployedHandlerTimeout,
             handler_step,
         )
-        from flashrt_core.startup import StartupBound, StartupTimeout
 
         resource = self.settings.resource_name or ""
         if not self.settings.endpoint_id:
@@ -227,16 +226,10 @@ class QueueWorker:
             self.starting = "waiting for the runpod SDK's import to finish"
             await runtime.run_blocking(self._sdk_import_done.wait)
             self.starting = handler_step(resource)
-            # Bounded here until Runtime.load_deployed_handler bounds itself (an executor's
-            # load is bounded by load_handler_within); then this becomes a plain await.
-            bound = StartupBound(
-                self.settings.startup_timeout_s, self.settings.startup_progress_s, log
-            )
-            await bound.step(self.starting, runtime.load_deployed_handler())
-        except (DeployedAppUnavailable, DeployedHandlerError, StartupTimeout) as exc:
-            # A timeout (the shell's bound, or the runtime's once it bounds its own load) leaves
-            # the import running in a thread of this process.
-            self.abandoned = isinstance(exc, (StartupTimeout, DeployedHandlerTimeout))
+            await runtime.load_deployed_handler()  # bounded by the start-up limit
+        except (DeployedAppUnavailable, DeployedHandlerError) as exc:
+            # A timeout leaves the import running in a thread of this process.
+            self.abandoned = isinstance(exc, DeployedHandlerTimeout)
             raise _StartupFailed(f"deployed app {resource!r} unavailable: {exc}") from None
 
     async def _wait_ready(self) -> str | None:

@@ -72,7 +72,7 @@ class Supervisor:
         self.loop = asyncio.get_running_loop()
         self.launcher = Launcher(settings, setup, self._watch)
         #: The executor that new requests go to, and its replacement.
-        self.serving = Serving(self.launcher, settings.executor_start_timeout_s)
+        self.serving = Serving(self.launcher)
         #: Every executor alive: the serving one, the spare, those running a retry alone, and
         #: any still finishing after it was told to go.
         self.executors: set[ExecutorProcess] = set()

@@ -63,6 +63,7 @@ class Launcher:
         #: The user's imports, carried to each new executor (name -> origin).
         self.imports: dict[str, str] = {}
         self.closing = False
+        self._loads_handler = False  # its Setup names a deployed QB handler to import
 
     # --- the zygote ------------------------------------------------------------------------
 
@@ -143,11 +144,22 @@ class Launcher:
                 return executor
         return ExecutorProcess.spawn()
 
+    def start_limit(self) -> float | None:
+        """How long an executor may take to start (``None``: no limit). Loading a deployed QB
+        handler adds the start-up limit, whose own message then comes first."""
+        base = self.settings.executor_start_timeout_s
+        if not self._loads_handler:
+            return base
+        extra = self.settings.startup_timeout_s
+        return None if extra <= 0 else base + extra
+
     async def await_hello(self, executor: ExecutorProcess) -> None:
         """Send its ``Setup`` and wait for its hello, bounded; kill it if it cannot start."""
         # Sent now, not at spawn: the start-up hooks may have unpacked the app meanwhile.
-        executor.send_setup(self.settings, self._setup())
-        timeout = self.settings.executor_start_timeout_s
+        contents = self._setup()
+        self._loads_handler = contents.deployed_handler is not None
+        executor.send_setup(self.settings, contents)
+        timeout = self.start_limit()
         try:
             hello = await asyncio.wait_for(asyncio.shield(executor.hello), timeout)
         except asyncio.TimeoutError:

@@ -24,9 +24,8 @@ log = logging.getLogger("flashrt.supervisor")
 class Serving:
     """The serving executor: set once the first is ready, replaced whenever it goes."""
 
-    def __init__(self, launcher: Launcher, start_timeout_s: float) -> None:
+    def __init__(self, launcher: Launcher) -> None:
         self.launcher = launcher
-        self.start_timeout_s = start_timeout_s
         self.executor: ExecutorProcess | None = None
         #: Why no executor is serving now (None while one is, or while starting the first).
         self.problem: str | None = None
@@ -48,8 +47,10 @@ class Serving:
         none could be (:attr:`problem` says why)."""
         if not self._ready.is_set():
             try:
-                await asyncio.wait_for(self._ready.wait(), self.start_timeout_s)
+                await asyncio.wait_for(self._ready.wait(), self.launcher.start_limit())
             except asyncio.TimeoutError:
+                if self.problem is None:
+                    self.problem = "an executor is still starting"
                 return None
         return self.executor
 
