@@ -119,7 +119,7 @@ def test_the_report_keeps_to_the_import_path_at_ready_and_reports_once(import_di
 class RawExecutor:
     """``python -m flashrt_core.executor`` on our own socketpairs: the supervisor's view."""
 
-    def __init__(self, **settings: Any) -> None:
+    def __init__(self, path: tuple[str, ...] = (), **settings: Any) -> None:
         parent, child = socket.socketpair()
         fast_parent, fast_child = socket.socketpair()
         env = {**os.environ, "FLASHRT_EXECUTOR_FAST_FD": str(fast_child.fileno())}
@@ -139,7 +139,7 @@ class RawExecutor:
         self.next_id = 0
         made = load_settings(Settings, {}, disable_plugin_autoload=True, **settings)
         values = settings_to_dict(made)
-        self.chan.send(ch.Setup(settings=values, sys_path=list(sys.path)))
+        self.chan.send(ch.Setup(settings=values, sys_path=[*path, *sys.path]))
         hello = self.until(ch.Hello)
         assert hello.error is None, hello.error
         self.fast_ok = hello.fast
@@ -212,8 +212,8 @@ def _decode(body: bytes) -> Any:
 def raw_executor() -> Iterator[Any]:
     made: list[RawExecutor] = []
 
-    def factory(**settings: Any) -> RawExecutor:
-        made.append(RawExecutor(**settings))
+    def factory(path: tuple[str, ...] = (), **settings: Any) -> RawExecutor:
+        made.append(RawExecutor(path, **settings))
         return made[-1]
 
     yield factory
@@ -277,3 +277,25 @@ def test_a_preload_imports_in_the_background_captured_by_no_request(raw_executor
     assert executor.after(fast=False) == []
     executor.close()
     assert "Beautiful is better than ugly" in capfd.readouterr().out
+
+
+def test_what_a_preload_changes_in_sys_modules_is_not_poison(raw_executor, tmp_path):
+    # An import that swaps another module's entry (as some packages' import-time shims do):
+    # were it poison, every executor that preloads it would be retired after its first answer.
+    _write(
+        tmp_path,
+        "carry_swapper",
+        "import sys, types\nsys.modules['json'] = types.ModuleType('json')\n",
+    )
+    executor = raw_executor(path=(str(tmp_path),))
+    executor.chan.send(ch.Preload({"carry_swapper": str(tmp_path / "carry_swapper.py")}))
+    wait = (
+        "def wait():\n    import sys, time\n"
+        "    for _ in range(500):\n"
+        "        if 'carry_swapper' in sys.modules:\n            break\n"
+        "        time.sleep(0.01)\n"
+        "    time.sleep(0.2)\n    return os.getpid()\n"
+    )
+    pid = executor.call("import os\n" + wait, "wait", fast=False)[0]["json_result"]
+    assert executor.call("import os\n" + wait, "wait", fast=False)[0]["json_result"] == pid
+    assert not [f for f in executor.seen if isinstance(f, ch.Exiting)]

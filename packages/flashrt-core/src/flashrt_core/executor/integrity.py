@@ -182,7 +182,7 @@ class ModuleBaseline:
         self._known: set[str] = set()
         self._get = _getter(self._names)
         self._expected = -1  # len(sys.modules) when nothing changed
-        self.check()
+        self.rebase()
 
     def check(self) -> tuple[str | None, list[str]]:
         """The first poisoned entry (``None``: none), and the names that joined the baseline.
@@ -204,6 +204,13 @@ class ModuleBaseline:
             if not same and (reason := self._compare(now)) is not None:
                 return reason, []
             return None, self._join(now)
+
+    def rebase(self) -> None:
+        """Take ``sys.modules`` as it is now: what flashrt itself imported is not poison."""
+        with self._lock:
+            self._names, self._objects, self._known = [], (), set()
+            self._get = _getter(self._names)
+            self._join(dict(sys.modules))
 
     def _compare(self, now: dict[str, Any]) -> str | None:
         """Entry by entry: the first poisoned one; deleted ones leave the baseline."""
@@ -318,6 +325,11 @@ class Integrity:
     def module_changes(self) -> tuple[str | None, list[str]]:
         """Every entry of ``sys.modules`` (after answering): what is poisoned, what appeared."""
         return self._every_module.check()
+
+    def accept_modules(self) -> None:
+        """After a preload: the entries its imports changed are the baseline now (an import that
+        swaps another module's entry would otherwise retire every executor that preloads it)."""
+        self._every_module.rebase()
 
     def loop_intact(self) -> bool:
         return self._loop_fds.problem() is None

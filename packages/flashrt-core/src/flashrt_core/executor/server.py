@@ -236,7 +236,11 @@ class ExecutorServer:
 
     async def _preload(self, frame: ch.Preload) -> None:
         """Import what the last executor's user code imported, in the pool, captured by no
-        request (its output goes to the executor's own streams)."""
+        request (its output goes to the executor's own streams).
+
+        Meant for an executor with no request in flight (a spare): what ``sys.modules`` holds
+        afterwards becomes the integrity baseline, whatever changed meanwhile.
+        """
         assert self.lanes is not None
         from .. import capture
 
@@ -245,6 +249,8 @@ class ExecutorServer:
             self.answers.imports.expect(frame.modules)
         with contextlib.suppress(Exception):  # preload skips its own failures: a last guard
             await self.lanes.run_blocking(carry.preload, frame.modules)
+        if self.integrity is not None:
+            self.integrity.accept_modules()
 
     def _cancelled(self, scope: Scope) -> None:
         scope.cancelled = True
