@@ -119,6 +119,48 @@ def test_a_poisoned_interpreter_is_answered_then_replaced(executor, wire):
     assert _pid(worker, wire) != before
 
 
+USE_JSON = "def use():\n    import json, os\n    return json.dumps([1]), os.getpid()\n"
+
+
+@pytest.mark.parametrize(
+    "replacement",
+    ["None", "42", "types.ModuleType('json')"],
+    ids=["none", "not-a-module", "another-module"],
+)
+def test_any_module_poisoned_in_sys_modules_recycles_the_executor(executor, wire, replacement):
+    worker = executor()
+    before = _pid(worker, wire)
+    poison = (
+        "def poison():\n    import sys, types\n"
+        f"    sys.modules['json'] = {replacement}\n    return 'poisoned'\n"
+    )
+    assert wire.dec(worker.execute(wire.function(poison, "poison"))) == "poisoned"
+    dumped, pid = wire.dec(worker.execute(wire.function(USE_JSON, "use")))
+    assert dumped == "[1]"
+    assert pid != before
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        # Imported fresh by the request, then replaced: nothing before it relied on it.
+        "import colorsys\n    sys.modules['colorsys'] = types.ModuleType('colorsys')",
+        "del sys.modules['json']",
+        "import importlib, json\n    importlib.reload(json)",
+        "import json\n    del sys.modules['json']\n    import json",
+    ],
+    ids=["fresh-then-replaced", "deleted", "reloaded", "deleted-then-imported-again"],
+)
+def test_changes_to_sys_modules_that_poison_nothing_keep_the_executor(executor, wire, change):
+    worker = executor()
+    before = _pid(worker, wire)
+    code = f"def change():\n    import sys, types\n    {change}\n    return 'changed'\n"
+    assert wire.dec(worker.execute(wire.function(code, "change"))) == "changed"
+    dumped, pid = wire.dec(worker.execute(wire.function(USE_JSON, "use")))
+    assert dumped == "[1]"
+    assert pid == before
+
+
 def test_code_that_closes_every_descriptor_above_2_gets_its_result(executor, wire):
     worker = executor()
     closer = "def close_all():\n    import os\n    os.closerange(3, 65536)\n    return 'closed'\n"

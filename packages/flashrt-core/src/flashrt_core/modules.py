@@ -14,7 +14,11 @@ from .errors import StageError
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["ModuleMount", "top_level_names", "validate_modules"]
+__all__ = ["MOUNT_PREFIX", "ModuleMount", "top_level_names", "validate_modules"]
+
+#: How each mount directory's name starts: the executor's integrity check knows a request's
+#: own modules by it.
+MOUNT_PREFIX = "flashrt-modules-"
 
 
 def _fail(message: str) -> StageError:
@@ -64,7 +68,7 @@ class ModuleMount:
         self.path: Path | None = None
 
     def mount(self) -> Path:
-        root = Path(tempfile.mkdtemp(prefix="flashrt-modules-", dir=self.tmp_root))
+        root = Path(tempfile.mkdtemp(prefix=MOUNT_PREFIX, dir=self.tmp_root))
         self.path = root  # set first: unmount() removes a half-written dir too
         for rel, source in self.files:
             target = root.joinpath(*rel.parts)

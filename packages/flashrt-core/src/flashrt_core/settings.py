@@ -187,6 +187,13 @@ class Settings:
         "executor for the next request of a caller that sends back to back. Waking a sleeping "
         "process costs tens of µs on a VM; 0 never polls.",
     )
+    carry_imports: bool = setting(
+        "FLASHRT_CARRY_IMPORTS",
+        True,
+        "The executor reports the top-level modules user code imported (from site-packages, the "
+        "standard library or the app), so the next executor can import them before its first "
+        "request.",
+    )
     # Live output
     echo: bool = setting(
         "FLASHRT_ECHO",

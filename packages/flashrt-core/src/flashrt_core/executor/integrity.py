@@ -3,25 +3,34 @@
 A request can break the interpreter for every later one (``sys.modules['cloudpickle'] = None``,
 closed file descriptors, a replaced builtin, a CUDA context left unusable). The executor cannot
 repair that, but it can notice it, answer, and exit so the supervisor starts a fresh one.
+
+Before the answer leaves, only what the answer itself needs is checked (the critical modules,
+flashrt's own, the builtins: under a µs). After it, off the caller's path, every entry of
+``sys.modules`` is compared with the objects it held (:class:`ModuleBaseline`): one
+``itemgetter`` call and one tuple comparison, both in C: about 12 µs with 1,150 modules loaded
+and 40 µs with 3,150 when nothing changed, 40 µs and 120 µs after a request that imported
+something new (timeit, on a shared 2-core machine).
 """
 
 from __future__ import annotations
 
 import builtins
+import operator
 import os
 import re
 import select
 import sys
 import threading
+import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import asyncio
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     from ..protocol import FunctionResponse
 
-__all__ = ["Integrity", "cuda_context_lost"]
+__all__ = ["Integrity", "ModuleBaseline", "cuda_context_lost"]
 
 _CRITICAL_MODULES = (
     "asyncio",
@@ -99,20 +108,183 @@ class _Descriptors:
         return None
 
 
+_GONE = object()
+
+
+def _location(value: Any) -> str | None:
+    """Where a module came from: its spec's origin, or a namespace package's first directory."""
+    try:
+        spec = getattr(value, "__spec__", None)
+        origin = getattr(spec, "origin", None)
+        if isinstance(origin, str):
+            return origin
+        for place in getattr(spec, "submodule_search_locations", None) or ():
+            return str(place)
+    except Exception:  # an object in sys.modules whose attributes raise
+        pass
+    return None
+
+
+def _initialising(value: Any) -> bool:
+    """Still being imported (by another thread, or by the code that put it there)."""
+    try:
+        return bool(getattr(getattr(value, "__spec__", None), "_initializing", False))
+    except Exception:  # an object in sys.modules whose attributes raise
+        return False
+
+
+def _getter(names: list[str]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
+    """``sys.modules`` → the objects of ``names``, as a tuple, in one C call."""
+    if len(names) > 1:
+        return operator.itemgetter(*names)
+    if names:
+        only = names[0]
+        return lambda modules: (modules[only],)
+    return lambda modules: ()
+
+
+def _poisoned(name: str, old: Any, new: Any) -> str | None:
+    """Why replacing ``old`` by ``new`` at ``sys.modules[name]`` breaks later requests."""
+    if new is None:
+        return f"a request set sys.modules[{name!r}] to None"
+    if not isinstance(new, types.ModuleType):
+        return (
+            f"a request replaced the module {name!r} in sys.modules with a "
+            f"{type(new).__name__} object"
+        )
+    if isinstance(old, types.ModuleType):
+        # ``del sys.modules[name]`` then ``import name``: a working module of the same file.
+        location = _location(new)
+        try:
+            spec_name = getattr(getattr(new, "__spec__", None), "name", None)
+        except Exception:
+            spec_name = None
+        if location is not None and spec_name == name and location == _location(old):
+            return None
+    return f"a request swapped the module {name!r} in sys.modules for another module object"
+
+
+class ModuleBaseline:
+    """Every entry of ``sys.modules`` and the object it held: what a request must not change.
+
+    Poison is an entry that was there before and now holds ``None``, something that is not a
+    module, or another module (unless that one is a fresh import of the same file: ``del`` then
+    ``import`` leaves a working module). A deleted entry is forgotten, not poison. An entry that
+    appears joins the baseline once its import, and its package's, has finished; never one
+    whose file contains ``transient`` (a request's own ``modules``, which leave with it). Both
+    lanes check, so the state is under a lock.
+    """
+
+    def __init__(self, transient: str = "") -> None:
+        self._transient = transient
+        self._lock = threading.Lock()
+        self._names: list[str] = []
+        self._objects: tuple[Any, ...] = ()
+        self._known: set[str] = set()
+        self._get = _getter(self._names)
+        self._expected = -1  # len(sys.modules) when nothing changed
+        self.rebase()
+
+    def check(self) -> tuple[str | None, list[str]]:
+        """The first poisoned entry (``None``: none), and the names that joined the baseline.
+
+        Every entry of the baseline still holds its object (one ``itemgetter`` call and a tuple
+        comparison, identity first: C speed), and ``sys.modules`` has as many entries as then:
+        nothing changed. Otherwise the changed entries are looked at one by one, and the new
+        ones found by a set difference.
+        """
+        with self._lock:
+            modules = sys.modules
+            try:
+                same = self._get(modules) == self._objects
+            except Exception:  # KeyError (deleted), or an odd object's __eq__: look closer
+                same = False
+            if same and len(modules) == self._expected:
+                return None, []
+            now = dict(modules)
+            if not same and (reason := self._compare(now)) is not None:
+                return reason, []
+            return None, self._join(now)
+
+    def rebase(self) -> None:
+        """Take ``sys.modules`` as it is now: what flashrt itself imported is not poison."""
+        with self._lock:
+            self._names, self._objects, self._known = [], (), set()
+            self._get = _getter(self._names)
+            self._join(dict(sys.modules))
+
+    def _compare(self, now: dict[str, Any]) -> str | None:
+        """Entry by entry: the first poisoned one; deleted ones leave the baseline."""
+        names: list[str] = []
+        objects: list[Any] = []
+        for name, old in zip(self._names, self._objects, strict=True):
+            new = now.get(name, _GONE)
+            if new is _GONE:
+                continue
+            if new is not old and (reason := _poisoned(name, old, new)) is not None:
+                return reason
+            names.append(name)
+            objects.append(new)
+        self._names = names
+        self._objects = tuple(objects)
+        self._known = set(names)
+        self._get = _getter(names)
+        return None
+
+    def _join(self, now: dict[str, Any]) -> list[str]:
+        """Entries that appeared: those settled join the baseline."""
+        joined: list[str] = []
+        transient = 0
+        for name in now.keys() - self._known:
+            value = now[name]
+            if not isinstance(name, str) or (
+                self._transient and self._transient in (_location(value) or "")
+            ):
+                transient += 1  # not a module name; or a request's own, gone with it
+                continue
+            if self._unsettled(name, value, now):
+                continue  # looked at again next time: the count differs
+            joined.append(name)
+        if joined:
+            self._names += joined
+            self._objects += tuple(now[name] for name in joined)
+            self._known.update(joined)
+            self._get = _getter(self._names)
+        self._expected = len(self._names) + transient
+        return joined
+
+    @staticmethod
+    def _unsettled(name: str, value: Any, now: Mapping[str, Any]) -> bool:
+        """Its import, or its package's, is under way: it may still be replaced legitimately."""
+        if _initialising(value):
+            return True
+        while "." in name:
+            name = name.rpartition(".")[0]
+            if _initialising(now.get(name)):
+                return True
+        return False
+
+
 class Integrity:
-    """What to compare after each request, recorded once the executor is ready."""
+    """What to compare after each request, recorded once the executor is ready.
+
+    ``transient`` is the part of a path that marks a request's own ``modules`` directory: the
+    modules there leave with their request, so they never join the baseline.
+    """
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         channel_fd: int,
         lane_fds: Mapping[str, int] | None = None,
+        transient: str = "",
     ) -> None:
         names = [n for n in _CRITICAL_MODULES if n in sys.modules]
         names += [n for n in sys.modules if n == "flashrt_core" or n.startswith("flashrt_core.")]
         self._module_names = names
         self._module_objects: list[Any] = [sys.modules[n] for n in names]
         self._builtin_objects: list[Any] = [getattr(builtins, n) for n in _BUILTINS]
+        self._every_module = ModuleBaseline(transient)
         loop_fds: dict[str, int] = {}
         selector = getattr(loop, "_selector", None)
         if selector is not None:
@@ -150,6 +322,15 @@ class Integrity:
     def descriptor_problem(self) -> str | None:
         """The descriptors: what the fast lane checks right after answering."""
         return self._fds.problem()
+
+    def module_changes(self) -> tuple[str | None, list[str]]:
+        """Every entry of ``sys.modules`` (after answering): what is poisoned, what appeared."""
+        return self._every_module.check()
+
+    def accept_modules(self) -> None:
+        """After a preload: the entries its imports changed are the baseline now (an import that
+        swaps another module's entry would otherwise retire every executor that preloads it)."""
+        self._every_module.rebase()
 
     def loop_intact(self) -> bool:
         return self._loop_fds.problem() is None

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from ..protocol import FunctionResponse
     from ..timing import Timings
+    from .carry import ImportReport
     from .integrity import Integrity
 
 __all__ = [
@@ -119,18 +120,26 @@ def exit_now(status: int) -> None:
 class Answers:
     """How an answer leaves, whichever lane ran the request: checked, sent, then the rest.
 
-    The interpreter (modules, builtins) and the CUDA verdict are checked before the answer goes,
-    so a poisoned executor says it exits in that answer and the supervisor hands it nothing
-    more; the descriptors and the timing line come after, when the caller has its answer.
+    The interpreter (critical modules, builtins) and the CUDA verdict are checked before the
+    answer goes, so a poisoned executor says it exits in that answer and the supervisor hands it
+    nothing more. The rest comes after, when the caller has its answer, on the thread that sent
+    it and before that lane takes its next request: the timing line, the descriptors, every
+    other module, and the user's new imports (``Imported``, when ``imports`` is given).
     """
 
     def __init__(
-        self, chan: ch.Channel, fast: ch.Channel | None, integrity: Integrity, timing_log: bool
+        self,
+        chan: ch.Channel,
+        fast: ch.Channel | None,
+        integrity: Integrity,
+        timing_log: bool,
+        imports: ImportReport | None = None,
     ) -> None:
         self.chan = chan
         self.fast = fast
         self.integrity = integrity
         self.timing_log = timing_log
+        self.imports = imports
 
     def send(
         self,
@@ -163,11 +172,19 @@ class Answers:
                     other.send(result)
 
     def _after(self, reason: str | None) -> None:
-        if reason is None and (reason := self.integrity.descriptor_problem()) is not None:
-            # A request sent meanwhile runs again on the fresh executor.
-            for chan in (self.chan, self.fast):
-                if chan is not None:
-                    with contextlib.suppress(OSError):
-                        chan.send(ch.Exiting(reason))
+        joined: list[str] = []
+        if reason is None:
+            reason = self.integrity.descriptor_problem()
+            if reason is None:
+                reason, joined = self.integrity.module_changes()
+            if reason is not None:
+                # A request sent meanwhile runs again on the fresh executor.
+                for chan in (self.chan, self.fast):
+                    if chan is not None:
+                        with contextlib.suppress(OSError):
+                            chan.send(ch.Exiting(reason))
         if reason is not None:
             exit_now(0)
+        if joined and self.imports is not None and (found := self.imports.new(joined)):
+            with contextlib.suppress(OSError):
+                self.chan.send(ch.Imported(found))

@@ -24,8 +24,10 @@ import msgspec
 from .. import channel as ch
 from ..lanes import Lanes, call_catching, settle
 from ..logs import configure_logging, request_id
+from ..modules import MOUNT_PREFIX
 from ..pipeline import current_request
 from ..timing import Timings
+from . import carry
 from .fastlane import FastLane
 from .integrity import Integrity
 from .mainlane import MainLane
@@ -53,6 +55,7 @@ class ExecutorServer:
         self.fast = fast
         self.reader = ch.FrameReader()
         self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.preloads: set[asyncio.Task[None]] = set()
         self.lanes: Lanes | None = None
         self.pipeline: Pipeline | None = None
         self.integrity: Integrity | None = None
@@ -77,8 +80,11 @@ class ExecutorServer:
         except Exception as exc:
             self.chan.send(ch.Hello(os.getpid(), error=f"{type(exc).__name__}: {exc}"))
             return
-        self.integrity = Integrity(loop, self.chan.fd, self.lane.fds)
-        self.answers = Answers(self.chan, self.fast, self.integrity, settings.timing_log)
+        self.integrity = Integrity(
+            loop, self.chan.fd, self.lane.fds, transient=os.sep + MOUNT_PREFIX
+        )
+        imports = carry.ImportReport(sys.path, sys.modules) if settings.carry_imports else None
+        self.answers = Answers(self.chan, self.fast, self.integrity, settings.timing_log, imports)
         fast = self.fast is not None and settings.fast_lane
         if fast:
             assert self.fast is not None and self.pipeline is not None and self.lanes is not None
@@ -173,6 +179,10 @@ class ExecutorServer:
                     task.cancel()
                 elif self.fast_lane is not None:
                     self.fast_lane.cancel(frame.id)
+            elif isinstance(frame, ch.Preload):
+                task = self.loop.create_task(self._preload(frame))
+                self.preloads.add(task)
+                task.add_done_callback(self.preloads.discard)
 
     def hand_to_loop(self, frame: ch.Execute) -> None:
         """Any thread: run ``frame`` as a task of the event loop (the fast lane declined it)."""
@@ -229,6 +239,24 @@ class ExecutorServer:
                 {"success": False, "error": f"the deployed handler's result cannot be sent: {exc}"}
             )
         self.answers.send_deployed(frame.id, body)
+
+    async def _preload(self, frame: ch.Preload) -> None:
+        """Import what the last executor's user code imported, in the pool, captured by no
+        request (its output goes to the executor's own streams).
+
+        Meant for an executor with no request in flight (a spare): what ``sys.modules`` holds
+        afterwards becomes the integrity baseline, whatever changed meanwhile.
+        """
+        assert self.lanes is not None
+        from .. import capture
+
+        capture.use_buffer(None)  # this task's context, which the pool thread runs in
+        if self.answers is not None and self.answers.imports is not None:
+            self.answers.imports.expect(frame.modules)
+        with contextlib.suppress(Exception):  # preload skips its own failures: a last guard
+            await self.lanes.run_blocking(carry.preload, frame.modules)
+        if self.integrity is not None:
+            self.integrity.accept_modules()
 
     def _cancelled(self, scope: Scope) -> None:
         scope.cancelled = True
