@@ -144,7 +144,8 @@ def test_an_executor_that_cannot_start_backs_off_and_says_why(make_worker, wire,
     assert "could not start" in failed.error
     assert "no_such_resource" in failed.error
     assert worker.rt.problem is not None and "no_such_resource" in worker.rt.problem
-    assert [r for r in caplog.records if "keep failing to start" in r.getMessage()]
+    _until(lambda: any("keep failing to start" in r.getMessage() for r in caplog.records), worker)
+    assert worker.rt.supervisor.launcher.backoff.delay() > 0
 
 
 # --- a recycle costs the next request nothing -----------------------------------------------
@@ -218,3 +219,24 @@ def test_a_live_executors_children_are_left_alone_until_shutdown(make_worker, wi
     worker.close()
     worker.close = lambda: None
     assert _gone_soon(children) == []
+
+
+# --- the user's imports carried over --------------------------------------------------------
+
+USES_COLORSYS = "def use():\n    import colorsys\n    return colorsys.rgb_to_hsv(1, 0, 0)[0]\n"
+HAS_COLORSYS = (
+    "def has():\n    import os, sys\n    return ['colorsys' in sys.modules, os.getpid()]\n"
+)
+
+
+@pytest.mark.parametrize("carry", [True, False])
+def test_the_users_imports_are_carried_to_the_next_executor(make_worker, wire, carry):
+    worker = _worker(make_worker, carry_imports=carry)
+    first = _pid(worker, wire)
+    assert wire.dec(worker.execute(wire.function(USES_COLORSYS, "use"))) == 0.0
+    # Twice: the second replacement was forked after the zygote had imported what was reported.
+    for _ in range(2):
+        assert "ran twice" in worker.execute(wire.function(CULPRIT, "culprit", 0)).error
+    imported, pid = wire.dec(worker.execute(wire.function(HAS_COLORSYS, "has")))
+    assert pid != first
+    assert imported is carry

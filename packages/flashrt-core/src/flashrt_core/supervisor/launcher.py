@@ -199,6 +199,7 @@ class Launcher:
         while not self.closing:
             delay = self.backoff.delay()
             if delay:
+                log.warning("executors keep failing to start: next spare in %.1f s", delay)
                 await asyncio.sleep(delay)
             try:
                 executor = await self.launch()

@@ -33,6 +33,7 @@ class Serving:
         self.replacements = {"spare": 0, "start": 0}
         self.closing = False
         self._ready = asyncio.Event()
+        self._failed = asyncio.Event()  # set (and replaced) each time a start fails
         self._restarting: asyncio.Task[None] | None = None
 
     def serve(self, executor: ExecutorProcess) -> None:
@@ -43,16 +44,27 @@ class Serving:
         self.launcher.fill_spare()
 
     async def wait(self) -> ExecutorProcess | None:
-        """The serving executor, waiting (bounded) while one is being started; ``None`` when
-        none could be (:attr:`problem` says why)."""
-        if not self._ready.is_set():
-            try:
-                await asyncio.wait_for(self._ready.wait(), self.launcher.start_limit())
-            except asyncio.TimeoutError:
-                if self.problem is None:
-                    self.problem = "an executor is still starting"
-                return None
-        return self.executor
+        """The serving executor, waiting (bounded) while one is being started; ``None`` at once
+        when the last start failed, or when none started in time (:attr:`problem` says why)."""
+        if self._ready.is_set():
+            return self.executor
+        if self.problem is not None:  # starts are failing: say why now, not after the limit
+            return None
+        waits = {
+            asyncio.ensure_future(self._ready.wait()),
+            asyncio.ensure_future(self._failed.wait()),
+        }
+        limit = self.launcher.start_limit()
+        try:
+            await asyncio.wait(waits, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waits:
+                waiter.cancel()
+        if self._ready.is_set():
+            return self.executor
+        if self.problem is None:
+            self.problem = f"no executor started within {limit:g} s"
+        return None
 
     def replace(self, executor: ExecutorProcess) -> None:
         """``executor`` goes: if it was serving, the spare takes over, else a fresh one starts."""
@@ -85,6 +97,8 @@ class Serving:
                 self.problem = str(exc)
                 log.error("%s", exc)
                 backoff.death()
+                self._failed.set()  # wakes the requests waiting for this start
+                self._failed = asyncio.Event()
                 continue
             self.replacements["start"] += 1
             self.serve(executor)
