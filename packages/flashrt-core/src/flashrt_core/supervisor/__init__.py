@@ -215,7 +215,7 @@ class Supervisor:
                 request.simple
                 and executor.fast_ok
                 and executor.load == 1
-                and not self.inflight.abandoned
+                and not executor.abandoned
             ):
                 # Alone on it, so its main thread is free: it runs this itself.
                 chan = executor.fast
@@ -251,6 +251,7 @@ class Supervisor:
             return
         with contextlib.suppress(OSError):
             executor.chan.send(ch.Cancel(rid))
+        executor.abandoned.add(rid)
         self.inflight.abandon(
             rid, self.settings.hard_timeout_grace_s, lambda: self._runaway(executor)
         )
@@ -293,6 +294,7 @@ class Supervisor:
                     inflight.arm(frame.id, request)
         elif isinstance(frame, ch.Settled):
             inflight.settled(frame.id)
+            executor.abandoned.discard(frame.id)
         elif isinstance(frame, ch.Imported):
             self.launcher.imported(frame.modules)
         elif isinstance(frame, ch.Hello):
@@ -312,6 +314,7 @@ class Supervisor:
 
     def _on_result(self, executor: ExecutorProcess, frame: ch.Result) -> None:
         if self.inflight.settled(frame.id):  # a late answer to a request we gave up on
+            executor.abandoned.discard(frame.id)
             return
         request = self.inflight.get(frame.id)
         if request is None:
@@ -380,6 +383,9 @@ class Supervisor:
         """Each request the dead executor had runs again once, alone, or fails saying why."""
         lost = sorted(executor.instances)
         executor.instances.clear()
+        for rid in executor.abandoned:  # their code died with it
+            self.inflight.settled(rid)
+        executor.abandoned.clear()
         for rid, request in list(self.inflight.requests.items()):
             if request.executor is not executor:
                 continue

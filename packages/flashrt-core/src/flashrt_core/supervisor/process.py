@@ -136,6 +136,8 @@ class ExecutorProcess:
         #: Requests handed to it and not answered yet, and the one on its fast lane (if any).
         self.load = 0
         self.fast_rid: int | None = None
+        #: Requests given up on whose code may still run here (the fast lane stays closed).
+        self.abandoned: set[int] = set()
         #: Class instances it holds (by ``instance_id``): lost with it.
         self.instances: set[str] = set()
         #: Set on an executor of its own that runs one retried request, then goes.
