@@ -30,6 +30,7 @@ class _Fields(msgspec.Struct):
     dependencies: list[Any] | None = None
     system_dependencies: list[Any] | None = None
     modules: dict[str, Any] | None = None
+    instance_id: str | None = None
 
 
 class _Envelope(_Fields):
@@ -74,12 +75,22 @@ _shape_envelope = msgspec.json.Decoder(_ShapeEnvelope, strict=False)
 
 
 class Peeked(NamedTuple):
-    """The frame body and its form, the time limit to apply, and whether it is simple."""
+    """The frame body and its form, the time limit to apply, whether it is simple, and the
+    class instance it calls (the executor holding it must run it)."""
 
     body: bytes
     form: str
     timeout: float
     simple: bool
+    instance: str | None = None
+
+
+def _instance(get: Any) -> str | None:
+    """The ``instance_id`` of a class request (a string), else ``None``."""
+    if get("execution_type") != "class":
+        return None
+    instance = get("instance_id")
+    return instance if isinstance(instance, str) else None
 
 
 def is_simple(get: Any) -> bool:
@@ -100,9 +111,11 @@ def peek_request(request: Any, settings: Settings) -> Peeked:
     limit = settings.timeout_s
     timeout: Any = None
     simple = False
+    instance = None
     if isinstance(request, FunctionRequest):
         body, form, timeout = msgspec.msgpack.encode(request), "request", request.timeout_s
         simple = is_simple(request.__getattribute__)
+        instance = _instance(request.__getattribute__)
     elif isinstance(request, (bytes, bytearray, memoryview, str)):
         if isinstance(request, str):
             body = request.encode("utf-8", "surrogatepass")
@@ -113,15 +126,17 @@ def peek_request(request: Any, settings: Settings) -> Peeked:
             fields = _json_fields.decode(body)
             source = fields.input or fields
             timeout, simple = source.timeout_s, is_simple(source.__getattribute__)
+            instance = _instance(source.__getattribute__)
     else:
         body, form = msgspec.msgpack.encode(request), "msgpack"
         inner = request.get("input") if isinstance(request, dict) else None
         mapping = inner if isinstance(inner, dict) else request
         if hasattr(mapping, "get"):
             timeout, simple = mapping.get("timeout_s"), is_simple(mapping.get)
+            instance = _instance(mapping.get)
     if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0:
         limit = timeout
-    return Peeked(body, form, min(limit, settings.max_timeout_s), simple)
+    return Peeked(body, form, min(limit, settings.max_timeout_s), simple, instance)
 
 
 def peek_body(body: bytes, settings: Settings) -> Peeked:
@@ -143,5 +158,5 @@ def peek_body(body: bytes, settings: Settings) -> Peeked:
         ) from None
     timeout = shape.timeout_s
     limit = timeout if timeout is not None and timeout > 0 else settings.timeout_s
-    simple = is_simple(shape.__getattribute__)
-    return Peeked(body, "json", min(limit, settings.max_timeout_s), simple)
+    get = shape.__getattribute__
+    return Peeked(body, "json", min(limit, settings.max_timeout_s), is_simple(get), _instance(get))

@@ -60,6 +60,13 @@ class Runtime:
             raise SettingsError(
                 f"FLASHRT_ISOLATION={self.settings.isolation!r}: expected 'process' or 'none'"
             )
+        if self.isolated:
+            from .settings import SettingsError, executor_count
+
+            try:
+                executor_count(self.settings.executors)
+            except ValueError as exc:
+                raise SettingsError(str(exc)) from None
         self.pm = plugin_manager or get_plugin_manager(self.settings, extra_plugins=extra_plugins)
         if plugin_manager is not None:
             for plugin in extra_plugins:

@@ -161,6 +161,13 @@ class Settings:
         5.0,
         "On shutdown, time between SIGTERM and SIGKILL of the executor.",
     )
+    executors: str = setting(
+        "FLASHRT_EXECUTORS",
+        "1",
+        "How many executor processes serve requests at once: a whole number, or `auto` (the "
+        "CPUs the worker may use). More lets CPU-bound sync code use more cores; each holds its "
+        "own imports and class instances (and, on a GPU, its own CUDA context and models).",
+    )
     spare: bool = setting(
         "FLASHRT_SPARE",
         True,
@@ -263,6 +270,23 @@ class Settings:
         "Deployed mode: while the app starts, a log line this often says what is still starting"
         " and for how long. 0: none.",
     )
+
+
+def executor_count(setting: str) -> int:
+    """``FLASHRT_EXECUTORS``: a whole number from 1, or ``auto`` (the CPUs this process may
+    use). Raises :class:`ValueError` naming the setting."""
+    if setting.strip().lower() == "auto":
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not Linux
+            return max(1, os.cpu_count() or 1)
+    try:
+        size = int(setting)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise ValueError(f"FLASHRT_EXECUTORS={setting!r}: expected a whole number >= 1 or 'auto'")
+    return size
 
 
 def settings_to_dict(settings: Any) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from .. import channel as ch
 from ..failures import stage_failure
 from ..protocol import FunctionResponse
 from ..request_peek import Peeked, peek_request
+from ..settings import executor_count
 from . import descendants
 from .inflight import RETRIED_NOTE, InFlight, Request
 from .launcher import Launcher
@@ -72,7 +73,7 @@ class Supervisor:
         self.loop = asyncio.get_running_loop()
         self.launcher = Launcher(settings, setup, self._watch)
         #: The executor that new requests go to, and its replacement.
-        self.serving = Serving(self.launcher)
+        self.serving = Serving(self.launcher, executor_count(settings.executors))
         #: Every executor alive: the serving one, the spare, those running a retry alone, and
         #: any still finishing after it was told to go.
         self.executors: set[ExecutorProcess] = set()
@@ -154,7 +155,7 @@ class Supervisor:
             except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
                 return stage_failure("decode", f"invalid request: {exc}")
         result = await self._submit(
-            Request(peeked.body, peeked.form, peeked.timeout, False, peeked.simple)
+            Request(peeked.body, peeked.form, peeked.timeout, False, peeked.simple, peeked.instance)
         )
         assert isinstance(result, FunctionResponse)
         return result
@@ -191,7 +192,7 @@ class Supervisor:
 
         ``True`` when it went to the fast lane.
         """
-        executor = await self.serving.wait()
+        executor = await self.serving.wait(request.instance)
         if executor is None:
             self.inflight.answer(
                 rid, stage_failure("call", f"no executor process could be started: {self.problem}")
@@ -308,7 +309,7 @@ class Supervisor:
         """It goes (on purpose, or we decided): hand it nothing more, and replace it now."""
         if executor.exit_reason is None:
             executor.exit_reason = reason
-        if executor.solo is None and executor is self.serving.executor:
+        if executor in self.serving.pool:
             log.warning("executor %d is being replaced: %s", executor.proc.pid, reason)
         self.serving.replace(executor)
 
@@ -335,6 +336,7 @@ class Supervisor:
             self._on_installed()
         if frame.instance_id:
             executor.instances.add(frame.instance_id)
+            self.serving.holds(executor, frame.instance_id)
         self._answer(frame.id, value)
         if executor.solo == frame.id:  # it ran one retried request, alone: its work is done
             self._retiring(executor, "its retried request was answered")

@@ -41,6 +41,7 @@ class Request:
         "executor",
         "form",
         "future",
+        "instance",
         "output",
         "output_size",
         "request_id",
@@ -50,9 +51,16 @@ class Request:
     )
 
     def __init__(
-        self, body: bytes, form: str, timeout: float, deployed: bool, simple: bool = False
+        self,
+        body: bytes,
+        form: str,
+        timeout: float,
+        deployed: bool,
+        simple: bool = False,
+        instance: str | None = None,
     ) -> None:
         self.body = body
+        self.instance = instance  # the class instance it calls: run where that lives
         self.form = form
         self.timeout = timeout
         self.deployed = deployed
