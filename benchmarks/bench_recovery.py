@@ -130,7 +130,7 @@ async def _runtime_figures() -> dict[str, float]:
         _dec(await runtime.execute(_fn(NAP, "nap", 1.0)))
         figures["timer"] = time.perf_counter() - started - 1.0
 
-        _dec(await runtime.execute(_fn(NUMPY, "numpy_import")))
+        figures["numpy_cold"] = _dec(await runtime.execute(_fn(NUMPY, "numpy_import")))
         await asyncio.sleep(1.0)  # the spare's preload runs meanwhile
         await runtime.execute(_fn(CULPRIT, "culprit"))
         figures["numpy"] = _dec(await runtime.execute(_fn(NUMPY, "numpy_import")))
@@ -245,17 +245,19 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-def _soak(rate: float) -> dict[str, Any]:
+def soak(rate: float, **extra_env: str) -> dict[str, Any]:
+    """The mixed load on a fresh ``flashrt-lb`` for ``SOAK_S`` seconds, ``rate`` of requests
+    crashing their executor."""
     from flashrt_lb.testing import WorkerProcess
 
     bodies = _mixed_bodies()
-    env = {"FLASHRT_DISABLE_VOLUME_CACHE": "1", "FLASHRT_LOG_LEVEL": "WARNING"}
+    env = {"FLASHRT_DISABLE_VOLUME_CACHE": "1", "FLASHRT_LOG_LEVEL": "WARNING", **extra_env}
     with WorkerProcess(env) as worker:
         status, _ = worker.wait_ready(timeout=60)
         if status != 200:
             raise RuntimeError(f"flashrt-lb not ready ({status}):\n{worker.output()}")
         warm = {"done": 0, "culprits": 0, "innocent_failures": 0}
-        _client(worker.port, 99, 0.0, time.monotonic() + 2, bodies, warm)  # installs six once
+        _client(worker.port, 0, 0.0, time.monotonic() + 2, bodies, warm)  # installs six once
         rss_before = _rss_mb(worker.proc.pid)
         out: dict[str, Any] = {"done": 0, "culprits": 0, "innocent_failures": 0}
         until = time.monotonic() + SOAK_S
@@ -288,6 +290,7 @@ def run() -> list[dict[str, Any]]:
         ("timeout", "next request after a hard-timeout recycle", 0.1),
         ("timer", "timer victim: time lost beyond its own 1 s run", 0.7),
         ("numpy", "import numpy in the first request after a recycle", 0.001),
+        ("numpy_cold", "  (the same import in a fresh executor, for scale)", 0.001),
     ):
         value = figures[key]
         rows.append(
@@ -299,12 +302,19 @@ def run() -> list[dict[str, Any]]:
                 "ratio": value / target,
             }
         )
-    clean = _soak(0.0)
+    rows += soak_rows("lb mixed load, 8 clients")
+    return rows
+
+
+def soak_rows(title: str, **extra_env: str) -> list[dict[str, Any]]:
+    """The soak without crashes (the floor), then with 0.2 % and 2 % crashing requests."""
+    rows: list[dict[str, Any]] = []
+    clean = soak(0.0, **extra_env)
     for rate, label in ((0.0, "no crashes"), (0.002, "0.2% crashing"), (0.02, "2% crashing")):
-        result = clean if rate == 0.0 else _soak(rate)
+        result = clean if rate == 0.0 else soak(rate, **extra_env)
         rows.append(
             {
-                "name": f"lb mixed load, 8 clients, {label} (floor: no crashes)",
+                "name": f"{title}, {label} (floor: no crashes)",
                 "value": result["rps"],
                 "unit": "req/s",
                 "floor": clean["rps"],

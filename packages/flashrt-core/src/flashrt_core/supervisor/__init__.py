@@ -215,10 +215,12 @@ class Supervisor:
             if (
                 request.simple
                 and executor.fast_ok
+                and len(self.inflight) == 1
                 and executor.load == 1
                 and not executor.abandoned
             ):
-                # Alone on it, so its main thread is free: it runs this itself.
+                # Alone in flight, so its main thread is free and waiting on the answer costs
+                # nothing else (under load, polling would take the CPU the others need).
                 chan = executor.fast
                 executor.fast_rid = rid
         self.lanes["fast" if chan is executor.fast else "loop"] += 1
