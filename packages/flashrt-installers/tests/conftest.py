@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from flashrt_core import Runtime, Settings, load_settings
+from flashrt_installers import lockfile
 from flashrt_installers import python as python_plugin
 from flashrt_installers import system as system_plugin
 from flashrt_installers.settings import SETTINGS_STATE_KEY, InstallerSettings
@@ -31,6 +32,14 @@ def _body(**fields: Any) -> dict[str, Any]:
     }
     body.update(fields)
     return body
+
+
+@pytest.fixture(autouse=True)
+def private_lock_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Install lock files go to the test's directory, not the machine's temp dir."""
+    directory = tmp_path / "locks"
+    monkeypatch.setattr(lockfile, "lock_directory", lambda: directory)
+    return directory
 
 
 @pytest.fixture

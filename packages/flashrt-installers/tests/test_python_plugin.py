@@ -9,9 +9,11 @@ time limits and the compiler recovery.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import re
 import sys
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -335,3 +337,127 @@ def test_accelerated_requests_turn_on_hf_transfer_once_it_is_importable(
     assert "HF_HUB_ENABLE_HF_TRANSFER" not in os.environ
     assert asyncio.run(runtime.execute(accelerated)).success
     assert os.environ["HF_HUB_ENABLE_HF_TRANSFER"] == "1"
+
+
+class FakeEnvironment:
+    """``unsatisfied_python_requirements`` over a set of names another process may install."""
+
+    def __init__(self) -> None:
+        self.installed: set[str] = set()
+        self.checks = 0
+
+    def unsatisfied(self, reqs: Any) -> list[Any]:
+        self.checks += 1
+        return [r for r in reqs if r.applies() and r.normalized not in self.installed]
+
+
+@pytest.fixture
+def fake_env(monkeypatch: pytest.MonkeyPatch) -> FakeEnvironment:
+    env = FakeEnvironment()
+    monkeypatch.setattr(python_plugin, "unsatisfied_python_requirements", env.unsatisfied)
+    return env
+
+
+def test_a_set_another_process_installed_while_this_one_waited_is_reported_not_installed(
+    make_runtime: Callable[..., Runtime],
+    fake_bin: Callable[[str, str], Path],
+    body: Body,
+    uv_log: Path,
+    fake_env: FakeEnvironment,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    uv = _fake_uv(fake_bin, uv_log)
+    runtime = make_runtime(uv_path=str(uv), python_installer="uv")
+    installer = python_plugin.python_installer(runtime)
+    invalidated: list[float] = []
+    real_invalidate = python_plugin.importlib.invalidate_caches
+    monkeypatch.setattr(
+        python_plugin.importlib,
+        "invalidate_caches",
+        lambda: (invalidated.append(time.monotonic()), real_invalidate())[1],
+    )
+    lock = installer.install_lock
+    lock.path.parent.mkdir(parents=True, exist_ok=True)
+
+    async def main() -> Any:
+        other = os.open(lock.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX)  # "another process" is installing
+            pending = asyncio.ensure_future(
+                runtime.execute(body(dependencies=["flashrt-elsewhere-xyz==1"]))
+            )
+            while fake_env.checks < 1:  # it found the set missing, and waits for the lock
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            assert not pending.done()
+            fake_env.installed.add("flashrt-elsewhere-xyz==1")
+            os.write(other, b".")  # what an install by another process leaves behind
+        finally:
+            os.close(other)
+        return await pending
+
+    response = asyncio.run(main())
+    assert response.success, response.error
+    assert re.fullmatch(
+        r"\[flashrt\] flashrt-elsewhere-xyz==1 already installed by another process "
+        r"\(waited \d+\.\d\d s\)\n",
+        response.stdout,
+    ), response.stdout
+    assert installer.installs == 0 and not uv_log.exists()
+    assert invalidated  # this process looks at the environment afresh before importing
+    # Remembered: the next request starts nothing and says nothing.
+    checks = fake_env.checks
+    again = asyncio.run(runtime.execute(body(dependencies=["flashrt-elsewhere-xyz==1"])))
+    assert again.success and again.stdout == "" and fake_env.checks == checks
+
+
+def test_another_process_s_install_makes_the_remembered_sets_be_checked_again(
+    make_runtime: Callable[..., Runtime], body: Body, fake_env: FakeEnvironment
+) -> None:
+    fake_env.installed.add("flashrt-present-xyz")
+    runtime = make_runtime()
+    installer = python_plugin.python_installer(runtime)
+    request = body(dependencies=["flashrt-present-xyz"])
+
+    async def main() -> list[Any]:
+        first = await runtime.execute(request)
+        second = await runtime.execute(request)
+        checks = fake_env.checks
+        # Another executor installs something (it may have up- or downgraded this package).
+        installer.install_lock.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(installer.install_lock.path, "ab") as fh:
+            fh.write(b".")
+        third = await runtime.execute(request)
+        return [first, second, third, checks]
+
+    first, second, third, checks = asyncio.run(main())
+    assert first.success and second.success and third.success
+    assert checks == 1  # the second request was answered from memory
+    assert fake_env.checks == 2  # the third looked again: the lock's stamp had changed
+    assert installer.installs == 0
+
+
+def test_waiting_past_the_install_limit_for_another_process_fails_naming_the_lock(
+    make_runtime: Callable[..., Runtime],
+    fake_bin: Callable[[str, str], Path],
+    body: Body,
+    uv_log: Path,
+) -> None:
+    uv = _fake_uv(fake_bin, uv_log)
+    runtime = make_runtime(uv_path=str(uv), python_installer="uv", install_timeout_s=0.3)
+    lock = python_plugin.python_installer(runtime).install_lock
+    lock.path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock.path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        response = asyncio.run(runtime.execute(body(dependencies=["flashrt-locked-out-xyz"])))
+    finally:
+        os.close(fd)
+    assert not response.success
+    assert "timed out after 0.3 s waiting for another process's install into the Python " in (
+        response.error
+    )
+    assert f"environment {sys.prefix}: the install lock {lock.path} is still taken" in (
+        response.error
+    )
+    assert not uv_log.exists()

@@ -9,6 +9,7 @@ without touching the machine's packages.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import shutil
 import subprocess
@@ -242,3 +243,38 @@ def test_real_apt_install_and_installed_packages_left_alone(
         assert (status.stat().st_mtime_ns, proc.STATS.started) == before
     finally:
         subprocess.run(["dpkg", "-r", package], capture_output=True, check=False)
+
+
+def test_a_package_another_process_installed_while_this_one_waited_is_reported_not_installed(
+    make_runtime: Callable[..., Runtime], fake_apt: FakeApt, body: Body
+) -> None:
+    (fake_apt.lists / "deb_dists_x_Packages").touch()
+    runtime = _runtime(make_runtime, fake_apt)
+    lock = system_plugin.system_installer(runtime).install_lock
+    lock.path.parent.mkdir(parents=True, exist_ok=True)
+
+    async def main() -> Any:
+        other = os.open(lock.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX)  # another executor is running apt-get
+            pending = asyncio.ensure_future(
+                runtime.execute(body(system_dependencies=["flashrt-fake-e"]))
+            )
+            await asyncio.sleep(0.3)
+            assert not pending.done()
+            with fake_apt.status.open("a") as fh:
+                fh.write(
+                    "Package: flashrt-fake-e\nStatus: install ok installed\n"
+                    "Architecture: amd64\nVersion: 1.0\n\n"
+                )
+            os.write(other, b".")
+        finally:
+            os.close(other)
+        return await pending
+
+    response = asyncio.run(main())
+    assert response.success, response.error
+    assert response.stdout.startswith(
+        "[flashrt] flashrt-fake-e already installed by another process (waited "
+    ), response.stdout
+    assert fake_apt.calls() == []

@@ -7,13 +7,17 @@ interpreter, then imported by the request's function in the same process.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from flashrt_installers.lockfile import InstallLock
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -32,7 +36,11 @@ FIXTURE_03 = (
 
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("venv") / "v"
+    return make_venv(tmp_path_factory.mktemp("venv") / "v")
+
+
+def make_venv(path: Path) -> Path:
+    """A fresh venv at ``path`` with this checkout's core and installers; its interpreter."""
     subprocess.run(
         [
             "uv",
@@ -136,6 +144,74 @@ def test_two_concurrent_requests_with_the_same_new_dependency_install_it_once(
     outputs = sorted([first["stdout"], second["stdout"]], key=lambda out: "concurrent" in out)
     assert outputs[0].startswith("[flashrt] installed six==1.16.0 with uv in ")
     assert "six==1.16.0 installed by a concurrent request with uv" in outputs[1]
+
+
+def test_two_processes_installing_one_package_into_one_environment_run_one_installer(
+    tmp_path: Path,
+) -> None:
+    """Two executors of a pool: the install lock lets one run uv, the other finds it done."""
+    python = make_venv(tmp_path / "v")
+    tmpdir = tmp_path / "tmp"  # both processes' temp dir, so both find the lock file there
+    tmpdir.mkdir()
+    lock = InstallLock.for_key(
+        "python", str(python.parent.parent), "", tmpdir / f"flashrt-locks-{os.getuid()}"
+    )
+    lock.path.parent.mkdir(mode=0o700)
+    code = "def f():\n    import six\n    return [six.__version__, six.__file__]\n"
+    scenario = tmp_path / "scenario.json"
+    scenario.write_text(json.dumps({"rounds": [[fn(code, dependencies=["six==1.16.0"])]]}))
+    env = {**os.environ, "TMPDIR": str(tmpdir)}
+    argv = [str(python), str(HERE / "venv_driver.py"), str(scenario)]
+    held = os.open(lock.path, os.O_RDWR | os.O_CREAT, 0o600)
+    children: list[subprocess.Popen[str]] = []
+    try:
+        # Held here until both processes have found six missing and wait for the lock, so the
+        # two really contend, however their start-ups are spread.
+        fcntl.flock(held, fcntl.LOCK_EX)
+        for _ in range(2):
+            children.append(
+                subprocess.Popen(
+                    argv,
+                    cwd=tmp_path,
+                    env=env,
+                    text=True,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                )
+            )
+        deadline = time.monotonic() + 120
+        while not all(_has_open(child.pid, lock.path) for child in children):
+            for child in children:
+                assert child.poll() is None, child.communicate()
+            assert time.monotonic() < deadline, "the processes never waited for the lock"
+            time.sleep(0.02)
+    finally:
+        os.close(held)
+        outputs = [child.communicate(timeout=150) for child in children]
+    results = []
+    for child, (out, err) in zip(children, outputs):
+        assert child.returncode == 0, err
+        ((response,),) = json.loads(out.splitlines()[-1])
+        assert response["success"], response["error"]
+        version, where = response["value"]
+        assert version == "1.16.0" and where.startswith(str(python.parent.parent))
+        results.append(response)
+    installer, waiter = sorted(results, key=lambda r: r["python_installs"], reverse=True)
+    assert (installer["python_installs"], waiter["python_installs"]) == (1, 0)
+    assert installer["stdout"].startswith("[flashrt] installed six==1.16.0 with uv in ")
+    assert waiter["stdout"].startswith(
+        "[flashrt] six==1.16.0 already installed by another process (waited "
+    ), waiter["stdout"]
+    assert lock.stamp() is not None and lock.path.stat().st_size == 1  # one install in all
+
+
+def _has_open(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` has ``path`` open (it is polling the lock)."""
+    fds = Path(f"/proc/{pid}/fd")
+    try:
+        return any(os.readlink(fds / fd) == str(path) for fd in os.listdir(fds))
+    except OSError:
+        return False
 
 
 @pytest.mark.skipif(not FIXTURE_03.exists(), reason=f"{FIXTURE_03} is not there")

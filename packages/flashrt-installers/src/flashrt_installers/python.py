@@ -7,7 +7,13 @@ Why it is shaped this way (see REFERENCE §8 items 6-8):
 - a request whose requirements are all met starts no process: the answer is remembered per
   normalised set, so a warm request pays a set lookup;
 - concurrent requests needing the same set share one install; different sets install one after
-  the other (two installers writing one site-packages at once can corrupt it);
+  the other (two installers writing one site-packages at once can corrupt it), and so do the
+  executor processes of one worker, through an :class:`~.lockfile.InstallLock` on
+  ``sys.prefix``: what is missing is checked again once it is held, so a set another process
+  installed meanwhile is reported, not installed twice;
+- after another process's install (the lock's stamp changed), the remembered sets are dropped
+  and the import system's caches invalidated before the next request's check, so a package it
+  installed, upgraded or downgraded is seen here as it now is;
 - an install, once started, finishes (or hits its own time limit) even if the request that
   started it is cancelled: killing pip half-way leaves a broken environment behind.
 """
@@ -30,6 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from flashrt_core.hookspecs import hookimpl
 
 from . import proc
+from .lockfile import InstallLock
 from .proc import InstallError, describe_failure
 from .requirements import (
     DebianPackage,
@@ -80,6 +87,8 @@ class _Outcome:
     packages: tuple[str, ...] = ()
     seconds: float = 0.0
     note: str = ""
+    #: Nothing was left to install once the install lock was held: another process did it.
+    elsewhere: bool = False
 
 
 class PythonInstaller:
@@ -96,6 +105,11 @@ class PythonInstaller:
         self.python = sys.executable
         self._run_blocking = run_blocking
         self._system = system
+        #: Held around every install, across the processes sharing this environment.
+        self.install_lock = InstallLock.for_key(
+            "python", sys.prefix, f"the Python environment {sys.prefix}"
+        )
+        self._stamp = self.install_lock.stamp()
         self._satisfied: set[frozenset[str]] = set()
         self._inflight: dict[frozenset[str], asyncio.Future[_Outcome]] = {}
         self._lock: asyncio.Lock | None = None
@@ -114,6 +128,7 @@ class PythonInstaller:
         Prints one line per install to stdout (the request's captured output).
         """
         key = frozenset(r.normalized for r in reqs)
+        self._catch_up()
         if accelerate and not self._hf_checked:
             self._enable_hf_transfer()
         if key in self._satisfied:
@@ -126,9 +141,15 @@ class PythonInstaller:
             self._inflight[key] = fut
             fut.add_done_callback(lambda f: self._finished(key, f))
         outcome = await asyncio.shield(fut)
+        what = ", ".join(outcome.packages)
+        if outcome.elsewhere:
+            print(
+                f"[flashrt] {what} already installed by another process "
+                f"(waited {time.monotonic() - started:.2f} s)"
+            )
+            return False
         if not outcome.changed:
             return False
-        what = ", ".join(outcome.packages)
         if leader:
             print(
                 f"[flashrt] installed {what} with {outcome.tool} in {outcome.seconds:.2f} s"
@@ -147,6 +168,16 @@ class PythonInstaller:
         self._satisfied.clear()
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _catch_up(self) -> None:
+        """After another process's install, drop what it may have made stale (one ``stat``)."""
+        stamp = self.install_lock.stamp()
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        importlib.invalidate_caches()
+        self._satisfied.clear()
+        self._hf_checked = False
 
     def _finished(self, key: frozenset[str], fut: asyncio.Future[_Outcome]) -> None:
         if self._inflight.get(key) is fut:
@@ -170,50 +201,70 @@ class PythonInstaller:
             if not missing:
                 self._satisfied.add(key)
                 return _Outcome(changed=False)
-            wanted = [r.normalized for r in reqs if r.applies()]
-            names = [r.normalized for r in missing]
-            tool, argv, env = self._command(wanted, accelerate)
-            start = time.monotonic()
+            async with self.install_lock.hold(self.settings.install_timeout_s):
+                return await self._install(key, reqs, missing, accelerate)
+
+    async def _install(
+        self,
+        key: frozenset[str],
+        reqs: tuple[PythonRequirement, ...],
+        missing: list[PythonRequirement],
+        accelerate: bool,
+    ) -> _Outcome:
+        """Install what is still missing; runs holding the install lock."""
+        self._catch_up()
+        # Checked again: another process may have installed them while this one waited, and
+        # then this process must see its files before the next import.
+        importlib.invalidate_caches()
+        still_missing = await self._blocking(unsatisfied_python_requirements, reqs)
+        if not still_missing:
+            self._satisfied.add(key)
+            return _Outcome(
+                changed=False, packages=tuple(r.normalized for r in missing), elsewhere=True
+            )
+        wanted = [r.normalized for r in reqs if r.applies()]
+        names = [r.normalized for r in still_missing]
+        tool, argv, env = self._command(wanted, accelerate)
+        start = time.monotonic()
+        try:
             if tool == "pip" and importlib.util.find_spec("pip") is None:
                 # No uv and no pip: bootstrap pip from the interpreter's own bundled wheel.
                 boot = await self._run([self.python, "-m", "ensurepip", "--default-pip"], env)
                 if not boot.ok:
                     raise InstallError(describe_failure("ensurepip", ["pip"], boot))
-            try:
+            result = await self._run(argv, env)
+            note = ""
+            if not result.ok and needs_compiler(result.output) and await self._install_compiler():
+                note = " (after installing build-essential for a build that needed a compiler)"
                 result = await self._run(argv, env)
-                note = ""
-                if (
-                    not result.ok
-                    and needs_compiler(result.output)
-                    and await self._install_compiler()
-                ):
-                    note = " (after installing build-essential for a build that needed a compiler)"
-                    result = await self._run(argv, env)
-            finally:
-                # Even a failed run may have changed site-packages.
-                importlib.invalidate_caches()
-                self._satisfied.clear()
-                self._hf_checked = False
-            if not result.ok:
-                message = describe_failure(tool, names, result)
-                if needs_compiler(result.output):
-                    message += (
-                        "\n(a package had to be built from source and no C compiler was found; "
-                        "use an image with build-essential or run the worker as root)"
-                    )
-                raise InstallError(message)
-            still = await self._blocking(unsatisfied_python_requirements, reqs)
-            if still:
-                note += "; still unmet afterwards: " + ", ".join(r.normalized for r in still)
-            else:
-                self._satisfied.add(key)
-            return _Outcome(
-                changed=True,
-                tool=tool,
-                packages=tuple(names),
-                seconds=time.monotonic() - start,
-                note=note,
-            )
+        finally:
+            # Even a failed run may have changed site-packages: here, and for the other
+            # processes, which see the lock's stamp change.
+            self.install_lock.bump()
+            self._stamp = self.install_lock.stamp()
+            importlib.invalidate_caches()
+            self._satisfied.clear()
+            self._hf_checked = False
+        if not result.ok:
+            message = describe_failure(tool, names, result)
+            if needs_compiler(result.output):
+                message += (
+                    "\n(a package had to be built from source and no C compiler was found; "
+                    "use an image with build-essential or run the worker as root)"
+                )
+            raise InstallError(message)
+        still = await self._blocking(unsatisfied_python_requirements, reqs)
+        if still:
+            note += "; still unmet afterwards: " + ", ".join(r.normalized for r in still)
+        else:
+            self._satisfied.add(key)
+        return _Outcome(
+            changed=True,
+            tool=tool,
+            packages=tuple(names),
+            seconds=time.monotonic() - start,
+            note=note,
+        )
 
     async def _run(self, argv: list[str], env: dict[str, str]) -> proc.ProcResult:
         self.installs += 1

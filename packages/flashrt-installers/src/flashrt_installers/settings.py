@@ -18,7 +18,8 @@ class InstallerSettings:
         "FLASHRT_INSTALL_TIMEOUT_S",
         900.0,
         "Time limit for one installer command (uv, pip, apt-get, nala); the whole process group "
-        "is killed past it.",
+        "is killed past it. Also the longest wait for another executor's install into the same "
+        "environment.",
     )
     output_tail_bytes: int = setting(
         "FLASHRT_INSTALL_OUTPUT_TAIL_BYTES",

@@ -8,8 +8,11 @@ Why it is shaped this way (see REFERENCE §8 item 7):
 - ``apt-get update`` runs at most once per worker life, and only when the package lists are
   missing, plus again when an install fails on missing or stale lists (at most once per
   ``FLASHRT_APT_UPDATE_MIN_INTERVAL_S``, so a misspelt name cannot trigger an update per request);
-- one dpkg operation at a time in this process; other processes are waited for through apt's own
-  lock (``DPkg::Lock::Timeout``);
+- one install at a time per dpkg database: in this process (an asyncio lock), across the
+  executor processes of a worker (an :class:`~.lockfile.InstallLock`, after which what is missing
+  is checked again, so a package another executor installed meanwhile is reported, not
+  installed twice), and against anything else running dpkg through apt's own lock
+  (``DPkg::Lock::Timeout``);
 - noninteractive, ``--no-install-recommends``: a request gets what it named, no more.
 """
 
@@ -26,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from flashrt_core.hookspecs import hookimpl
 
 from . import proc
+from .lockfile import InstallLock
 from .proc import InstallError, describe_failure
 from .requirements import (
     DebianPackage,
@@ -92,6 +96,13 @@ class SystemInstaller:
     ) -> None:
         self.settings = settings
         self._run_blocking = run_blocking
+        #: Held around every install, across the processes sharing this dpkg database.
+        self.install_lock = InstallLock.for_key(
+            "system",
+            settings.dpkg_status_path,
+            f"the system packages (dpkg database {settings.dpkg_status_path})",
+        )
+        self._stamp = self.install_lock.stamp()
         self._satisfied: set[frozenset[str]] = set()
         self._lock: asyncio.Lock | None = None
         self._status_key: tuple[int, int] | None = None
@@ -109,6 +120,7 @@ class SystemInstaller:
     async def ensure(self, pkgs: Sequence[DebianPackage], accelerate: bool = True) -> bool:
         """Make sure ``pkgs`` are installed; ``True`` when this call installed something."""
         key = frozenset(p.spec for p in pkgs)
+        self._catch_up()
         if key in self._satisfied:
             return False
         missing = await self._missing(pkgs)
@@ -128,23 +140,57 @@ class SystemInstaller:
             if not missing:
                 self._satisfied.add(key)
                 return False
-            specs = [p.spec for p in missing]
-            start = time.monotonic()
-            tool, notes = await self._install(specs, accelerate)
-            self._status_key = None
-            still = await self._missing(pkgs)
-            if still:
-                raise InstallError(
-                    f"{tool} reported success but these are still not installed: "
-                    + ", ".join(p.spec for p in still)
-                )
+            async with self.install_lock.hold(self.settings.install_timeout_s) as waited:
+                return await self._install_missing(key, pkgs, missing, accelerate, waited)
+
+    # -- internals -----------------------------------------------------------------------------
+
+    async def _install_missing(
+        self,
+        key: frozenset[str],
+        pkgs: Sequence[DebianPackage],
+        missing: list[DebianPackage],
+        accelerate: bool,
+        waited: float,
+    ) -> bool:
+        """Install what is still missing; runs holding the install lock."""
+        self._catch_up()
+        before = missing
+        missing = await self._missing(pkgs)  # another process may have installed them
+        if not missing:
             self._satisfied.add(key)
+            print(
+                f"[flashrt] {', '.join(p.spec for p in before)} already installed by another "
+                f"process (waited {waited:.2f} s)"
+            )
+            return False
+        specs = [p.spec for p in missing]
+        start = time.monotonic()
+        try:
+            tool, notes = await self._install(specs, accelerate)
+        finally:
+            self.install_lock.bump()
+            self._stamp = self.install_lock.stamp()
+            self._satisfied.clear()
+            self._status_key = None
+        still = await self._missing(pkgs)
+        if still:
+            raise InstallError(
+                f"{tool} reported success but these are still not installed: "
+                + ", ".join(p.spec for p in still)
+            )
+        self._satisfied.add(key)
         seconds = time.monotonic() - start
         extra = f" ({'; '.join(notes)})" if notes else ""
         print(f"[flashrt] installed {', '.join(specs)} with {tool} in {seconds:.2f} s{extra}")
         return True
 
-    # -- internals -----------------------------------------------------------------------------
+    def _catch_up(self) -> None:
+        """After another process's install, check every set again (one ``stat``)."""
+        stamp = self.install_lock.stamp()
+        if stamp != self._stamp:
+            self._stamp = stamp
+            self._satisfied.clear()
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
         if self._run_blocking is not None:
