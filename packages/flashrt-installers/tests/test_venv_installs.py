@@ -75,9 +75,14 @@ def make_venv(path: Path) -> Path:
     return python
 
 
-def drive(python: Path, tmp_path: Path, *rounds: list[dict[str, Any]]) -> list[list[Any]]:
+def drive(
+    python: Path,
+    tmp_path: Path,
+    *rounds: list[dict[str, Any]],
+    settings: dict[str, Any] | None = None,
+) -> list[list[Any]]:
     scenario = tmp_path / "scenario.json"
-    scenario.write_text(json.dumps({"rounds": list(rounds)}))
+    scenario.write_text(json.dumps({"rounds": list(rounds), "settings": settings or {}}))
     done = subprocess.run(
         [str(python), str(HERE / "venv_driver.py"), str(scenario)],
         capture_output=True,
@@ -223,3 +228,25 @@ def test_fixture_03_numpy_and_libgl1(venv: Path, tmp_path: Path) -> None:
     assert response["success"], response["error"]
     assert response["value"] == 6.5  # np_sum([1, 2, 3.5])
     assert "[flashrt] installed numpy with uv in " in response["stdout"]
+
+
+def test_an_install_by_one_executor_of_a_pool_is_seen_by_the_others(
+    venv: Path, tmp_path: Path
+) -> None:
+    uses = "def f():\n    import os, toolz\n    return [os.getpid(), toolz.__version__]\n"
+    install = fn(uses, dependencies=["toolz==0.12.1"])
+    (installed,), later = drive(
+        venv,
+        tmp_path,
+        [install],
+        [fn(uses), fn(uses)],  # at once: one on each executor of the pool
+        settings={"isolation": "process", "executors": "2"},
+    )
+    assert installed["success"], installed["error"]
+    assert installed["stdout"].startswith("[flashrt] installed toolz==0.12.1 with uv in ")
+    for answer in later:
+        assert answer["success"], answer["error"]
+        assert answer["value"][1] == "0.12.1"
+        assert answer["stdout"] == ""  # nothing installed again
+    pids = {answer["value"][0] for answer in later}
+    assert len(pids) == 2 and pids - {installed["value"][0]}  # another executor saw it too

@@ -1,6 +1,7 @@
 """Run requests through a Runtime inside a throwaway venv (the interpreter that runs this file).
 
-Usage: ``python venv_driver.py SCENARIO.json``; the scenario is ``{"rounds": [[body, ...], ...]}``.
+Usage: ``python venv_driver.py SCENARIO.json``; the scenario is ``{"rounds": [[body, ...], ...]}``
+and optionally ``"settings"`` (core settings by name; in-process by default).
 The bodies of one round run concurrently, rounds one after the other, all in one Runtime loaded
 the way a worker loads it (entry points). Prints one JSON document: per response its fields, the
 decoded result, and the installer counters right after its round.
@@ -21,7 +22,9 @@ async def main(scenario: dict[str, Any]) -> list[list[dict[str, Any]]]:
     from flashrt_installers import proc, python
 
     # In one interpreter: the scenario reads the installer's own counters back.
-    runtime = Runtime(load_settings(Settings, isolation="none"))
+    runtime = Runtime(
+        load_settings(Settings, **(scenario.get("settings") or {"isolation": "none"}))
+    )
     await runtime.start()
     rounds = []
     for bodies in scenario["rounds"]:
