@@ -255,6 +255,80 @@ def test_lb_concurrent_sync_sleeps_overlap_and_ping_answers_meanwhile(shell: She
     _executor_of_next_request(shell, "after-concurrency")
 
 
+CULPRIT = """\
+def culprit(seconds):
+    import os, time
+    time.sleep(seconds)
+    os._exit(3)
+"""
+
+NAP = """\
+def nap(seconds):
+    import os, time
+    time.sleep(seconds)
+    return os.getpid()
+"""
+
+SPAWN = """\
+def spawn():
+    import subprocess
+    grouped = subprocess.Popen(["sleep", "317"])
+    own_session = subprocess.Popen(["sleep", "318"], start_new_session=True)
+    return [grouped.pid, own_session.pid]
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = open(f"/proc/{pid}/stat", "rb").read()  # noqa: SIM115 - one read
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
+
+
+def test_culprits_in_a_row_cost_the_next_request_nothing(shell: Shell) -> None:
+    for i in range(4):
+        error = _failure(shell.execute(pickled_request("culprit", CULPRIT, 0)))
+        assert "ran twice" in error
+        _executor_of_next_request(shell, f"after-culprit-{i}")
+
+
+def test_lb_a_culprit_among_requests_in_flight_fails_alone(shell: Shell) -> None:
+    if shell.kind != "lb":
+        pytest.skip("HTTP concurrency is the LB shell's")
+    answers: dict[str, dict[str, Any]] = {}
+
+    def send(name: str, body: dict[str, Any]) -> None:
+        answers[name] = shell.execute(body)
+
+    threads = [
+        threading.Thread(target=send, args=(f"innocent-{i}", pickled_request("nap", NAP, 0.8)))
+        for i in range(3)
+    ]
+    threads.append(
+        threading.Thread(target=send, args=("culprit", pickled_request("culprit", CULPRIT, 0.2)))
+    )
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert "ran twice" in _failure(answers.pop("culprit"))
+    retried_on = set()
+    for answer in answers.values():
+        retried_on.add(result_of(answer))  # succeeded
+        assert "running it again" in (answer.get("stdout") or "")
+    assert len(retried_on) == 3  # each alone, on an executor of its own
+    assert _executor_of_next_request(shell, "after-culprit-in-flight")["pid"] not in retried_on
+
+
+def test_what_a_dead_executors_code_started_is_ended(shell: Shell) -> None:
+    children = result_of(shell.execute(pickled_request("spawn", SPAWN)))
+    assert all(map(_running, children))
+    assert "exited with status 3" in _failure(shell.execute(pickled_request("culprit", CULPRIT, 0)))
+    wait_until(lambda: not any(map(_running, children)), 5, "the dead executor's children")
+    _executor_of_next_request(shell, "after-children")
+
+
 def test_the_worker_survived_the_whole_module(shell: Shell) -> None:
     assert shell.alive()
     _executor_of_next_request(shell, "last")
