@@ -177,9 +177,9 @@ class Settings:
     zygote: bool = setting(
         "FLASHRT_ZYGOTE",
         True,
-        "Fork executors after the first from a zygote: an idle process with the executor's "
-        "imports done (and the user's, carried over), so a new one is ready in milliseconds "
-        "instead of a fresh interpreter's quarter second. Costs one idle process's memory.",
+        "Fork executors from a zygote: an idle process with the executor's imports done (and "
+        "the user's, carried over), so a new one is ready in milliseconds instead of a fresh "
+        "interpreter's quarter second. Costs one idle process's memory.",
     )
     fast_lane: bool = setting(
         "FLASHRT_FAST_LANE",

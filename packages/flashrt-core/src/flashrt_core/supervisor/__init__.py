@@ -17,7 +17,6 @@ keeps running past the grace period is recycled so it stops using the CPU or GPU
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -30,6 +29,7 @@ from ..protocol import FunctionResponse
 from ..request_peek import Peeked, peek_request
 from ..settings import executor_count
 from . import descendants
+from .handover import Handover, release
 from .inflight import RETRIED_NOTE, InFlight, Request
 from .launcher import Launcher
 from .process import (
@@ -77,13 +77,19 @@ class Supervisor:
         #: Every executor alive: the serving one, the spare, those running a retry alone, and
         #: any still finishing after it was told to go.
         self.executors: set[ExecutorProcess] = set()
-        self.inflight = InFlight(settings, echo_streams, self._give_up)
+        self.inflight = InFlight(
+            settings, echo_streams, lambda rid, request: self.handover.give_up(rid, request)
+        )
+        self.handover = Handover(settings, self.inflight, self._retiring)
         self._first: ExecutorProcess | None = None  # spawned, while no zygote starts
         self._closing = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._spin_s = max(0, settings.spin_us) / 1e6
-        #: Requests handed to executors, by lane: "fast" (its main thread) or "loop".
-        self.lanes = {"fast": 0, "loop": 0}
+
+    @property
+    def lanes(self) -> dict[str, int]:
+        """Requests handed to executors, by lane: "fast" (its main thread) or "loop"."""
+        return self.handover.lanes
 
     @property
     def problem(self) -> str | None:
@@ -182,7 +188,7 @@ class Supervisor:
         except asyncio.CancelledError:
             if self.inflight.get(rid) is request:
                 self.inflight.requests.pop(rid, None)
-                self._give_up(rid, request)
+                self.handover.give_up(rid, request)
             raise
         finally:
             self.inflight.done(request)
@@ -200,76 +206,13 @@ class Supervisor:
             return False
         if self.inflight.get(rid) is not request:  # answered meanwhile (the worker is stopping)
             return False
-        return self._send(executor, rid, request)
-
-    def _send(self, executor: ExecutorProcess, rid: int, request: Request) -> bool:
-        """Hand ``request`` to ``executor``; ``True`` when it went to its fast lane."""
-        request.attempts += 1
-        request.executor = executor
-        executor.load += 1
-        chan = executor.chan
-        if request.deployed:
-            frame: ch.Frame = ch.RunDeployed(rid, request.body, request.request_id)
-        else:
-            frame = ch.Execute(rid, request.body, request.form, request.request_id)
-            if (
-                request.simple
-                and executor.fast_ok
-                and len(self.inflight) == 1
-                and executor.load == 1
-                and not executor.abandoned
-            ):
-                # Alone in flight, so its main thread is free and waiting on the answer costs
-                # nothing else (under load, polling would take the CPU the others need).
-                chan = executor.fast
-                executor.fast_rid = rid
-        self.lanes["fast" if chan is executor.fast else "loop"] += 1
-        try:
-            chan.send(frame)
-        except OSError:
-            return False  # it is dying: its death handling retries or answers this request
-        self.inflight.arm(rid, request)
-        return chan is executor.fast
+        return self.handover.send(executor, rid, request)
 
     def _answer(self, rid: int, response: Any) -> None:
         request = self.inflight.get(rid)
         if request is not None:
-            self._release(rid, request)
+            release(rid, request)
         self.inflight.answer(rid, response)
-
-    @staticmethod
-    def _release(rid: int, request: Request) -> None:
-        """The request no longer occupies its executor (answered, or given up on)."""
-        executor = request.executor
-        if executor is not None:
-            executor.load -= 1
-            if executor.fast_rid == rid:
-                executor.fast_rid = None  # an abandoned one keeps the lane closed until it ends
-
-    def _give_up(self, rid: int, request: Request) -> None:
-        """The caller stopped waiting: tell the executor, and watch that it really stops."""
-        self._release(rid, request)
-        executor = request.executor
-        if executor is None or executor.dead:
-            return
-        with contextlib.suppress(OSError):
-            executor.chan.send(ch.Cancel(rid))
-        executor.abandoned.add(rid)
-        self.inflight.abandon(
-            rid, self.settings.hard_timeout_grace_s, lambda: self._runaway(executor)
-        )
-
-    def _runaway(self, executor: ExecutorProcess) -> None:
-        if executor.dead:
-            return
-        grace = self.settings.hard_timeout_grace_s
-        reason = (
-            f"a request's code kept running {grace:g} s past its time limit; the executor was "
-            "recycled to stop it"
-        )
-        log.warning("%s", reason)
-        self._retiring(executor, reason)
-        executor.kill(reason)
 
     # --- frames from executors --------------------------------------------------------------
 
@@ -393,7 +336,7 @@ class Supervisor:
         for rid, request in list(self.inflight.requests.items()):
             if request.executor is not executor:
                 continue
-            self._release(rid, request)
+            release(rid, request)
             request.executor = None
             if self.inflight.retry(request):
                 self._spawn_task(self._retry_alone(rid, request))
@@ -415,7 +358,7 @@ class Supervisor:
             self._retiring(executor, "its retried request was answered")
             executor.kill("not needed")
             return
-        self._send(executor, rid, request)
+        self.handover.send(executor, rid, request)
 
     def _spawn_task(self, coro: Any) -> None:
         task = self.loop.create_task(coro)
