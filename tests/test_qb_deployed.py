@@ -182,6 +182,18 @@ def test_unusable_artifact_fails_every_job_with_the_reason(
         assert "artifact.tar.gz" in done["error"]
 
 
+def _test_input(job: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``flashrt-qb --test_input JOB``: one job, then the worker exits."""
+    return subprocess.run(
+        [sys.executable, "-m", "flashrt_qb", "--test_input", job],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def test_real_client_reaches_the_deployed_function_through_flash_runsync(
     deployed: Deployed,
     fake_runpod: FakeRunPod,
@@ -223,14 +235,7 @@ def test_test_input_runs_one_plain_json_job_locally(
         FLASHRT_VOLUME_DIR=str(tmp_path / "no-volume"),
     )
     job = json.dumps({"input": {"a": 2, "b": 3, "scale": 10}})
-    done = subprocess.run(
-        [sys.executable, "-m", "flashrt_qb", "--test_input", job],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = _test_input(job, env, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Job result: {'output': 50}" in done.stdout
 
@@ -254,14 +259,7 @@ def test_a_handler_import_past_the_start_up_limit_fails_the_job_and_the_worker_e
         FLASHRT_STARTUP_PROGRESS_S="0.3",
     )
     job = json.dumps({"input": {"a": 2, "b": 3}})
-    done = subprocess.run(
-        [sys.executable, "-m", "flashrt_qb", "--test_input", job],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = _test_input(job, env, tmp_path)
     output = done.stdout + done.stderr
     assert done.returncode == 1, output
     assert "start-up still running after" in output

@@ -72,7 +72,7 @@ class Supervisor:
         self._on_installed = on_installed
         self.loop = asyncio.get_running_loop()
         self.launcher = Launcher(settings, setup, self._watch)
-        #: The executor that new requests go to, and its replacement.
+        #: The pool of executors new requests go to, kept at its size.
         self.serving = Serving(self.launcher, executor_count(settings.executors))
         #: Every executor alive: the serving one, the spare, those running a retry alone, and
         #: any still finishing after it was told to go.
