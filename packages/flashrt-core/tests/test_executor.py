@@ -22,11 +22,13 @@ PID = "def pid():\n    import os\n    return os.getpid()\n"
 
 
 #: How a request can reach the executor's code: its main thread reading the fast lane (polling
-#: for the answer, or sleeping until it comes), or the executor's event loop.
+#: for the answer, or sleeping until it comes), or the executor's event loop; and the same
+#: behaviours with a pool of two executors.
 LANES = {
     "fast": {},
     "fast-sleeping": {"spin_us": 0},
     "loop": {"fast_lane": False},
+    "pool": {"executors": "2"},
 }
 
 

@@ -280,7 +280,8 @@ class Supervisor:
         if frame.installed:
             self._on_installed()
         if frame.instance_id:
-            executor.instances.add(frame.instance_id)
+            if len(executor.instances) < 10_000:  # only named in a death's error
+                executor.instances.add(frame.instance_id)
             self.serving.holds(executor, frame.instance_id)
         self._answer(frame.id, value)
         if executor.solo == frame.id:  # it ran one retried request, alone: its work is done

@@ -81,8 +81,9 @@ class Request:
         if self.attempts > 1:
             message += " (the request ran twice, and the executor died both times)"
         if lost:
+            named = ", ".join(lost[:20]) + (f" and {len(lost) - 20} more" if len(lost) > 20 else "")
             message += (
-                f"; class instances it held were lost ({', '.join(lost)}): the next call "
+                f"; class instances it held were lost ({named}): the next call "
                 "with one of those instance_ids builds it again"
             )
         return message

@@ -25,6 +25,9 @@ __all__ = ["Serving"]
 
 log = logging.getLogger("flashrt.supervisor")
 
+#: Instances whose executor is remembered (each executor keeps FLASHRT_MAX_INSTANCES alive).
+_MAX_PLACED = 100_000
+
 
 class Serving:
     """The pool of serving executors, kept at its size."""
@@ -91,13 +94,20 @@ class Serving:
                 return holder
         chosen = min(self.pool, key=_load)
         if instance is not None:
-            self.affinity[instance] = chosen
+            self._place(instance, chosen)
         return chosen
 
     def holds(self, executor: ExecutorProcess, instance: str) -> None:
         """``executor`` answered for ``instance`` (an id it generated, maybe): it lives there."""
         if executor in self.pool:
-            self.affinity[instance] = executor
+            self._place(instance, executor)
+
+    def _place(self, instance: str, executor: ExecutorProcess) -> None:
+        affinity = self.affinity
+        affinity.pop(instance, None)  # most recent last: the oldest go first past the bound
+        affinity[instance] = executor
+        if len(affinity) > _MAX_PLACED:  # executors drop idle instances; forget the oldest
+            del affinity[next(iter(affinity))]
 
     def replace(self, executor: ExecutorProcess) -> None:
         """``executor`` goes: if it served, the spare takes its place, else a fresh one starts."""
