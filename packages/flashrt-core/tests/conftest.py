@@ -100,7 +100,7 @@ class Wire:
             return response.json_result
         return cloudpickle.loads(base64.b64decode(response.result))
 
-    def function(self, code: str, name: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def function(self, code: str, name: str, /, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return {
             "function_name": name,
             "function_code": code,
@@ -108,7 +108,7 @@ class Wire:
             "kwargs": {k: self.enc(v) for k, v in kwargs.items()},
         }
 
-    def json_function(self, code: str, name: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def json_function(self, code: str, name: str, /, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return {
             "function_name": name,
             "function_code": code,
