@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from .. import channel as ch
 from .backoff import Backoff
-from .process import ExecutorProcess, ExecutorUnavailable
+from .process import ExecutorProcess, ExecutorUnavailable, ForkedChild
 from .zygote import Zygote
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ class Launcher:
         return self._zygote_task is not None
 
     def start_zygote(self) -> None:
-        """Start the zygote in the background (the first executor does not wait for it)."""
+        """Start the zygote in the background: start-up hooks run while it imports."""
         if not self.settings.zygote or self.closing:
             return
         if self._zygote_task is None or self._zygote_task.done():
@@ -99,19 +99,20 @@ class Launcher:
 
     def _reaped(self, pid: int, returncode: int) -> None:
         executor = self._forked.pop(pid, None)
-        if executor is not None:
-            executor.proc.exited(returncode)  # type: ignore[union-attr]
+        if executor is not None and isinstance(executor.proc, ForkedChild):
+            executor.proc.exited(returncode)
 
     def _zygote_gone(self, zygote: Zygote) -> None:
         """Its forks die with it (their parent-death signal): they are gone, and why."""
         if self.zygote is zygote:
             self.zygote = None
-        for executor in list(self._forked.values()):
+        forked, self._forked = self._forked, {}
+        for executor in forked.values():
             if executor.exit_reason is None:
                 executor.exit_reason = "its parent, the zygote process, ended"
             executor.kill(executor.exit_reason)
-            executor.proc.exited(-9)  # type: ignore[union-attr]
-        self._forked.clear()
+            if isinstance(executor.proc, ForkedChild):
+                executor.proc.exited(-9)
         if not self.closing and self._zygote_starts < 3:  # not forever: spawning still works
             self.start_zygote()
 
