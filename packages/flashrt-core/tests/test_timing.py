@@ -25,11 +25,11 @@ def _timing_lines(
 
     An executor writes its line just after answering: wait (bounded) for ``expect`` of them.
     """
-    lines: list[str] = []
+    err = ""  # kept whole: a read can end in the middle of a line another process writes
     deadline = time.monotonic() + 5
     while True:
-        err = capfd.readouterr().err
-        lines += [line for line in err.splitlines() if "flashrt.timing" in line]
+        err += capfd.readouterr().err
+        lines = [line for line in err.splitlines() if "flashrt.timing" in line]
         if len(lines) >= expect or time.monotonic() > deadline:
             break
         time.sleep(0.02)

@@ -29,12 +29,9 @@ import signal
 import socket
 import sys
 import warnings
-from typing import TYPE_CHECKING
 
 from .. import channel as ch
-
-if TYPE_CHECKING:
-    from collections.abc import Mapping
+from .carry import preload
 
 __all__ = ["main"]
 
@@ -76,13 +73,6 @@ def _warm(setup: ch.Setup) -> None:
         get_plugin_manager(settings)  # imports every entry-point plugin that is not blocked
 
 
-def _preload(modules: Mapping[str, str]) -> None:
-    with contextlib.suppress(ImportError):
-        from .carry import preload
-
-        preload(modules)
-
-
 class _Zygote:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -120,7 +110,7 @@ class _Zygote:
         if isinstance(frame, ch.Fork):
             self._fork(frame.tag, fds)
         elif isinstance(frame, ch.Preload):
-            _preload(frame.modules)
+            preload(frame.modules)  # every later fork has them imported
         return True
 
     def _fork(self, tag: str, fds: list[int]) -> None:
