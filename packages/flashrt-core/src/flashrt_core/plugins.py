@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,8 @@ from . import hookspecs
 from .hookspecs import PROJECT_NAME
 
 if TYPE_CHECKING:
+    from .protocol import FunctionRequest, FunctionResponse
+    from .runtime import Runtime
     from .settings import Settings
 
 __all__ = [
@@ -19,9 +22,14 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "FlashrtPluginManager",
     "PluginError",
+    "RequestObservers",
     "describe_plugins",
     "get_plugin_manager",
+    "observed",
+    "registered_in_code",
 ]
+
+log = logging.getLogger("flashrt.plugins")
 
 ENTRY_POINT_GROUP = "flashrt"
 
@@ -136,3 +144,46 @@ def describe_plugins(pm: FlashrtPluginManager) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+class RequestObservers:
+    """The worker-side ``flashrt_request_started`` / ``_finished`` hooks; a failure is logged."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def started(self, request: FunctionRequest) -> None:
+        started = self.runtime.pm.hook.flashrt_request_started
+        if started.get_hookimpls():
+            try:
+                started(request=request, runtime=self.runtime)
+            except Exception:
+                log.exception("a request_started hook failed")
+
+    def finished(self, request: FunctionRequest, response: FunctionResponse) -> None:
+        finished = self.runtime.pm.hook.flashrt_request_finished
+        if finished.get_hookimpls():
+            try:
+                finished(request=request, response=response, runtime=self.runtime)
+            except Exception:
+                log.exception("a request_finished hook failed")
+
+
+def observed(pm: FlashrtPluginManager) -> bool:
+    """Whether a worker-side observer hook is registered (else no body is decoded for one)."""
+    hook = pm.hook
+    return bool(
+        hook.flashrt_request_started.get_hookimpls()
+        or hook.flashrt_request_finished.get_hookimpls()
+    )
+
+
+def registered_in_code(pm: FlashrtPluginManager) -> tuple[object, ...]:
+    """Plugins registered in code (not built in, not entry points): executors get them too."""
+    found: list[object] = []
+    for name, plugin in pm.list_name_plugin():
+        origin = getattr(pm, "origins", {}).get(name, "")
+        if plugin is None or name in BUILTIN_PLUGINS or origin.startswith("entry point"):
+            continue
+        found.append(plugin)
+    return tuple(found)

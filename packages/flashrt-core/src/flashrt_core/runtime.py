@@ -51,7 +51,7 @@ class Runtime:
         extra_plugins: tuple[object, ...] = (),
         lanes: Lanes | None = None,
     ) -> None:
-        from .plugins import get_plugin_manager
+        from .plugins import get_plugin_manager, registered_in_code
 
         self.settings = settings or load_settings(Settings)
         if self.settings.isolation not in ISOLATIONS:
@@ -72,7 +72,7 @@ class Runtime:
             for plugin in extra_plugins:
                 self.pm.register(plugin)
         #: Plugins registered in code, which an executor process registers too (cloudpickled).
-        self.extra_plugins = _registered_in_code(self.pm)
+        self.extra_plugins = registered_in_code(self.pm)
         self.instances = InstanceRegistry(self.settings.max_instances, self.settings.instance_ttl_s)
         self.lanes = lanes or Lanes(self.settings.max_threads)
         #: Scratch space plugins share; keys are documented in docs/plugins.md.
@@ -160,6 +160,7 @@ class Runtime:
         """A pipeline over this runtime's plugins, instances and lanes. An executor's has no
         time limits and no observers: the supervisor and the worker's runtime have those."""
         from .pipeline import Pipeline
+        from .plugins import RequestObservers, observed
 
         return Pipeline(
             self.settings,
@@ -168,7 +169,7 @@ class Runtime:
             self.lanes,
             self,
             time_limits=not in_executor,
-            observers=None if in_executor or not _observed(self.pm) else _Observers(self),
+            observers=None if in_executor or not observed(self.pm) else RequestObservers(self),
             on_phase=on_phase,
             on_installed=on_installed or self.persist_caches,
         )
@@ -312,7 +313,9 @@ class Runtime:
         self, request: FunctionRequest | Mapping[str, Any] | bytes | str | Peeked
     ) -> FunctionResponse:
         assert self.supervisor is not None
-        if not _observed(self.pm):  # the body goes to the executor unparsed
+        from .plugins import RequestObservers, observed
+
+        if not observed(self.pm):  # the body goes to the executor unparsed
             return await self.supervisor.execute(request)
         from .protocol import RequestError, decode_request
         from .request_peek import Peeked
@@ -320,7 +323,7 @@ class Runtime:
         decoded: FunctionRequest | None = None
         with contextlib.suppress(RequestError):
             decoded = decode_request(request.body if isinstance(request, Peeked) else request)
-        observers = _Observers(self)
+        observers = RequestObservers(self)
         if decoded is not None:
             observers.started(decoded)
         response = await self.supervisor.execute(request)
@@ -376,46 +379,3 @@ class Runtime:
         except asyncio.TimeoutError:
             message = f"the deployed handler timed out after {timeout:g} s"
             return {"success": False, "error": message}
-
-
-class _Observers:
-    """The worker-side ``flashrt_request_started`` / ``_finished`` hooks; a failure is logged."""
-
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-
-    def started(self, request: FunctionRequest) -> None:
-        started = self.runtime.pm.hook.flashrt_request_started
-        if started.get_hookimpls():
-            try:
-                started(request=request, runtime=self.runtime)
-            except Exception:
-                log.exception("a request_started hook failed")
-
-    def finished(self, request: FunctionRequest, response: FunctionResponse) -> None:
-        finished = self.runtime.pm.hook.flashrt_request_finished
-        if finished.get_hookimpls():
-            try:
-                finished(request=request, response=response, runtime=self.runtime)
-            except Exception:
-                log.exception("a request_finished hook failed")
-
-
-def _observed(pm: FlashrtPluginManager) -> bool:
-    hook = pm.hook
-    return bool(
-        hook.flashrt_request_started.get_hookimpls()
-        or hook.flashrt_request_finished.get_hookimpls()
-    )
-
-
-def _registered_in_code(pm: FlashrtPluginManager) -> tuple[object, ...]:
-    from .plugins import BUILTIN_PLUGINS
-
-    found: list[object] = []
-    for name, plugin in pm.list_name_plugin():
-        origin = getattr(pm, "origins", {}).get(name, "")
-        if plugin is None or name in BUILTIN_PLUGINS or origin.startswith("entry point"):
-            continue
-        found.append(plugin)
-    return tuple(found)
