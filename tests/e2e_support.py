@@ -94,6 +94,13 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.05)
 
 
+def wait_written(path: Path, timeout: float, what: str) -> str:
+    """Wait (bounded) until ``path`` has content, and return it: a file user code writes exists
+    a moment before its text is in it."""
+    wait_until(lambda: path.exists() and path.read_text() != "", timeout, what)
+    return path.read_text()
+
+
 class WorkerProcess:
     """A worker subprocess in a process group of its own, its output in a log file.
 

@@ -14,7 +14,14 @@ import urllib.request
 from typing import TYPE_CHECKING
 
 import pytest
-from e2e_support import SLEEPER, fixture_bodies, json_request, start_qb_worker, wait_until
+from e2e_support import (
+    SLEEPER,
+    fixture_bodies,
+    json_request,
+    start_qb_worker,
+    wait_until,
+    wait_written,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -87,8 +94,7 @@ def test_cancelling_a_running_and_a_queued_job(
     assert fake_runpod.cancel(queued)["status"] == "CANCELLED"
     assert fake_runpod.cancel(running)["status"] == "CANCELLED"
 
-    wait_until(marker.exists, 30, "the running job to see its cancellation")
-    assert marker.read_text() == "cancelled"
+    assert wait_written(marker, 30, "the running job to see its cancellation") == "cancelled"
     assert worker.run(_trivial())["status"] == "COMPLETED"  # the freed slot takes the next job
     with fake_runpod.cond:
         assert fake_runpod.jobs[queued].worker_id is None  # never handed out

@@ -20,6 +20,7 @@ from e2e_support import (
     json_request,
     start_qb_worker,
     wait_until,
+    wait_written,
 )
 
 if TYPE_CHECKING:
@@ -96,8 +97,7 @@ def test_cancel_reaches_the_running_user_coroutine(
     assert fake.cancel(job)["status"] == "CANCELLED"
 
     # The stop channel -> the SDK cancels the job's task -> our handler -> the runtime's task.
-    wait_until(marker.exists, 30, "the user coroutine to see its cancellation")
-    assert marker.read_text() == "cancelled"
+    assert wait_written(marker, 30, "the user coroutine to see its cancellation") == "cancelled"
     assert qb_live_worker.run(fixture_bodies("07")[0]["input"])["status"] == "COMPLETED"
 
 
