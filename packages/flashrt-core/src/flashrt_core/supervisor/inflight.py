@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from ..echo import LineEcho
     from ..settings import Settings
+    from .process import ExecutorProcess
 
 __all__ = ["RETRIED_NOTE", "InFlight", "Request"]
 
@@ -72,8 +73,8 @@ class Request:
         self.timer: asyncio.TimerHandle | None = None
         self.echo: LineEcho | None = None
         self.request_id = request_id.get()
-        #: The executor it was handed to (``ExecutorProcess``), while it is there.
-        self.executor: Any = None
+        #: The executor it was handed to, while it is there.
+        self.executor: ExecutorProcess | None = None
 
     def death_message(self, what: str, lost: list[str]) -> str:
         """Why it failed: its executor died (``what`` says how), and which instances went."""

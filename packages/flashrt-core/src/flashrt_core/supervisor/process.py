@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple
 
 from .. import channel as ch
 from ..settings import settings_to_dict
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("flashrt.supervisor")
 
 __all__ = [
-    "Child",
     "ExecutorProcess",
     "ExecutorSetup",
     "ExecutorUnavailable",
@@ -48,18 +47,6 @@ _tags = itertools.count(1)
 def new_tag() -> str:
     """A name for one executor, unique on this machine: its descendants carry it."""
     return f"{os.getpid()}-{next(_tags)}-{os.urandom(4).hex()}"
-
-
-class Child(Protocol):
-    """The process of an executor: a :class:`subprocess.Popen`, or a :class:`ForkedChild`."""
-
-    @property
-    def pid(self) -> int: ...
-
-    @property
-    def returncode(self) -> int | None: ...
-
-    def poll(self) -> int | None: ...
 
 
 class ForkedChild:
