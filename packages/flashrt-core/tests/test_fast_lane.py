@@ -246,3 +246,50 @@ def test_a_concurrent_burst_over_both_lanes_is_answered_in_full(make_worker, wir
     assert results == [list(range(1, 101))] * 16
     lanes = _lanes(worker)
     assert lanes["fast"] >= 1 and lanes["loop"] >= 1
+
+
+def test_concurrent_simple_requests_run_whole_on_the_main_thread(make_worker, wire):
+    """Under load the main thread runs simple request after request (no thread hop each), so
+    their sync code keeps what only the main thread has (``signal.signal`` works there)."""
+    worker = _worker(make_worker)
+    where = (
+        "def where(i):\n    import threading\n"
+        "    return threading.current_thread() is threading.main_thread()\n"
+    )
+
+    async def client() -> list[bool]:
+        return [
+            wire.dec(await worker.rt.execute(wire.function(where, "where", i))) for i in range(25)
+        ]
+
+    async def burst():
+        return await asyncio.wait_for(asyncio.gather(*(client() for _ in range(8))), 120)
+
+    on_main = [flag for results in worker.run(burst()) for flag in results]
+    assert len(on_main) == 200
+    # A request finding the main thread busy past a moment runs as the loop's (in the pool).
+    assert sum(on_main) >= 100, sum(on_main)
+
+
+def test_a_simple_request_queued_behind_a_slow_one_is_taken_back(make_worker, wire, tmp_path):
+    """Both simple: the second queues for the main thread behind the first, which waits for
+    what only the second does. It is taken back and run elsewhere, or both would hang."""
+    worker = _worker(make_worker)
+    flag = tmp_path / "flag"
+    waiter = (
+        "def wait_for(path):\n    import os, time\n"
+        "    for _ in range(1000):\n"
+        "        if os.path.exists(path):\n            return 'seen'\n"
+        "        time.sleep(0.01)\n"
+        "    return 'never seen'\n"
+    )
+    setter = "def touch(path):\n    open(path, 'w').close()\n    return 'set'\n"
+
+    async def both():
+        return await asyncio.gather(
+            worker.rt.execute(wire.function(waiter, "wait_for", str(flag))),
+            worker.rt.execute(wire.function(setter, "touch", str(flag))),
+        )
+
+    first, second = worker.run(both())
+    assert (wire.dec(first), wire.dec(second)) == ("seen", "set")

@@ -73,3 +73,20 @@ def test_the_timing_line_can_be_turned_off(
     assert wire.dec(_run(worker, wire.function(NAP, "nap", 0.01), "rid-quiet")) == 0.01
     time.sleep(0.2)  # an executor would have written its line by now
     assert not [line for line in _timing_lines(capfd, caplog) if "rid-quiet" in line]
+
+
+def test_an_executor_logs_only_what_the_workers_logging_shows(
+    make_worker: Any, wire: Any, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An embedder that never asked for INFO gets no timing lines, from any process."""
+    caplog.set_level(logging.WARNING, logger="flashrt")  # Python's default (restored after)
+    worker = make_worker()
+    assert wire.dec(_run(worker, wire.function(NAP, "nap", 0.01), "rid-unasked")) == 0.01
+    time.sleep(0.2)  # an executor would have written its line by now
+    assert not [line for line in _timing_lines(capfd, caplog) if "rid-unasked" in line]
+    # Asked for on the package's logger, it comes (an executor started now takes the level).
+    caplog.set_level(logging.INFO, logger="flashrt")
+    worker = make_worker()
+    assert wire.dec(_run(worker, wire.function(NAP, "nap", 0.01), "rid-asked")) == 0.01
+    expect = 0 if worker.rt.settings.isolation == "none" else 1
+    assert [line for line in _timing_lines(capfd, caplog, expect) if "rid-asked" in line]

@@ -65,6 +65,8 @@ class Setup(msgspec.Struct, tag=True):
     plugins: list[bytes] = []  # cloudpickled plugins registered in code
     app_dir: str | None = None  # the unpacked deployed app, when start-up made one
     deployed_handler: str | None = None  # resource whose generated QB handler to load
+    #: The worker's levels of flashrt's loggers ("": the package's), which the executor takes.
+    log_levels: dict[str, int] = {}
 
 
 class Execute(msgspec.Struct, tag=True):
@@ -75,6 +77,7 @@ class Execute(msgspec.Struct, tag=True):
     body: bytes
     form: str = "json"
     request_id: str | None = None
+    simple: bool = False  # the worker's peek: code only, nothing to install or mount
 
 
 class RunDeployed(msgspec.Struct, tag=True):
@@ -256,10 +259,33 @@ class Channel:
         self.fd = sock.fileno()
         self._lock = threading.Lock()
         self.broken = False
+        self._posted: list[bytes] = []
 
     def send(self, frame: Frame) -> None:
-        """Send one frame whole; raises ``OSError`` when the other end is gone."""
-        self.send_bytes(encode(frame))
+        """Send one frame whole (after what was posted); raises ``OSError`` when the other
+        end is gone."""
+        data = encode(frame)
+        if self._posted:
+            with self._lock:
+                data = b"".join([*self._posted, data])
+                self._posted.clear()
+        self.send_bytes(data)
+
+    def post(self, frame: Frame) -> bool:
+        """Queue ``frame`` for the next :meth:`flush` (or send): frames posted together leave
+        in one write, which wakes the other end once. ``True`` when it is the first queued (the
+        caller arranges the flush)."""
+        with self._lock:
+            self._posted.append(encode(frame))
+            return len(self._posted) == 1
+
+    def flush(self) -> None:
+        """Send what was posted; raises ``OSError`` when the other end is gone."""
+        with self._lock:
+            data = b"".join(self._posted)
+            self._posted.clear()
+        if data:
+            self.send_bytes(data)
 
     def send_bytes(self, data: bytes) -> None:
         view = memoryview(data)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import pickle
+import sys
 from typing import TYPE_CHECKING, Any
 
 from .errors import StageError
@@ -27,6 +28,17 @@ _PROTOCOL = pickle.HIGHEST_PROTOCOL  # cloudpickle.DEFAULT_PROTOCOL
 
 
 _modules: dict[str, Any] = {}
+
+if sys.version_info >= (3, 11):
+
+    def _b64decode(value: str) -> bytes:
+        # What b64decode(validate=True) does, without its pure-Python argument handling.
+        return binascii.a2b_base64(value, strict_mode=True)
+
+else:
+
+    def _b64decode(value: str) -> bytes:
+        return base64.b64decode(value, validate=True)
 
 
 def _cloudpickle() -> Any:
@@ -68,7 +80,7 @@ def _unpickle(value: Any, where: Callable[[], str]) -> Any:
             f"{where()}: expected a base64 cloudpickle string, got {type(value).__name__}",
         )
     try:
-        raw = base64.b64decode(value, validate=True)
+        raw = _b64decode(value)
     except (binascii.Error, ValueError):
         raise StageError("decode", f"{where()}: not valid base64") from None
     _cloudpickle()  # cloudpickle.loads is pickle.loads; what the data names needs cloudpickle

@@ -13,6 +13,8 @@ import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from .settings import Settings
 
 __all__ = ["FORMAT", "configure_logging", "request_id"]
@@ -40,9 +42,17 @@ class _RequestTag(logging.Filter):
         return True
 
 
-def configure_logging(settings: Settings) -> None:
-    """Root logging at ``FLASHRT_LOG_LEVEL``, one line per record on stderr."""
-    logging.basicConfig(level=settings.log_level.upper(), format=FORMAT)
+def configure_logging(settings: Settings, levels: Mapping[str, int] | None = None) -> None:
+    """Root logging at ``FLASHRT_LOG_LEVEL``, one line per record on stderr.
+
+    ``levels`` (an executor's: the worker's levels of flashrt's loggers, ``""`` for the root)
+    take the setting's place.
+    """
+    levels = levels or {}
+    logging.basicConfig(level=levels.get("", settings.log_level.upper()), format=FORMAT)
+    for name, level in levels.items():
+        if name:
+            logging.getLogger(name).setLevel(level)
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, _RequestTag) for f in handler.filters):
             handler.addFilter(_RequestTag())

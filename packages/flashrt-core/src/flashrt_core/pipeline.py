@@ -177,11 +177,7 @@ class Pipeline:
         if self.observers is not None:
             self.observers.started(request)
         is_class = request.execution_type == "class"
-        timings.what = (
-            f"class {request.class_name}.{request.method_name}"
-            if is_class
-            else f"function {request.function_name}"
-        )
+        timings.request = request
         # Cheap checks first: a bad module path must not cost an install.
         files = (
             validate_modules(request.modules, self.settings.max_modules_bytes)
@@ -196,7 +192,10 @@ class Pipeline:
             timings.lap("install")
             if self.on_phase is not None:
                 self.on_phase("call")
-        invocation = await self._arguments(request, timings)
+        if _arguments_size(request) > _DECODE_INLINE_MAX:
+            invocation = await self.lanes.run_blocking(self._arguments, request, timings)
+        else:
+            invocation = self._arguments(request, timings)
         timings.lap("arguments")
         if is_class and not request.instance_id:
             request.instance_id = f"{request.class_name}_{uuid.uuid4().hex[:8]}"
@@ -207,7 +206,14 @@ class Pipeline:
         else:
             value = await self._call(invocation, timeout)
         timings.lap("call")
-        response = await self._encode(value, request.serialization_format)
+        fmt = request.serialization_format
+        if type(value) in SMALL_TYPES or (
+            isinstance(value, (str, bytes, list, tuple, dict)) and len(value) < _ENCODE_INLINE_MAX
+        ):
+            result, json_result = encode_result(value, fmt)
+        else:  # maybe large: off the loop
+            result, json_result = await self.lanes.run_blocking(encode_result, value, fmt)
+        response = FunctionResponse(success=True, result=result, json_result=json_result)
         timings.lap("encode")
         if is_class and request.instance_id:
             response.instance_id = request.instance_id
@@ -242,18 +248,9 @@ class Pipeline:
         if changed and self.on_installed is not None:
             self.on_installed()
 
-    async def _arguments(self, request: FunctionRequest, timings: Timings) -> Invocation:
+    def _arguments(self, request: FunctionRequest, timings: Timings) -> Invocation:
         fmt = request.serialization_format
-        try:  # base64 strings, unless the request is broken: then decoding says how
-            size = sum(map(len, request.args)) + sum(map(len, request.kwargs.values()))
-        except TypeError:
-            size = 0
-        if size > _DECODE_INLINE_MAX:
-            args, kwargs = await self.lanes.run_blocking(
-                decode_arguments, request.args, request.kwargs, fmt
-            )
-        else:
-            args, kwargs = decode_arguments(request.args, request.kwargs, fmt)
+        args, kwargs = decode_arguments(request.args, request.kwargs, fmt)
         ctor_args: list[Any] = []
         ctor_kwargs: dict[str, Any] = {}
         if request.execution_type == "class" and (
@@ -308,15 +305,6 @@ class Pipeline:
         if not self.time_limits:
             return await pending  # the supervisor applies the time limit, hard
         return await _with_timeout(pending, timeout)
-
-    async def _encode(self, value: Any, fmt: str) -> FunctionResponse:
-        if type(value) in SMALL_TYPES or (
-            isinstance(value, (str, bytes, list, tuple, dict)) and len(value) < _ENCODE_INLINE_MAX
-        ):
-            result, json_result = encode_result(value, fmt)
-        else:
-            result, json_result = await self.lanes.run_blocking(encode_result, value, fmt)
-        return FunctionResponse(success=True, result=result, json_result=json_result)
 
 
 async def _awaited(awaitable: Awaitable[Any]) -> Any:
@@ -374,6 +362,14 @@ async def _with_timeout(pending: Awaitable[Any], timeout: float) -> Any:
         return await asyncio.wait_for(pending, timeout)
     except asyncio.TimeoutError:
         raise StageError("call", f"timed out after {timeout:g} s") from None
+
+
+def _arguments_size(request: FunctionRequest) -> int:
+    """The encoded arguments' size: large ones are decoded off the loop."""
+    try:  # base64 strings, unless the request is broken: then decoding says how
+        return sum(map(len, request.args)) + sum(map(len, request.kwargs.values()))
+    except TypeError:
+        return 0
 
 
 def _approximate_size(request: FunctionRequest) -> int:

@@ -18,7 +18,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from . import capture
 from .instances import InstanceRegistry
 from .lanes import Lanes
+from .plugins import RequestObservers, get_plugin_manager, observed, registered_in_code
+from .request_peek import Peeked, peek_body
 from .settings import Settings, load_settings
+from .timing import Timings
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
@@ -29,7 +32,6 @@ if TYPE_CHECKING:
     from .pipeline import Pipeline
     from .plugins import FlashrtPluginManager
     from .protocol import FunctionRequest, FunctionResponse
-    from .request_peek import Peeked
     from .supervisor import ExecutorSetup, Supervisor
 
 __all__ = ["Runtime"]
@@ -51,8 +53,6 @@ class Runtime:
         extra_plugins: tuple[object, ...] = (),
         lanes: Lanes | None = None,
     ) -> None:
-        from .plugins import get_plugin_manager, registered_in_code
-
         self.settings = settings or load_settings(Settings)
         if self.settings.isolation not in ISOLATIONS:
             from .settings import SettingsError
@@ -160,7 +160,6 @@ class Runtime:
         """A pipeline over this runtime's plugins, instances and lanes. An executor's has no
         time limits and no observers: the supervisor and the worker's runtime have those."""
         from .pipeline import Pipeline
-        from .plugins import RequestObservers, observed
 
         return Pipeline(
             self.settings,
@@ -287,8 +286,6 @@ class Runtime:
         """Check a JSON body's shape without decoding its payload; hand the result to
         :meth:`execute`. Raises :class:`~flashrt_core.protocol.RequestError` naming the field
         at fault (``malformed`` when the body is not JSON at all)."""
-        from .request_peek import peek_body
-
         return peek_body(body, self.settings)
 
     async def execute(
@@ -313,12 +310,9 @@ class Runtime:
         self, request: FunctionRequest | Mapping[str, Any] | bytes | str | Peeked
     ) -> FunctionResponse:
         assert self.supervisor is not None
-        from .plugins import RequestObservers, observed
-
         if not observed(self.pm):  # the body goes to the executor unparsed
             return await self.supervisor.execute(request)
         from .protocol import RequestError, decode_request
-        from .request_peek import Peeked
 
         decoded: FunctionRequest | None = None
         with contextlib.suppress(RequestError):
@@ -336,9 +330,6 @@ class Runtime:
         pipeline: Pipeline,
         request: FunctionRequest | Mapping[str, Any] | bytes | str | Peeked,
     ) -> FunctionResponse:
-        from .request_peek import Peeked
-        from .timing import Timings
-
         echo = None
         if self.settings.echo:
             from .echo import LineEcho

@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .protocol import FunctionResponse
+    from .protocol import FunctionRequest, FunctionResponse
 
 __all__ = ["Timings"]
 
@@ -25,13 +25,13 @@ _clock = time.perf_counter
 class Timings:
     """Seconds spent per stage of one request, from its arrival."""
 
-    __slots__ = ("_mark", "failed", "request_id", "stages", "started", "what")
+    __slots__ = ("_mark", "failed", "request", "request_id", "stages", "started")
 
     def __init__(self) -> None:
         self.started = self._mark = _clock()
         self.stages: dict[str, float] = {}
-        #: What ran (``function add``), and the stage it failed in, if it did.
-        self.what = "request"
+        #: What ran (named in the line), and the stage it failed in, if it did.
+        self.request: FunctionRequest | None = None
         self.failed: str | None = None
         #: The request id, read where the request runs (the line may be written elsewhere).
         self.request_id: str | None = None
@@ -45,6 +45,16 @@ class Timings:
     def moved(self, stage: str, seconds: float) -> None:
         """``seconds`` already counted elsewhere belong to ``stage`` (code loads inside a call)."""
         self.stages[stage] = self.stages.get(stage, 0.0) + seconds
+
+    @property
+    def what(self) -> str:
+        """``function add``, ``class Adder.add``, or ``request`` before it was decoded."""
+        request = self.request
+        if request is None:
+            return "request"
+        if request.execution_type == "class":
+            return f"class {request.class_name}.{request.method_name}"
+        return f"function {request.function_name}"
 
     def line(self, response: FunctionResponse) -> str:
         total = _clock() - self.started

@@ -77,10 +77,16 @@ class FastLane:
             return
         for frame in self.reader.feed(data):
             if isinstance(frame, ch.Execute):
-                try:
-                    self._execute(frame)
-                except Exception as exc:  # a bug of ours: answer, never leave the caller waiting
-                    self._internal_error(frame.id, exc)
+                self.run(frame, self.chan)
+
+    def run(self, frame: ch.Execute, via: ch.Channel) -> None:
+        """Main thread: run ``frame`` here and answer on ``via``, the channel it came by (its
+        output and answer then arrive in order). The loop thread hands over frames from the
+        main channel this way while this thread is free: one thread hop, not two."""
+        try:
+            self._execute(frame, via)
+        except Exception as exc:  # a bug of ours: answer, never leave the caller waiting
+            self._internal_error(frame.id, exc)
 
     def _internal_error(self, rid: int, exc: Exception) -> None:
         response = stage_failure("call", f"internal error in the fast lane: {exc!r}")
@@ -117,7 +123,7 @@ class FastLane:
             if scope is not None:
                 scope.waiting = None
 
-    def _execute(self, frame: ch.Execute) -> None:
+    def _execute(self, frame: ch.Execute, via: ch.Channel) -> None:
         try:
             request: Any = request_body(frame)
             if not isinstance(request, FunctionRequest):
@@ -132,7 +138,7 @@ class FastLane:
             return
         scope = Scope(frame.id)
         self.running = scope
-        streamer = Streamer(self.chan, frame.id)
+        streamer = Streamer(via, frame.id)
         timings = Timings()
         try:
             response = self._base.copy().run(self._drive, scope, frame, request, streamer, timings)
@@ -142,10 +148,10 @@ class FastLane:
         if response is None:
             if scope.cancelled:  # while waiting on the loop: the supervisor has answered
                 with contextlib.suppress(OSError):
-                    self.chan.send(ch.Settled(frame.id))
+                    via.send(ch.Settled(frame.id))
                 return
             response = stage_failure("call", "the request's async code was cancelled")
-        self.answers.send(self.chan, frame.id, response, timings=timings)
+        self.answers.send(via, frame.id, response, timings=timings)
 
     def _drive(
         self,

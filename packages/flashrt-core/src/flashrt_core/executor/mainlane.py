@@ -19,7 +19,13 @@ if TYPE_CHECKING:
     import concurrent.futures
     from collections.abc import Callable
 
-__all__ = ["MainLane"]
+__all__ = ["QUEUE_MAX", "QUICK_S", "MainLane"]
+
+#: A whole request queues behind what the main thread has run for less than this (seconds);
+#: past it, what queued is taken back and runs as the loop's.
+QUICK_S = 0.002
+#: At most this many whole requests queue for the main thread.
+QUEUE_MAX = 64
 
 
 class MainLane:
@@ -27,12 +33,18 @@ class MainLane:
 
     def __init__(self, fast_fd: int | None = None, spin_s: float = 0.0) -> None:
         self._items: collections.deque[Callable[[], None] | None] = collections.deque()
+        #: Whole requests the loop thread queued (they run after the sync calls).
+        self._requests: collections.deque[Callable[[], None]] = collections.deque()
         self._lock = threading.Lock()
+        #: Occupied, or with work queued: a sync call goes to the pool instead.
         self.busy = False
+        self._running = False  # an item or fast-lane request is running now,
+        self._since = 0.0  # since then
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self.fast_fd = fast_fd
+        self._nested = False  # in wait_serving: a request is running, though the lane is free
         self.spin_s = spin_s
         #: Called on the main thread when the fast lane's socket is readable.
         self.on_fast: Callable[[], None] | None = None
@@ -50,19 +62,60 @@ class MainLane:
         return fds
 
     def try_run(self, item: Callable[[], None]) -> bool:
-        """Queue ``item`` for the main thread if it is free; ``False`` when it is busy.
+        """Queue ``item`` (a sync call) for the main thread if it is free; ``False`` when it
+        is busy.
 
         A fast-lane request already waiting counts as busy: it was sent because the supervisor
         saw nothing else in flight, and must not wait behind a long sync call.
         """
         with self._lock:
-            waiting = self.on_fast is not None and self._peek is not None and self._peek.poll(0)
-            if self.busy or waiting:
+            if self.busy or self._fast_waiting():
                 return False
             self.busy = True
-        self._items.append(item)
+            self._items.append(item)
         self._wake()
         return True
+
+    def try_run_request(self, item: Callable[[], None]) -> bool:
+        """Queue ``item``, a whole simple request, for the main thread: when it is free, or
+        behind what it has run for less than :data:`QUICK_S` (up to :data:`QUEUE_MAX`). Under
+        load the main thread then runs request after request without a thread hop; one that
+        turns out slow has what queued behind it taken back (:meth:`reclaim_stuck`).
+
+        Only at the top: never inside a request that waits on the loop (:meth:`wait_serving`).
+        """
+        with self._lock:
+            if self._nested or self._fast_waiting():
+                return False
+            if self.busy and (
+                len(self._requests) >= QUEUE_MAX
+                or (self._running and time.perf_counter() - self._since > QUICK_S)
+            ):
+                return False
+            self.busy = True
+            self._requests.append(item)
+            running = self._running
+        if not running:  # a running main thread looks at the queue when it is done
+            self._wake()
+        return True
+
+    def reclaim_stuck(self) -> tuple[list[Callable[[], None]], float | None]:
+        """Loop thread: the queued requests, taken back if what runs now has run past
+        :data:`QUICK_S`; else nothing, and in how many seconds to ask again (``None``: no
+        request is queued)."""
+        with self._lock:
+            if not self._requests:
+                return [], None
+            age = time.perf_counter() - self._since
+            if not self._running or age < QUICK_S:
+                return [], QUICK_S - age if self._running else QUICK_S
+            taken = list(self._requests)
+            self._requests.clear()
+            self.busy = bool(self._items) or self._running
+            return taken, None
+
+    def _fast_waiting(self) -> bool:
+        return bool(self.on_fast is not None and self._peek is not None and self._peek.poll(0))
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError):  # a wake-up is already pending
@@ -111,6 +164,7 @@ class MainLane:
         """
         with self._lock:
             self.busy = bool(self._items)
+            self._nested = True
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
         try:
@@ -120,35 +174,51 @@ class MainLane:
                 poller.poll()
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
-                if not self._run_items():
+                if not self._run_items(nested=True):
                     self._items.append(None)  # stopping: serve_forever sees it afterwards
                     self._wake()
                     break
         finally:
             with self._lock:
-                self.busy = True
+                self.busy = self._running = True  # the request goes on
+                self._nested = False
+            if self._requests:
+                self._wake()  # queued meanwhile: they run after it
         return future
 
-    def _run_items(self) -> bool:
-        while self._items:
-            item = self._items.popleft()
+    def _run_items(self, *, nested: bool = False) -> bool:
+        """Run what is queued; ``False`` when told to stop. ``nested`` (inside a request
+        waiting on the loop): sync calls only, the queued requests wait for the top."""
+        while True:
+            with self._lock:
+                if self._items:
+                    item = self._items.popleft()
+                elif self._requests and not nested:
+                    item = self._requests.popleft()
+                else:
+                    self.busy = bool(self._requests) and not nested
+                    return True
+                self._running = True
+                self._since = time.perf_counter()
             if item is None:
                 return False
             try:
                 item()
             finally:
-                with self._lock:
-                    self.busy = bool(self._items)
-        return True
+                self._running = False
 
     def _run_fast(self, handler: Callable[[], None]) -> None:
         with self._lock:
-            self.busy = True
+            self.busy = self._running = True
+            self._since = time.perf_counter()
         try:
             handler()
         finally:
             with self._lock:
-                self.busy = bool(self._items)  # an item queued meanwhile runs next
+                self._running = False
+                queued = self.busy = bool(self._items or self._requests)
+            if queued:
+                self._wake()  # what was queued meanwhile runs next
 
     def stop(self) -> None:
         self._items.append(None)

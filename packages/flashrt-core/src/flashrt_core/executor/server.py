@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import os
 import select
 import socket
@@ -30,7 +31,7 @@ from ..timing import Timings
 from . import carry
 from .fastlane import FastLane
 from .integrity import Integrity
-from .mainlane import MainLane
+from .mainlane import QUICK_S, MainLane
 from .scope import Answers, Scope, Streamer, current_scope, encode_response, exit_now, request_body
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ class ExecutorServer:
         self.fast_lane: FastLane | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._handler: DeployedHandler | None = None
+        self._reclaim: asyncio.TimerHandle | None = None  # checks the main thread's queue
 
     # --- start-up ---------------------------------------------------------------------------
 
@@ -112,7 +114,7 @@ class ExecutorServer:
 
         setup = self.setup
         settings = settings_from_dict(Settings, setup.settings, isolation="none")
-        configure_logging(settings)
+        configure_logging(settings, setup.log_levels)
         # Capture stays installed for the executor's life (it exists to run user code): each
         # request then only routes its output, instead of installing and removing the routers.
         capture.activate()
@@ -170,7 +172,8 @@ class ExecutorServer:
         assert self.loop is not None
         for frame in self.reader.feed(data):
             if isinstance(frame, ch.Execute):
-                self.tasks[frame.id] = self.loop.create_task(self._execute(frame))
+                if not (frame.simple and self._to_main_thread(frame)):
+                    self.tasks[frame.id] = self.loop.create_task(self._execute(frame))
             elif isinstance(frame, ch.RunDeployed):
                 self.tasks[frame.id] = self.loop.create_task(self._deployed(frame))
             elif isinstance(frame, ch.Cancel):
@@ -183,6 +186,31 @@ class ExecutorServer:
                 task = self.loop.create_task(self._preload(frame))
                 self.preloads.add(task)
                 task.add_done_callback(self.preloads.discard)
+
+    def _to_main_thread(self, frame: ch.Execute) -> bool:
+        """A simple request runs whole on the main thread, when it is free or busy with
+        something quick: no thread hop per request, where the loop's pipeline takes two (loop →
+        main thread or pool → loop). ``False``: the loop runs it."""
+        fast_lane = self.fast_lane
+        if fast_lane is None or not self.lane.try_run_request(
+            functools.partial(fast_lane.run, frame, self.chan)
+        ):
+            return False
+        if self._reclaim is None:
+            assert self.loop is not None
+            self._reclaim = self.loop.call_later(QUICK_S, self._reclaim_stuck)
+        return True
+
+    def _reclaim_stuck(self) -> None:
+        """Requests queued behind one that turned out slow run as the loop's instead."""
+        assert self.loop is not None
+        self._reclaim = None
+        taken, wait = self.lane.reclaim_stuck()
+        for item in taken:
+            frame = item.args[0]  # type: ignore[attr-defined]
+            self.tasks[frame.id] = self.loop.create_task(self._execute(frame))
+        if wait is not None:
+            self._reclaim = self.loop.call_later(wait, self._reclaim_stuck)
 
     def hand_to_loop(self, frame: ch.Execute) -> None:
         """Any thread: run ``frame`` as a task of the event loop (the fast lane declined it)."""

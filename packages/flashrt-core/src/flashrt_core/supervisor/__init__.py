@@ -178,12 +178,7 @@ class Supervisor:
         rid = self.inflight.add(request)
         try:
             if await self._dispatch(rid, request) and self._spin_s:
-                # The event loop keeps running (other requests are served) but never sleeps
-                # while a quick answer is due: waking it would cost more than the call.
-                clock = time.perf_counter
-                until = clock() + self._spin_s
-                while not request.future.done() and clock() < until:  # noqa: ASYNC110
-                    await asyncio.sleep(0)
+                self._read_fast_answer(request)
             return await request.future
         except asyncio.CancelledError:
             if self.inflight.get(rid) is request:
@@ -192,6 +187,23 @@ class Supervisor:
             raise
         finally:
             self.inflight.done(request)
+
+    def _read_fast_answer(self, request: Request) -> None:
+        """A fast-lane answer is due within microseconds: read it here, without a trip through
+        the event loop, whose wake-ups would cost more than the call. Bounded by
+        ``FLASHRT_SPIN_US`` (the request is alone in flight, so nothing else waits long); past
+        it, or at EOF, the loop's reader takes over as for any request."""
+        executor = request.executor
+        if executor is None:
+            return
+        clock = time.perf_counter
+        until = clock() + self._spin_s
+        while not request.future.done() and clock() < until:
+            frames = executor.read(executor.fast)
+            if frames is None:
+                return  # it is going: the loop's reader sees the EOF too
+            for frame in frames:
+                self._on_frame(executor, frame)
 
     async def _dispatch(self, rid: int, request: Request) -> bool:
         """Hand the request to the serving executor (waiting, bounded, for one to be ready).

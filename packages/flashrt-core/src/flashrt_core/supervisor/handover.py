@@ -4,6 +4,7 @@ puts on that executor, and what happens when its caller stops waiting.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import TYPE_CHECKING
@@ -20,6 +21,11 @@ if TYPE_CHECKING:
 __all__ = ["Handover", "release"]
 
 log = logging.getLogger("flashrt.supervisor")
+
+
+def _flush(chan: ch.Channel) -> None:
+    with contextlib.suppress(OSError):  # it is dying: its death handling retries or answers
+        chan.flush()
 
 
 def release(rid: int, request: Request) -> None:
@@ -55,7 +61,7 @@ class Handover:
         if request.deployed:
             frame: ch.Frame = ch.RunDeployed(rid, request.body, request.request_id)
         else:
-            frame = ch.Execute(rid, request.body, request.form, request.request_id)
+            frame = ch.Execute(rid, request.body, request.form, request.request_id, request.simple)
             if (
                 request.simple
                 and executor.fast_ok
@@ -67,13 +73,19 @@ class Handover:
                 # nothing else (under load, polling would take the CPU the others need).
                 chan = executor.fast
                 executor.fast_rid = rid
-        self.lanes["fast" if chan is executor.fast else "loop"] += 1
+        fast = chan is executor.fast
+        self.lanes["fast" if fast else "loop"] += 1
         try:
-            chan.send(frame)
+            if fast:
+                chan.send(frame)
+            elif chan.post(frame):
+                # Frames handed over in this turn of the event loop leave in one write: under
+                # load one wake-up of the executor carries many requests.
+                asyncio.get_running_loop().call_soon(_flush, chan)
         except OSError:
             return False  # it is dying: its death handling retries or answers this request
         self.inflight.arm(rid, request)
-        return chan is executor.fast
+        return fast
 
     def give_up(self, rid: int, request: Request) -> None:
         """The caller stopped waiting: tell the executor, and watch that it really stops."""

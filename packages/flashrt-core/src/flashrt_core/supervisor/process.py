@@ -76,6 +76,17 @@ class ExecutorSetup(NamedTuple):
     deployed_handler: str | None
 
 
+def worker_log_levels() -> dict[str, int]:
+    """The levels of this process's ``flashrt`` loggers (``""``: the package's effective
+    one), which executors take: they log what the worker would show. An embedder that never
+    configured logging then gets no INFO lines (the timing line) on stderr behind its back."""
+    levels = {"": logging.getLogger("flashrt").getEffectiveLevel()}
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if name.startswith("flashrt.") and isinstance(logger, logging.Logger) and logger.level:
+            levels[name] = logger.level
+    return levels
+
+
 class ExecutorUnavailable(RuntimeError):
     """No executor could be started; the message says why."""
 
@@ -189,6 +200,7 @@ class ExecutorProcess:
         """Its first frame: the worker's settings and ``sys.path``, and what start-up made."""
         frame = ch.Setup(
             settings=settings_to_dict(settings),
+            log_levels=worker_log_levels(),
             sys_path=list(sys.path),
             plugins=contents.plugins,
             app_dir=contents.app_dir,
