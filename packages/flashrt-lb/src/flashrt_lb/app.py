@@ -28,6 +28,7 @@ from flashrt_core.logs import request_id
 from flashrt_core.protocol import RequestError, encode_response
 from flashrt_core.settings import Settings, load_settings
 from flashrt_core.startup import StartupBound, StartupTimeout
+from starlette.requests import ClientDisconnect
 
 from .settings import LBSettings
 from .userapp import AppLoadError, Lifespan, import_app
@@ -50,6 +51,30 @@ _request_ids = itertools.count(1)
 
 class _BodyTooLarge(Exception):
     pass
+
+
+def _header(request: Request, name: bytes) -> bytes | None:
+    """A request header's raw value (``name`` lower-case), without building Starlette's
+    header object."""
+    for key, value in request.scope["headers"]:
+        if key == name:
+            return value  # type: ignore[no-any-return]
+    return None
+
+
+class _JSONBody(Response):
+    """A 200 JSON response whose two headers are made directly."""
+
+    media_type = _JSON
+
+    def __init__(self, body: bytes) -> None:
+        self.status_code = 200
+        self.background = None
+        self.body = body
+        self.raw_headers = [
+            (b"content-length", str(len(body)).encode("ascii")),
+            (b"content-type", b"application/json"),
+        ]
 
 
 def _json(
@@ -292,9 +317,10 @@ class Worker:
             peeked = self.runtime.peek(body)
         except RequestError as exc:
             return _json(400 if exc.malformed else 422, {"error": str(exc)})
-        request_id.set(request.headers.get("x-request-id") or f"http-{next(_request_ids)}")
+        rid = _header(request, b"x-request-id")
+        request_id.set(rid.decode("latin-1") if rid else f"http-{next(_request_ids)}")
         response = await self.runtime.execute(peeked)
-        return Response(encode_response(response), media_type=_JSON)
+        return _JSONBody(encode_response(response))
 
     def _authorized(self, request: Request) -> bool:
         assert self._token is not None
@@ -305,19 +331,28 @@ class Worker:
         )
 
     async def _read_body(self, request: Request) -> bytes:
-        """The body, refused as soon as it passes the limit: a huge upload is never buffered."""
+        """The body, refused as soon as it passes the limit: a huge upload is never buffered.
+
+        Read from the ASGI messages themselves (most bodies are one): Starlette's stream and
+        header objects cost more than the rest of the request's reading.
+        """
         limit = self.max_body
-        declared = request.headers.get("content-length")
+        declared = _header(request, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise _BodyTooLarge
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
+        while True:
+            message = await request.receive()
+            if message["type"] != "http.request":  # the client went away
+                raise ClientDisconnect
+            chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
                 raise _BodyTooLarge
             chunks.append(chunk)
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def forward(self, scope: Scope, receive: Receive, send: Send, not_found: ASGIApp) -> None:
         """Hand a non-reserved path to the deployed app (after start-up), else 404."""

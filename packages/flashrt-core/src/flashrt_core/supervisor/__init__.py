@@ -134,7 +134,7 @@ class Supervisor:
             self.inflight.answer(
                 rid, request.failure("the worker stopped before this request finished")
             )
-        self.inflight.forget_abandoned()
+        self.inflight.close()
         executors = list(self.executors)
         live = [executor for executor in executors if not executor.dead]
         if live:
@@ -210,7 +210,12 @@ class Supervisor:
 
         ``True`` when it went to the fast lane.
         """
-        executor = await self.serving.wait(request.instance)
+        serving = self.serving
+        executor = (
+            serving.pick(request.instance)
+            if serving.ready
+            else await serving.wait(request.instance)
+        )
         if executor is None:
             self.inflight.answer(
                 rid, stage_failure("call", f"no executor process could be started: {self.problem}")

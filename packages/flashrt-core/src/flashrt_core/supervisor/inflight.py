@@ -37,6 +37,7 @@ class Request:
     __slots__ = (
         "attempts",
         "body",
+        "deadline",
         "deployed",
         "echo",
         "executor",
@@ -48,7 +49,6 @@ class Request:
         "request_id",
         "simple",
         "timeout",
-        "timer",
     )
 
     def __init__(
@@ -70,7 +70,8 @@ class Request:
         self.attempts = 0
         self.output: list[str] = []
         self.output_size = 0
-        self.timer: asyncio.TimerHandle | None = None
+        #: When its time limit ends (the loop's clock); ``None`` while it is not running.
+        self.deadline: float | None = None
         self.echo: LineEcho | None = None
         self.request_id = request_id.get()
         #: The executor it was handed to, while it is there.
@@ -115,6 +116,7 @@ class InFlight:
         #: Requests given up on (timed out, cancelled) whose code may still run: the timer that
         #: recycles their executor if it does not stop in time.
         self.abandoned: dict[int, asyncio.TimerHandle] = {}
+        self._timer: asyncio.TimerHandle | None = None  # at the soonest deadline
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -127,25 +129,44 @@ class InFlight:
     def get(self, rid: int) -> Request | None:
         return self.requests.get(rid)
 
-    # --- timers -------------------------------------------------------------------------------
+    # --- time limits --------------------------------------------------------------------------
+    #
+    # One loop timer for the whole table, at the soonest deadline: a request's limit is then a
+    # float, not a timer made and cancelled per request. Limits are mostly alike, so a new one
+    # rarely moves the timer; when it fires it looks at every request once.
 
     def arm(self, rid: int, request: Request) -> None:
         """Start (or restart) the request's time limit."""
-        if request.timer is not None:
-            request.timer.cancel()
-        request.timer = self.loop.call_later(request.timeout, self._expired, rid)
+        deadline = request.deadline = self.loop.time() + request.timeout
+        if self._timer is None or deadline < self._timer.when():
+            self._schedule(deadline)
 
     def pause(self, request: Request) -> None:
         """Installs are not the call: the time limit waits until they are done."""
-        if request.timer is not None:
-            request.timer.cancel()
-            request.timer = None
+        request.deadline = None
 
-    def _expired(self, rid: int) -> None:
-        request = self.requests.get(rid)
-        if request is None:
-            return
-        request.timer = None
+    def _schedule(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_at(when, self._check_deadlines)
+
+    def _check_deadlines(self) -> None:
+        self._timer = None
+        now = self.loop.time()
+        soonest: float | None = None
+        for rid, request in list(self.requests.items()):
+            deadline = request.deadline
+            if deadline is None:
+                continue
+            if deadline <= now:
+                self._expired(rid, request)
+            elif soonest is None or deadline < soonest:
+                soonest = deadline
+        if soonest is not None:
+            self._schedule(soonest)
+
+    def _expired(self, rid: int, request: Request) -> None:
+        request.deadline = None
         message = f"timed out after {request.timeout:g} s"
         log.warning("request %s %s", request.request_id or rid, message)
         if request.deployed:
@@ -184,8 +205,7 @@ class InFlight:
 
     def done(self, request: Request) -> None:
         """Its caller has its answer (or stopped waiting): release what it held."""
-        if request.timer is not None:
-            request.timer.cancel()
+        request.deadline = None
         if request.echo is not None:
             request.echo.close()
 
@@ -206,16 +226,18 @@ class InFlight:
         handle.cancel()
         return True
 
-    def forget_abandoned(self) -> None:
+    def close(self) -> None:
+        """The worker stops: no timer of ours fires any more."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for handle in self.abandoned.values():
             handle.cancel()
         self.abandoned.clear()
 
     def retry(self, request: Request) -> bool:
         """Whether a request whose executor died runs again (once); notes it in its output."""
-        if request.timer is not None:
-            request.timer.cancel()
-            request.timer = None
+        request.deadline = None
         if not self.settings.retry_on_executor_death or request.attempts >= 2:
             return False
         request.output.append(RETRIED_NOTE)

@@ -64,6 +64,11 @@ class Serving:
         else:
             self.launcher.fill_spare()
 
+    @property
+    def ready(self) -> bool:
+        """An executor serves: :meth:`pick` one without waiting."""
+        return self._ready.is_set()
+
     async def wait(self, instance: str | None = None) -> ExecutorProcess | None:
         """The executor for a request (holding ``instance``, else the least loaded), waiting
         (bounded) while none serves; ``None`` at once when the last start failed, or when
