@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import builtins
-import contextlib
 import hashlib
 import inspect
 import linecache
@@ -50,8 +49,10 @@ class UserBaseException(Exception):
 def _compile(source: str, name: str) -> CodeType:
     code = _code_cache.get(source)
     if code is not None:
-        with contextlib.suppress(KeyError):  # the other lane's request evicted it meanwhile
+        try:  # noqa: SIM105 - a suppress() context costs more than the lookup
             _code_cache.move_to_end(source)
+        except KeyError:  # the other lane's request evicted it meanwhile
+            pass
         return code
     digest = hashlib.sha1(source.encode("utf-8", "surrogatepass")).hexdigest()[:10]
     filename = f"<remote {name} {digest}>"

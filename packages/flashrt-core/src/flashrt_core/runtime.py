@@ -21,7 +21,7 @@ from .lanes import Lanes
 from .plugins import RequestObservers, get_plugin_manager, observed, registered_in_code
 from .request_peek import Peeked, peek_body
 from .settings import Settings, load_settings
-from .timing import Timings
+from .timing import timings_for
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
@@ -338,15 +338,14 @@ class Runtime:
             echo = LineEcho(
                 self.settings.echo_max_bytes, request_id.get(), streams=self.echo_streams
             )
-        timings = Timings()
+        timings = timings_for(self.settings.timing_log)
         try:
             body = request.body if isinstance(request, Peeked) else request
             response = await pipeline.run(body, echo, timings=timings)
         finally:
             if echo is not None:
                 echo.close()
-        if self.settings.timing_log:
-            timings.log(response)
+        timings.log(response)
         return response
 
     async def run_deployed_job(self, job: Mapping[str, Any]) -> Any:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .protocol import FunctionRequest, FunctionResponse
 
-__all__ = ["Timings"]
+__all__ = ["Timings", "Untimed", "timings_for"]
 
 log = logging.getLogger("flashrt.timing")
 
@@ -76,3 +76,31 @@ class Timings:
         if log.isEnabledFor(logging.INFO):
             # The id the line is about, on the record: the worker's format shows it as [id].
             log.info("%s", self.line(response), extra={"request_id": self.request_id})
+
+
+class Untimed(Timings):
+    """A request whose line nobody will read (turned off, or INFO not shown): laps cost
+    nothing."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        self.request = None
+        self.failed = None
+        self.request_id = None
+
+    def lap(self, stage: str) -> None:
+        pass
+
+    def moved(self, stage: str, seconds: float) -> None:
+        pass
+
+    def log(self, response: FunctionResponse) -> None:
+        pass
+
+
+def timings_for(timing_log: bool) -> Timings:
+    """Timings for one request: real ones only when its line will be written."""
+    if timing_log and log.isEnabledFor(logging.INFO):
+        return Timings()
+    return Untimed()

@@ -26,9 +26,9 @@ import msgspec
 from .. import channel as ch
 from ..failures import stage_failure
 from ..logs import request_id
-from ..protocol import FunctionRequest
+from ..protocol import FunctionRequest, decode_request
 from ..request_peek import is_simple
-from ..timing import Timings
+from ..timing import timings_for
 from .scope import Answers, Scope, Streamer, current_scope, encode_response, request_body
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from ..lanes import Lanes
     from ..pipeline import Pipeline
     from ..protocol import FunctionResponse
+    from ..timing import Timings
 
 __all__ = ["FastLane"]
 
@@ -127,8 +128,6 @@ class FastLane:
         try:
             request: Any = request_body(frame)
             if not isinstance(request, FunctionRequest):
-                from ..protocol import decode_request
-
                 request = decode_request(request)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
             request = None
@@ -139,7 +138,7 @@ class FastLane:
         scope = Scope(frame.id)
         self.running = scope
         streamer = Streamer(via, frame.id)
-        timings = Timings()
+        timings = timings_for(self.answers.timing_log)
         try:
             response = self._base.copy().run(self._drive, scope, frame, request, streamer, timings)
         finally:

@@ -153,7 +153,7 @@ class Answers:
         reason = cuda_context_lost(response) or self.integrity.interpreter_problem()
         body = encode_response(response)
         self._send(via, ch.Result(rid, body, installed, response.instance_id, reason))
-        if timings is not None and self.timing_log:
+        if timings is not None:
             timings.log(response)
         self._after(reason)
 

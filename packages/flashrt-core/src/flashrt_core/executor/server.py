@@ -27,7 +27,7 @@ from ..lanes import Lanes, call_catching, settle
 from ..logs import configure_logging, request_id
 from ..modules import MOUNT_PREFIX
 from ..pipeline import current_request
-from ..timing import Timings
+from ..timing import timings_for
 from . import carry
 from .fastlane import FastLane
 from .integrity import Integrity
@@ -227,7 +227,7 @@ class ExecutorServer:
         current_scope.set(scope)
         request_id.set(frame.request_id)
         streamer = Streamer(self.chan, frame.id)
-        timings = Timings()
+        timings = timings_for(self.answers.timing_log)
         try:
             response = await self.pipeline.run(
                 request_body(frame), streamer, len(frame.body), timings
