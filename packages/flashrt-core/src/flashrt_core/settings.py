@@ -190,9 +190,9 @@ class Settings:
     spin_us: int = setting(
         "FLASHRT_SPIN_US",
         100,
-        "How long (µs) the worker's event loop stays awake for a fast-lane answer, and the "
-        "executor for the next request of a caller that sends back to back. Waking a sleeping "
-        "process costs tens of µs on a VM; 0 never polls.",
+        "How long (µs) the worker polls for a fast-lane answer (reading it without its event "
+        "loop), and the executor for the next request of a caller that sends back to back. "
+        "Waking a sleeping process costs tens of µs on a VM; 0 never polls.",
     )
     carry_imports: bool = setting(
         "FLASHRT_CARRY_IMPORTS",
