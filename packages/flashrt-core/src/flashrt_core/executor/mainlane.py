@@ -118,7 +118,9 @@ class MainLane:
         return bool(self.on_fast is not None and self._peek is not None and self._peek.poll(0))
 
     def _wake(self) -> None:
-        with contextlib.suppress(BlockingIOError):  # a wake-up is already pending
+        # Full: a wake-up is already pending. Closed by a request: the integrity check after
+        # its answer ends the process.
+        with contextlib.suppress(OSError):
             os.write(self._wake_w, b"\0")
 
     def serve_forever(self) -> None:
@@ -219,6 +221,12 @@ class MainLane:
                 queued = self.busy = bool(self._items or self._requests)
             if queued:
                 self._wake()  # what was queued meanwhile runs next
+
+    def wait_done(self) -> None:
+        """Any thread: return once the main thread runs nothing (an item or a fast-lane
+        request)."""
+        while self._running:
+            time.sleep(0.01)
 
     def stop(self) -> None:
         self._items.append(None)

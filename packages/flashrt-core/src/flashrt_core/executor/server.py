@@ -72,6 +72,11 @@ class ExecutorServer:
         """Body of the loop thread; the process ends when the supervisor goes away."""
         try:
             asyncio.run(self._main())
+        except BaseException:
+            # The loop died under us: a request closed its descriptors, say. One running on the
+            # main thread answers without the loop, and its integrity check then ends the
+            # process; ending it now would lose that answer. (The supervisor bounds its time.)
+            self.lane.wait_done()
         finally:
             exit_now(0)
 

@@ -199,6 +199,8 @@ class Supervisor:
         clock = time.perf_counter
         until = clock() + self._spin_s
         while not request.future.done() and clock() < until:
+            if not executor.fast_ready():
+                continue
             frames = executor.read(executor.fast)
             if frames is None:
                 return  # it is going: the loop's reader sees the EOF too

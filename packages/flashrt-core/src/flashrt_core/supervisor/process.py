@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -125,6 +126,8 @@ class ExecutorProcess:
         #: The fast lane's socket, read by the executor's main thread (used when Hello says so).
         self.fast = fast
         self.fast_ok = False
+        self._fast_poll = select.poll()  # polling without an exception per empty read
+        self._fast_poll.register(fast.fd, select.POLLIN)
         self.pidfd = pidfd
         self.readers = {chan.fd: ch.FrameReader(), fast.fd: ch.FrameReader()}
         self.hello: asyncio.Future[ch.Hello] = asyncio.get_running_loop().create_future()
@@ -226,6 +229,10 @@ class ExecutorProcess:
     def unwatch_sockets(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.remove_reader(self.chan.fd)
         loop.remove_reader(self.fast.fd)
+
+    def fast_ready(self) -> bool:
+        """The fast lane's socket holds something now (or was closed)."""
+        return bool(self._fast_poll.poll(0))
 
     def read(self, chan: ch.Channel) -> list[ch.Frame] | None:
         """The whole frames ``chan`` holds now; ``None`` at EOF (or a broken socket)."""
