@@ -38,8 +38,9 @@ class MainLane:
         self._lock = threading.Lock()
         #: Occupied, or with work queued: a sync call goes to the pool instead.
         self.busy = False
-        self._running = False  # an item or fast-lane request is running now,
-        self._since = 0.0  # since then
+        #: An item or fast-lane request runs now (also while it waits on the loop), since when.
+        self._running = False
+        self._since = 0.0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -182,7 +183,7 @@ class MainLane:
                     break
         finally:
             with self._lock:
-                self.busy = self._running = True  # the request goes on
+                self.busy = True  # the request goes on
                 self._nested = False
             if self._requests:
                 self._wake()  # queued meanwhile: they run after it
@@ -190,7 +191,8 @@ class MainLane:
 
     def _run_items(self, *, nested: bool = False) -> bool:
         """Run what is queued; ``False`` when told to stop. ``nested`` (inside a request
-        waiting on the loop): sync calls only, the queued requests wait for the top."""
+        waiting on the loop, which still counts as what runs): sync calls only, the queued
+        requests wait for the top, or are taken back."""
         while True:
             with self._lock:
                 if self._items:
@@ -200,14 +202,16 @@ class MainLane:
                 else:
                     self.busy = bool(self._requests) and not nested
                     return True
-                self._running = True
-                self._since = time.perf_counter()
+                if not nested:
+                    self._running = True
+                    self._since = time.perf_counter()
             if item is None:
                 return False
             try:
                 item()
             finally:
-                self._running = False
+                if not nested:
+                    self._running = False
 
     def _run_fast(self, handler: Callable[[], None]) -> None:
         with self._lock:
