@@ -172,7 +172,7 @@ class Invocation:
 
     def load_code(self, source: str, name: str) -> dict[str, Any]:
         """Exec ``source`` into a fresh namespace; failures are blamed on *load code*."""
-        if self.timings is None:
+        if self.timings is None or not self.timings.timed:
             return load_code(source, name)
         started = time.perf_counter()
         try:
@@ -193,7 +193,10 @@ class Invocation:
                 return await lanes.on_loop(_guard(fn(*args, **kwargs)))
             if inspect.isasyncgenfunction(fn):
                 return await lanes.on_loop(_guard(_drain(fn(*args, **kwargs))))
-        result = await lanes.run_user_sync(_call_sync, fn, args, kwargs)
+        if lanes.inline():  # the fast lane's thread: call it here, no awaiting needed
+            result = _call_sync(fn, args, kwargs)
+        else:
+            result = await lanes.run_user_sync(_call_sync, fn, args, kwargs)
         if type(result) in _PLAIN_RESULTS:
             return result
         if inspect.isawaitable(result):

@@ -299,19 +299,21 @@ class Runtime:
         if self._started is None or not self._started.done():
             await self.start()  # the executor starts on first use
         if self.supervisor is not None:
-            return await self._execute_isolated(request)
+            if not observed(self.pm):  # the body goes to the executor unparsed
+                return await self.supervisor.execute(request)
+            return await self._execute_observed(self.supervisor, request)
         if self._pipeline is None:
             from .failures import stage_failure
 
             return stage_failure("decode", self.startup_error or "the runtime did not start")
         return await self._execute_here(self._pipeline, request)
 
-    async def _execute_isolated(
-        self, request: FunctionRequest | Mapping[str, Any] | bytes | str | Peeked
+    async def _execute_observed(
+        self,
+        supervisor: Supervisor,
+        request: FunctionRequest | Mapping[str, Any] | bytes | str | Peeked,
     ) -> FunctionResponse:
-        assert self.supervisor is not None
-        if not observed(self.pm):  # the body goes to the executor unparsed
-            return await self.supervisor.execute(request)
+        """Isolated, with observers: only then is the body decoded here, for them."""
         from .protocol import RequestError, decode_request
 
         decoded: FunctionRequest | None = None
@@ -320,7 +322,7 @@ class Runtime:
         observers = RequestObservers(self)
         if decoded is not None:
             observers.started(decoded)
-        response = await self.supervisor.execute(request)
+        response = await supervisor.execute(request)
         if decoded is not None:
             observers.finished(decoded, response)
         return response

@@ -27,6 +27,9 @@ class Timings:
 
     __slots__ = ("_mark", "failed", "request", "request_id", "stages", "started")
 
+    #: Whether laps are measured (a stand-in's are not: callers may skip their clock reads).
+    timed = True
+
     def __init__(self) -> None:
         self.started = self._mark = _clock()
         self.stages: dict[str, float] = {}
@@ -83,6 +86,7 @@ class Untimed(Timings):
     nothing."""
 
     __slots__ = ()
+    timed = False
 
     def __init__(self) -> None:
         self.request = None

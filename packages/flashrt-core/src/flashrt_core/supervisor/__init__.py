@@ -177,7 +177,13 @@ class Supervisor:
     async def _submit(self, request: Request) -> Any:
         rid = self.inflight.add(request)
         try:
-            if await self._dispatch(rid, request) and self._spin_s:
+            serving = self.serving
+            executor = (
+                serving.pick(request.instance)
+                if serving.ready
+                else await serving.wait(request.instance)
+            )
+            if self._hand_over(rid, request, executor) and self._spin_s:
                 self._read_fast_answer(request)
             return await request.future
         except asyncio.CancelledError:
@@ -207,17 +213,11 @@ class Supervisor:
             for frame in frames:
                 self._on_frame(executor, frame)
 
-    async def _dispatch(self, rid: int, request: Request) -> bool:
-        """Hand the request to the serving executor (waiting, bounded, for one to be ready).
+    def _hand_over(self, rid: int, request: Request, executor: ExecutorProcess | None) -> bool:
+        """Hand the request to the executor picked for it (``None``: none could start).
 
         ``True`` when it went to the fast lane.
         """
-        serving = self.serving
-        executor = (
-            serving.pick(request.instance)
-            if serving.ready
-            else await serving.wait(request.instance)
-        )
         if executor is None:
             self.inflight.answer(
                 rid, stage_failure("call", f"no executor process could be started: {self.problem}")
