@@ -14,6 +14,15 @@ import json
 from flashrt_core import hookimpl
 
 SLEEPER = "def nap(seconds):\n    import time\n    time.sleep(seconds)\n    return seconds\n"
+#: Waits (up to 10 s) for a file that only SETTER creates: the two must not wait on each other.
+WAITER = (
+    "def wait_for(path):\n    import os, time\n"
+    "    for _ in range(1000):\n"
+    "        if os.path.exists(path):\n            return 'seen'\n"
+    "        time.sleep(0.01)\n"
+    "    return 'never seen'\n"
+)
+SETTER = "def touch(path):\n    open(path, 'w').close()\n    return 'set'\n"
 
 
 def _worker(make_worker, **settings):
@@ -93,21 +102,13 @@ def test_plugin_executors_keep_the_fast_lane(make_worker, wire):
 def test_a_request_alone_in_the_fast_lane_does_not_block_the_next_one(make_worker, wire, tmp_path):
     worker = _worker(make_worker)
     flag = tmp_path / "flag"
-    waiter = (
-        "def wait_for(path):\n    import os, time\n"
-        "    for _ in range(1000):\n"
-        "        if os.path.exists(path):\n            return 'seen'\n"
-        "        time.sleep(0.01)\n"
-        "    return 'never seen'\n"
-    )
-    setter = "def touch(path):\n    open(path, 'w').close()\n    return 'set'\n"
 
     async def both():
         first = asyncio.ensure_future(
-            worker.rt.execute(wire.function(waiter, "wait_for", str(flag)))
+            worker.rt.execute(wire.function(WAITER, "wait_for", str(flag)))
         )
         await asyncio.sleep(0.2)  # the waiter is on the executor's main thread by now
-        second = await worker.rt.execute(wire.function(setter, "touch", str(flag)))
+        second = await worker.rt.execute(wire.function(SETTER, "touch", str(flag)))
         return await first, second
 
     first, second = worker.run(both())
@@ -131,12 +132,11 @@ def test_a_simple_request_is_not_held_behind_a_sync_call_on_the_main_thread(
         str(flag),
     )
     waiter["modules"] = {"helper.py": "SEEN = 'seen'\n"}  # not simple: the loop runs it
-    setter = "def touch(path):\n    open(path, 'w').close()\n    return 'set'\n"
 
     async def both():
         first = asyncio.ensure_future(worker.rt.execute(waiter))
         await asyncio.sleep(0.2)
-        second = await worker.rt.execute(wire.function(setter, "touch", str(flag)))
+        second = await worker.rt.execute(wire.function(SETTER, "touch", str(flag)))
         return await first, second
 
     first, second = worker.run(both())
@@ -276,19 +276,11 @@ def test_a_simple_request_queued_behind_a_slow_one_is_taken_back(make_worker, wi
     what only the second does. It is taken back and run elsewhere, or both would hang."""
     worker = _worker(make_worker)
     flag = tmp_path / "flag"
-    waiter = (
-        "def wait_for(path):\n    import os, time\n"
-        "    for _ in range(1000):\n"
-        "        if os.path.exists(path):\n            return 'seen'\n"
-        "        time.sleep(0.01)\n"
-        "    return 'never seen'\n"
-    )
-    setter = "def touch(path):\n    open(path, 'w').close()\n    return 'set'\n"
 
     async def both():
         return await asyncio.gather(
-            worker.rt.execute(wire.function(waiter, "wait_for", str(flag))),
-            worker.rt.execute(wire.function(setter, "touch", str(flag))),
+            worker.rt.execute(wire.function(WAITER, "wait_for", str(flag))),
+            worker.rt.execute(wire.function(SETTER, "touch", str(flag))),
         )
 
     first, second = worker.run(both())
