@@ -18,6 +18,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import contextvars
+import functools
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ from ..logs import request_id
 from ..protocol import FunctionRequest, decode_request
 from ..request_peek import is_simple
 from ..timing import timings_for
+from .mainlane import QUICK_S, MainLane
 from .scope import Answers, Scope, Streamer, current_scope, encode_response, request_body
 
 if TYPE_CHECKING:
@@ -53,16 +55,15 @@ class FastLane:
         answers: Answers,
         loop: asyncio.AbstractEventLoop,
         hand_to_loop: Callable[[ch.Execute], None],
-        wait_serving: Callable[
-            [Callable[[], concurrent.futures.Future[Any]]], concurrent.futures.Future[Any]
-        ],
+        main_lane: MainLane,
     ) -> None:
         self.chan = chan
         self.pipeline = pipeline
         self.answers = answers
         self.loop = loop
         self.hand_to_loop = hand_to_loop  # for a request that is not for this lane after all
-        self.wait_serving = wait_serving  # the main lane's wait, serving sync calls meanwhile
+        self.main_lane = main_lane
+        self._reclaim: asyncio.TimerHandle | None = None  # checks the main thread's queue
         self.reader = ch.FrameReader()
         self.running: Scope | None = None
         self._base = contextvars.copy_context()  # each request starts from a fresh copy
@@ -79,6 +80,26 @@ class FastLane:
         for frame in self.reader.feed(data):
             if isinstance(frame, ch.Execute):
                 self.run(frame, self.chan)
+
+    def take(self, frame: ch.Execute, via: ch.Channel) -> bool:
+        """Loop thread: run ``frame``, a simple request from the main channel, whole on the
+        main thread when it is free or busy with something quick: no thread hop per request,
+        where the loop's pipeline takes two (loop → main thread or pool → loop). ``False``: the
+        loop runs it."""
+        if not self.main_lane.try_run_request(functools.partial(self.run, frame, via)):
+            return False
+        if self._reclaim is None:
+            self._reclaim = self.loop.call_later(QUICK_S, self._reclaim_stuck)
+        return True
+
+    def _reclaim_stuck(self) -> None:
+        """Loop thread: requests queued behind one that turned out slow run as the loop's."""
+        self._reclaim = None
+        taken, wait = self.main_lane.reclaim_stuck()
+        for item in taken:
+            self.hand_to_loop(item.args[0])  # type: ignore[attr-defined]  # a partial of run
+        if wait is not None:
+            self._reclaim = self.loop.call_later(wait, self._reclaim_stuck)
 
     def run(self, frame: ch.Execute, via: ch.Channel) -> None:
         """Main thread: run ``frame`` here and answer on ``via``, the channel it came by (its
@@ -117,7 +138,7 @@ class FastLane:
             return future
 
         try:
-            return self.wait_serving(start).result()
+            return self.main_lane.wait_serving(start).result()
         except concurrent.futures.CancelledError:
             raise asyncio.CancelledError from None
         finally:

@@ -1,9 +1,10 @@
 """The executor's main loop: read frames, run each request through the pipeline.
 
 Threads: the main thread is the :class:`~.mainlane.MainLane` (sync user code when it is the only
-sync call running, and the fast lane); the event loop runs in ``flashrt-executor-loop``; extra
-concurrent sync calls go to the thread pool. The channel is fd 0, close-on-exec, so user code
-that closes every descriptor above 2 cannot cut it, and subprocesses never inherit it.
+sync call running, the fast lane, simple requests run whole); the event loop runs in
+``flashrt-executor-loop``; extra concurrent sync calls go to the thread pool. The channel is fd 0,
+close-on-exec, so user code that closes every descriptor above 2 cannot cut it, and
+subprocesses never inherit it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import functools
 import os
 import select
 import socket
@@ -31,7 +31,7 @@ from ..timing import timings_for
 from . import carry
 from .fastlane import FastLane
 from .integrity import Integrity
-from .mainlane import QUICK_S, MainLane
+from .mainlane import MainLane
 from .scope import Answers, Scope, Streamer, current_scope, encode_response, exit_now, request_body
 
 if TYPE_CHECKING:
@@ -64,7 +64,6 @@ class ExecutorServer:
         self.fast_lane: FastLane | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._handler: DeployedHandler | None = None
-        self._reclaim: asyncio.TimerHandle | None = None  # checks the main thread's queue
 
     # --- start-up ---------------------------------------------------------------------------
 
@@ -102,7 +101,7 @@ class ExecutorServer:
                 self.answers,
                 loop,
                 self.hand_to_loop,
-                self.lane.wait_serving,
+                self.lane,
             )
             self.lane.on_fast = self.fast_lane.on_readable
         gone: asyncio.Future[None] = loop.create_future()
@@ -177,7 +176,8 @@ class ExecutorServer:
         assert self.loop is not None
         for frame in self.reader.feed(data):
             if isinstance(frame, ch.Execute):
-                if not (frame.simple and self._to_main_thread(frame)):
+                fast = self.fast_lane  # a simple request runs whole on the main thread if it can
+                if not (frame.simple and fast is not None and fast.take(frame, self.chan)):
                     self.tasks[frame.id] = self.loop.create_task(self._execute(frame))
             elif isinstance(frame, ch.RunDeployed):
                 self.tasks[frame.id] = self.loop.create_task(self._deployed(frame))
@@ -191,31 +191,6 @@ class ExecutorServer:
                 task = self.loop.create_task(self._preload(frame))
                 self.preloads.add(task)
                 task.add_done_callback(self.preloads.discard)
-
-    def _to_main_thread(self, frame: ch.Execute) -> bool:
-        """A simple request runs whole on the main thread, when it is free or busy with
-        something quick: no thread hop per request, where the loop's pipeline takes two (loop →
-        main thread or pool → loop). ``False``: the loop runs it."""
-        fast_lane = self.fast_lane
-        if fast_lane is None or not self.lane.try_run_request(
-            functools.partial(fast_lane.run, frame, self.chan)
-        ):
-            return False
-        if self._reclaim is None:
-            assert self.loop is not None
-            self._reclaim = self.loop.call_later(QUICK_S, self._reclaim_stuck)
-        return True
-
-    def _reclaim_stuck(self) -> None:
-        """Requests queued behind one that turned out slow run as the loop's instead."""
-        assert self.loop is not None
-        self._reclaim = None
-        taken, wait = self.lane.reclaim_stuck()
-        for item in taken:
-            frame = item.args[0]  # type: ignore[attr-defined]
-            self.tasks[frame.id] = self.loop.create_task(self._execute(frame))
-        if wait is not None:
-            self._reclaim = self.loop.call_later(wait, self._reclaim_stuck)
 
     def hand_to_loop(self, frame: ch.Execute) -> None:
         """Any thread: run ``frame`` as a task of the event loop (the fast lane declined it)."""
