@@ -155,23 +155,23 @@ class Answers:
         self._send(via, ch.Result(rid, body, installed, response.instance_id, reason))
         if timings is not None:
             timings.log(response)
-        self._after(reason)
+        self._after(reason, via)
 
     def send_deployed(self, rid: int, body: bytes) -> None:
         reason = self.integrity.interpreter_problem()
         self._send(self.chan, ch.Result(rid, body, exiting=reason))
-        self._after(reason)
+        self._after(reason, self.chan)
 
-    def _send(self, via: ch.Channel, result: ch.Result) -> None:
+    def _send(self, via: ch.Channel, frame: ch.Result | ch.Imported) -> None:
         try:
-            via.send(result)
+            via.send(frame)
         except OSError:  # the request closed that socket: the other one is out of its reach
             other = self.chan if via is self.fast else self.fast
             if other is not None:
                 with contextlib.suppress(OSError):
-                    other.send(result)
+                    other.send(frame)
 
-    def _after(self, reason: str | None) -> None:
+    def _after(self, reason: str | None, via: ch.Channel) -> None:
         joined: list[str] = []
         if reason is None:
             reason = self.integrity.descriptor_problem()
@@ -186,5 +186,5 @@ class Answers:
         if reason is not None:
             exit_now(0)
         if joined and self.imports is not None and (found := self.imports.new(joined)):
-            with contextlib.suppress(OSError):
-                self.chan.send(ch.Imported(found))
+            # On the answer's socket: it follows that answer, before the next one on it.
+            self._send(via, ch.Imported(found))
