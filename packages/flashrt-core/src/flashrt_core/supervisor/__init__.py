@@ -184,10 +184,10 @@ class Supervisor:
                 else await serving.wait(request.instance)
             )
             if self._hand_over(rid, request, executor) and self._spin_s:
-                # Once round the loop first: what arrived with this request is handed over now
-                # (to another executor of a pool), not after its answer. The executor is busy
-                # with it meanwhile, so this costs its caller nothing.
-                await asyncio.sleep(0)
+                if serving.size > 1:
+                    # Once round the loop first: what arrived with this request goes to another
+                    # executor of the pool now, not after this answer.
+                    await asyncio.sleep(0)
                 if len(self.inflight) == 1:
                     self._read_fast_answer(request)
             return await request.future
