@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import os
 import select
 import socket
@@ -23,23 +22,20 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from .. import channel as ch
-from ..lanes import Lanes, call_catching, settle
+from ..lanes import Lanes
 from ..logs import configure_logging, request_id
 from ..modules import MOUNT_PREFIX
-from ..pipeline import current_request
 from ..timing import timings_for
 from . import carry
 from .fastlane import FastLane
 from .integrity import Integrity
 from .mainlane import MainLane
-from .scope import Answers, Scope, Streamer, current_scope, encode_response, exit_now, request_body
+from .scope import Answers, Scope, Streamer, current_scope, exit_now, request_body
+from .synccalls import SyncCalls
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from ..deployment import DeployedHandler
     from ..pipeline import Pipeline
-    from ..protocol import FunctionRequest
 
 __all__ = ["main"]
 
@@ -128,7 +124,7 @@ class ExecutorServer:
 
             plugins = tuple(cloudpickle.loads(blob) for blob in setup.plugins)
         lanes = self.lanes = Lanes(settings.max_threads)
-        lanes.main_lane = self._user_sync
+        lanes.main_lane = SyncCalls(self.chan, self.lane, lanes, self._loop_intact)
         # The object hooks receive as ``runtime``; its start-up hooks ran in the worker.
         runtime = await asyncio.to_thread(Runtime, settings, extra_plugins=plugins, lanes=lanes)
         if setup.app_dir:
@@ -285,72 +281,8 @@ class ExecutorServer:
         if scope is not None:
             scope.installed = True
 
-    async def _user_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Sync user code: on the main thread when it is free (``signal.signal`` works there),
-        else in the pool."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        ctx = contextvars.copy_context()
-        scope = current_scope.get()
-        if scope is not None:
-            scope.sync_running += 1
-        on_main: list[bool] = [False]
-
-        def work() -> None:
-            result, error = ctx.run(call_catching, fn, args)
-            if scope is not None:
-                scope.sync_running -= 1
-            request = ctx.get(current_request)
-            if on_main[0] and request is not None and not self._loop_intact():
-                self._rescue(ctx, request, result, error)
-            loop.call_soon_threadsafe(settle, future, result, error)
-            if scope is not None and scope.cancelled and scope.sync_running == 0:
-                with contextlib.suppress(OSError):
-                    self.chan.send(ch.Settled(scope.id))
-
-        on_main[0] = True
-        if not self.lane.try_run(work):
-            on_main[0] = False
-            assert self.lanes is not None
-            self.lanes.pool.submit(work)
-        return await future
-
     def _loop_intact(self) -> bool:
         return self.integrity is None or self.integrity.loop_intact()
-
-    def _rescue(
-        self,
-        ctx: contextvars.Context,
-        request: FunctionRequest,
-        result: Any,
-        error: BaseException | None,
-    ) -> None:
-        """The request closed the event loop's descriptors: answer from here, then exit."""
-        from .. import capture
-        from ..codecs import encode_result
-        from ..failures import failure_response
-        from ..protocol import FunctionResponse
-
-        scope = ctx.get(current_scope)
-        if error is not None:
-            response = failure_response("call", error, error.__traceback__)
-        else:
-            try:
-                encoded, json_result = encode_result(result, request.serialization_format)
-                response = FunctionResponse(success=True, result=encoded, json_result=json_result)
-            except Exception as exc:
-                response = failure_response("encode result", exc, exc.__traceback__)
-        if request.execution_type == "class":
-            response.instance_id = request.instance_id
-        buffer = ctx.run(capture.current_buffer)
-        response.stdout = buffer.getvalue() if buffer is not None else None
-        reason = "a request closed file descriptors the executor's event loop needs"
-        if scope is not None:
-            with contextlib.suppress(OSError):
-                self.chan.send(ch.Result(scope.id, encode_response(response), exiting=reason))
-        with contextlib.suppress(OSError):
-            self.chan.send(ch.Exiting(reason))
-        exit_now(0)
 
 
 def _harden() -> None:
