@@ -65,8 +65,6 @@ def _header(request: Request, name: bytes) -> bytes | None:
 class _JSONBody(Response):
     """A 200 JSON response whose two headers are made directly."""
 
-    media_type = _JSON
-
     def __init__(self, body: bytes) -> None:
         self.status_code = 200
         self.background = None

@@ -97,7 +97,8 @@ class FastLane:
         self._reclaim = None
         taken, wait = self.main_lane.reclaim_stuck()
         for item in taken:
-            self.hand_to_loop(item.args[0])  # type: ignore[attr-defined]  # a partial of run
+            assert isinstance(item, functools.partial)  # made by take(): run(frame, via)
+            self.hand_to_loop(item.args[0])
         if wait is not None:
             self._reclaim = self.loop.call_later(wait, self._reclaim_stuck)
 
