@@ -440,8 +440,8 @@ def test_an_install_in_the_executor_persists_the_caches_from_the_worker(
     assert response.success, response.error
     executor_pid = int(wire.dec(response))
     assert f"installing in {executor_pid}" in response.stdout
-    for _ in range(100):  # persisting runs in the background
-        if marker.exists():
+    for _ in range(100):  # persisting runs in the background; the text lands after the file
+        if marker.exists() and marker.read_text():
             break
         time.sleep(0.05)
     assert marker.read_text() == str(os.getpid())  # the worker's side, once

@@ -160,8 +160,10 @@ def test_async_timeout_cancels_the_coroutine(make_worker, wire, tmp_path):
     response = worker.execute(wire.function(code, "slow", str(marker)))
     assert response.success is False
     assert "timed out after 0.3 s" in response.error
-    for _ in range(100):  # in an executor process the cancellation lands just after the answer
-        if marker.exists():
+    # In an executor process the cancellation lands just after the answer; the file exists a
+    # moment before its text is written, so wait for the text.
+    for _ in range(100):
+        if marker.exists() and marker.read_text():
             break
         time.sleep(0.05)
     assert marker.read_text() == "cancelled"
