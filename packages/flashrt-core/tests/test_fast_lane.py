@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import time
+from pathlib import Path
 
 from flashrt_core import hookimpl
 
@@ -285,3 +288,41 @@ def test_a_simple_request_queued_behind_a_slow_one_is_taken_back(make_worker, wi
 
     first, second = worker.run(both())
     assert (wire.dec(first), wire.dec(second)) == ("seen", "set")
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU time (user + system) process ``pid`` used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_idle_executor_told_a_request_is_coming_polls_for_it(make_worker, wire):
+    worker = _worker(make_worker)
+    add = wire.function("def add(a, b):\n    return a + b\n", "add", 1, 2)
+    assert wire.dec(worker.execute(add)) == 3
+    pid = worker.rt.supervisor.serving.pool[0].proc.pid
+
+    def cpu_while_idle(expect: bool) -> float:
+        before = _cpu_s(pid)
+        for _ in range(100):
+            if expect:
+                worker.rt.expect()
+            time.sleep(0.003)  # longer than it polls after an answer or an Expect
+        return _cpu_s(pid) - before
+
+    quiet = cpu_while_idle(expect=False)
+    told = cpu_while_idle(expect=True)
+    # Each announcement keeps it polling for 0.5 ms (50 ms in all); left alone it sleeps.
+    assert told - quiet >= 0.02, (quiet, told)
+    assert wire.dec(worker.execute(add)) == 3
+    assert _lanes(worker)["fast"] >= 2
+
+
+def test_expect_costs_nothing_where_nothing_sleeps(make_worker, wire):
+    worker = make_worker()  # either isolation: in-process there is no executor to wake
+    worker.rt.expect()
+    add = wire.function("def add(a, b):\n    return a + b\n", "add", 2, 2)
+    assert wire.dec(worker.execute(add)) == 4
+    worker.rt.expect()
+    worker.rt.expect()  # told twice in a row: the executor is already polling
+    assert wire.dec(worker.execute(add)) == 4

@@ -26,10 +26,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EXECUTOR_TAG_ENV",
+    "EXPECT_POLL_S",
     "Cancel",
     "Channel",
     "Execute",
     "Exiting",
+    "Expect",
     "Fork",
     "Forked",
     "Frame",
@@ -92,6 +94,15 @@ class Cancel(msgspec.Struct, tag=True):
     """The supervisor gave up on a request (cancelled or timed out): stop what can be stopped."""
 
     id: int
+
+
+class Expect(msgspec.Struct, tag=True):
+    """A request is on its way (the worker is still reading it): poll the fast lane for it
+    rather than sleep, so an idle executor is awake when it lands."""
+
+
+#: How long an executor polls for the request an :class:`Expect` announced (seconds).
+EXPECT_POLL_S = 0.0005
 
 
 class Preload(msgspec.Struct, tag=True):
@@ -162,6 +173,7 @@ Frame = (
     | Execute
     | RunDeployed
     | Cancel
+    | Expect
     | Preload
     | Hello
     | Output

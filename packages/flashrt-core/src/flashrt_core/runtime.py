@@ -288,6 +288,16 @@ class Runtime:
         at fault (``malformed`` when the body is not JSON at all)."""
         return peek_body(body, self.settings)
 
+    def expect(self) -> None:
+        """A shell says a request is on its way (it is still reading it).
+
+        An idle executor then wakes while the shell reads, not after: on a quiet worker that
+        hides one process wake-up per request. Costs nothing when nothing sleeps (no executor,
+        or requests in flight), so a shell may call it for every request.
+        """
+        if self.supervisor is not None:
+            self.supervisor.expect()
+
     async def execute(
         self, request: FunctionRequest | Mapping[str, Any] | bytes | str | Peeked
     ) -> FunctionResponse:

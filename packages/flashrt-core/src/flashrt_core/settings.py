@@ -189,10 +189,11 @@ class Settings:
     )
     spin_us: int = setting(
         "FLASHRT_SPIN_US",
-        100,
-        "How long (µs) the worker polls for a fast-lane answer (reading it without its event "
-        "loop), and the executor for the next request of a caller that sends back to back. "
-        "Waking a sleeping process costs tens of µs on a VM; 0 never polls.",
+        1000,
+        "How long (µs) the worker keeps from sleeping while a lone fast-lane request runs (for "
+        "its first 100 µs reading the socket itself), and the executor polls for the next "
+        "request of a caller that sends within that time. Waking a sleeping process costs "
+        "50-300 µs on a VM; 0 never polls.",
     )
     carry_imports: bool = setting(
         "FLASHRT_CARRY_IMPORTS",

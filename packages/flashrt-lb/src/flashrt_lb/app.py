@@ -301,6 +301,8 @@ class Worker:
                 else "this deployed resource is not live; set FLASHRT_LB_EXECUTE=true to enable it"
             )
             return _json(404, {"error": f"/execute is disabled: {why}"})
+        assert self.runtime is not None
+        self.runtime.expect()  # an idle executor wakes while we read the body
         try:
             body = await self._read_body(request)
         except _BodyTooLarge:
@@ -309,7 +311,6 @@ class Worker:
                 {"error": f"request body exceeds the limit of {self.max_body} bytes"},
                 {"Connection": "close"},
             )
-        assert self.runtime is not None
         try:
             # Its shape only: the executor decodes the request, once.
             peeked = self.runtime.peek(body)

@@ -32,7 +32,7 @@ from runpod.serverless.modules import rp_scale
 from runpod.serverless.modules.rp_logger import RunPodLogger, _reset_batch_id, _set_batch_id
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
     from types import ModuleType
 
     from runpod.http_client import ClientSession
@@ -52,8 +52,16 @@ ERROR_PAUSE_S = 1.0
 class SlotJobScaler(rp_scale.JobScaler):  # type: ignore[misc]
     """Takes a job only when a slot is free and starts it at once; held ≤ concurrency."""
 
-    def __init__(self, config: dict[str, Any], *, take_timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        take_timeout_s: float | None = None,
+        on_take: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(config)
+        #: Called as each job is taken, before the SDK's handling of it starts.
+        self.on_take = on_take
         if take_timeout_s is not None:
             self.jobs_fetcher_timeout = take_timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -146,6 +154,8 @@ class SlotJobScaler(rp_scale.JobScaler):  # type: ignore[misc]
                 self._begin(session, job)
 
     def _begin(self, session: ClientSession, job: dict[str, Any]) -> None:
+        if self.on_take is not None:
+            self.on_take()
         self.job_progress.add(job)
         self.jobs_tasks[job["id"]] = asyncio.create_task(self.handle_job(session, job))
         self.peak_held = max(self.peak_held, len(self.jobs_tasks))
@@ -207,11 +217,13 @@ def start(
     *,
     take_timeout_s: float | None = None,
     loop: asyncio.AbstractEventLoop | None = None,
+    on_take: Callable[[], None] | None = None,
 ) -> None:
     """``runpod.serverless.start`` with :class:`SlotJobScaler` as the production job loop.
 
     With ``loop`` (running in another thread) the production job loop runs there; local modes
-    run on the SDK's own loop in this thread either way.
+    run on the SDK's own loop in this thread either way. ``on_take`` is called on that loop as
+    each job is taken (the production loop only).
     """
     if not is_production(serverless, sys.argv, os.environ):
         serverless.start(config)
@@ -228,4 +240,4 @@ def start(
     mirror = PingJobMirror()
     JobsProgress().set_mirror(mirror)
     sdk_worker.heartbeat.start_ping(mirror)
-    SlotJobScaler(config, take_timeout_s=take_timeout_s).start_on(loop)
+    SlotJobScaler(config, take_timeout_s=take_timeout_s, on_take=on_take).start_on(loop)

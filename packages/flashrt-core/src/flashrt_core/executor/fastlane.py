@@ -71,15 +71,23 @@ class FastLane:
         assert main is not None
         lanes.go_inline(main, self.wait)
 
-    def on_readable(self) -> None:
-        """Main thread: the supervisor sent something (or went away: the loop sees EOF too)."""
+    def on_readable(self) -> bool:
+        """Main thread: the supervisor sent something (or went away: the loop sees EOF too).
+
+        ``True`` when it said a request is on its way and none came yet: poll for it.
+        """
         try:
             data = self.chan.recv_available()
         except OSError:  # BlockingIOError included
-            return
+            return False
+        expect = False
         for frame in self.reader.feed(data):
             if isinstance(frame, ch.Execute):
                 self.run(frame, self.chan)
+                expect = False
+            elif isinstance(frame, ch.Expect):
+                expect = True
+        return expect
 
     def take(self, frame: ch.Execute, via: ch.Channel) -> bool:
         """Loop thread: run ``frame``, a simple request from the main channel, whole on the

@@ -31,7 +31,13 @@ QUEUE_MAX = 64
 class MainLane:
     """Runs one work item at a time on the thread that calls :meth:`serve_forever`."""
 
-    def __init__(self, fast_fd: int | None = None, spin_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        fast_fd: int | None = None,
+        spin_s: float = 0.0,
+        traffic_fd: int | None = None,
+        expect_s: float = 0.0,
+    ) -> None:
         self._items: collections.deque[Callable[[], None] | None] = collections.deque()
         #: Whole requests the loop thread queued (they run after the sync calls).
         self._requests: collections.deque[Callable[[], None]] = collections.deque()
@@ -47,8 +53,14 @@ class MainLane:
         self.fast_fd = fast_fd
         self._nested = False  # in wait_serving: a request is running, though the lane is free
         self.spin_s = spin_s
+        #: Readable when the loop thread has frames to read: polling then stops, leaving the
+        #: CPU and the GIL to it.
+        self.traffic_fd = traffic_fd
+        #: How long to poll when told a request is on its way (the fast lane's handler
+        #: returns ``True``).
+        self.expect_s = expect_s
         #: Called on the main thread when the fast lane's socket is readable.
-        self.on_fast: Callable[[], None] | None = None
+        self.on_fast: Callable[[], bool] | None = None
         self._peek: select.poll | None = None
         if fast_fd is not None:
             self._peek = select.poll()
@@ -130,11 +142,19 @@ class MainLane:
         poller.register(self._wake_r, select.POLLIN)
         if self.fast_fd is not None:
             poller.register(self.fast_fd, select.POLLIN)
+        spinner = select.poll()  # the same, and the loop thread's traffic
+        spinner.register(self._wake_r, select.POLLIN)
+        if self.fast_fd is not None:
+            spinner.register(self.fast_fd, select.POLLIN)
+        if self.traffic_fd is not None:
+            spinner.register(self.traffic_fd, select.POLLIN)
         spin_until = 0.0
         answered = -1e9  # when the last fast-lane request was answered
         clock = time.perf_counter
         while True:
-            events = _spin(poller, spin_until) if spin_until else poller.poll()
+            events = (
+                _spin(poller, spinner, self.traffic_fd, spin_until) if spin_until else poller.poll()
+            )
             spin_until = 0.0
             for fd, mask in events:
                 if fd == self._wake_r:
@@ -152,7 +172,9 @@ class MainLane:
                     # caller sending back to back then finds us awake, and one that sends now
                     # and then costs no CPU.
                     quick = clock() - answered <= self.spin_s
-                    self._run_fast(self.on_fast)
+                    if self._run_fast(self.on_fast):
+                        spin_until = clock() + self.expect_s  # told a request is on its way
+                        continue
                     answered = clock()
                     if quick:
                         spin_until = answered + self.spin_s
@@ -213,12 +235,12 @@ class MainLane:
                 if not nested:
                     self._running = False
 
-    def _run_fast(self, handler: Callable[[], None]) -> None:
+    def _run_fast(self, handler: Callable[[], bool]) -> bool:
         with self._lock:
             self.busy = self._running = True
             self._since = time.perf_counter()
         try:
-            handler()
+            return handler()
         finally:
             with self._lock:
                 self._running = False
@@ -237,11 +259,18 @@ class MainLane:
         self._wake()
 
 
-def _spin(poller: select.poll, until: float) -> list[tuple[int, int]]:
-    """Poll without sleeping until ``until``, then sleep in ``poll`` as usual."""
+def _spin(
+    poller: select.poll, spinner: select.poll, traffic_fd: int | None, until: float
+) -> list[tuple[int, int]]:
+    """Poll without sleeping until ``until``, then sleep in ``poll`` as usual. Sleep at once
+    when the loop thread has frames to read (the worker is busy: under load polling here would
+    hold the GIL the loop thread needs)."""
     clock = time.perf_counter
     while clock() < until:
-        events = poller.poll(0)
+        events = spinner.poll(0)
         if events:
-            return events
+            mine = [event for event in events if event[0] != traffic_fd]
+            if mine:
+                return mine
+            break
     return poller.poll()

@@ -327,7 +327,7 @@ def main() -> int:
         os.set_inheritable(int(fast_fd), False)
         fast = ch.Channel(socket.socket(fileno=int(fast_fd)))
     spin_s = max(0, int(setup.settings.get("spin_us", 0))) / 1e6
-    lane = MainLane(fast.fd if fast is not None else None, spin_s)
+    lane = MainLane(fast.fd if fast is not None else None, spin_s, chan.fd, ch.EXPECT_POLL_S)
     server = ExecutorServer(chan, setup, lane, fast)
     thread = threading.Thread(target=server.run, name="flashrt-executor-loop", daemon=True)
     thread.start()

@@ -17,6 +17,7 @@ keeps running past the grace period is recycled so it stops using the CPU or GPU
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,9 @@ __all__ = ["RETRIED_NOTE", "ExecutorSetup", "ExecutorUnavailable", "Supervisor",
 log = logging.getLogger("flashrt.supervisor")
 
 _response = msgspec.msgpack.Decoder(FunctionResponse)
+_EXPECT = ch.Expect()
+#: The longest the worker polls for a fast-lane answer with its event loop held.
+SYNC_SPIN_S = 100e-6
 #: SIGTERM to SIGKILL for what a dead executor's code left running.
 _DESCENDANTS_GRACE_S = 0.5
 
@@ -166,6 +170,24 @@ class Supervisor:
         assert isinstance(result, FunctionResponse)
         return result
 
+    def expect(self) -> None:
+        """A request is on its way (its caller is still reading it): if the executor it will
+        go to sleeps, wake it now, so it polls for the request rather than wakes for it."""
+        if self.inflight.requests or not self._spin_s or not self.serving.ready:
+            return
+        executor = self.serving.pick()
+        if not executor.fast_ok or executor.load or executor.abandoned:
+            return
+        now = time.perf_counter()
+        if (
+            now - executor.idle_since < self._spin_s
+            or now - executor.expected_at < ch.EXPECT_POLL_S
+        ):
+            return  # it polls still
+        executor.expected_at = now
+        with contextlib.suppress(OSError):  # it is dying: its death handling sees to it
+            executor.fast.send(_EXPECT)
+
     async def run_deployed(self, job: Mapping[str, Any]) -> Any:
         """Run the deployed QB handler on one plain job, in an executor."""
         try:
@@ -201,14 +223,20 @@ class Supervisor:
 
     def _read_fast_answer(self, request: Request) -> None:
         """A fast-lane answer is due within microseconds: read it here, without a trip through
-        the event loop, whose wake-ups would cost more than the call. Bounded by
-        ``FLASHRT_SPIN_US`` (the request is alone in flight, so nothing else waits long); past
-        it, or at EOF, the loop's reader takes over as for any request."""
+        the event loop, whose wake-ups would cost more than the call.
+
+        The loop is held for :data:`SYNC_SPIN_S` at most, and only when the last answer
+        there came within it: what arrives meanwhile waits (a worker under load often has one
+        request in flight at a time), and a slower answer means code that takes longer, or
+        cores too busy to poll on. Then, up to ``FLASHRT_SPIN_US``, the loop turns without
+        sleeping (:meth:`_keep_turning`), so what arrives is served. Past it, or at EOF, the
+        loop's reader takes over as for any request."""
         executor = request.executor
         if executor is None:
             return
         clock = time.perf_counter
-        until = clock() + self._spin_s
+        start = clock()
+        until = start + min(self._spin_s, SYNC_SPIN_S) if executor.fast_took <= SYNC_SPIN_S else 0
         while not request.future.done() and clock() < until:
             if not executor.fast_ready():
                 continue
@@ -217,6 +245,15 @@ class Supervisor:
                 return  # it is going: the loop's reader sees the EOF too
             for frame in frames:
                 self._on_frame(executor, frame)
+        if not request.future.done() and self._spin_s > SYNC_SPIN_S:
+            self._keep_turning(request, start + self._spin_s)
+
+    def _keep_turning(self, request: Request, until: float) -> None:
+        """Keep the event loop from sleeping until ``request`` is answered (its reader gets the
+        answer), another request joins it, or ``until``: a sleeping worker wakes slowly."""
+        if request.future.done() or len(self.inflight) > 1 or time.perf_counter() > until:
+            return
+        self.loop.call_soon(self._keep_turning, request, until)
 
     def _hand_over(self, rid: int, request: Request, executor: ExecutorProcess | None) -> bool:
         """Hand the request to the executor picked for it (``None``: none could start).

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from .. import channel as ch
@@ -33,8 +34,12 @@ def release(rid: int, request: Request) -> None:
     executor = request.executor
     if executor is not None:
         executor.load -= 1
+        now = time.perf_counter()
+        if not executor.load:
+            executor.idle_since = now
         if executor.fast_rid == rid:
             executor.fast_rid = None  # an abandoned one keeps the lane closed until it ends
+            executor.fast_took = now - executor.fast_sent
 
 
 class Handover:
@@ -73,6 +78,7 @@ class Handover:
                 # nothing else (under load, polling would take the CPU the others need).
                 chan = executor.fast
                 executor.fast_rid = rid
+                executor.fast_sent = time.perf_counter()
         fast = chan is executor.fast
         self.lanes["fast" if fast else "loop"] += 1
         try:

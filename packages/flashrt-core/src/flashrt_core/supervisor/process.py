@@ -136,7 +136,13 @@ class ExecutorProcess:
         self.started = time.monotonic()
         #: Requests handed to it and not answered yet, and the one on its fast lane (if any).
         self.load = 0
+        #: When its load last fell to nothing, and when it was last told a request is coming.
+        self.idle_since = 0.0
+        self.expected_at = 0.0
         self.fast_rid: int | None = None
+        #: When the fast lane's request was sent, and how long the last one took to answer.
+        self.fast_sent = 0.0
+        self.fast_took = 0.0
         #: Requests given up on whose code may still run here (the fast lane stays closed).
         self.abandoned: set[int] = set()
         #: Class instances it holds (by ``instance_id``): lost with it.
