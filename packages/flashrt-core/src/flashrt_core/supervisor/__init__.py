@@ -57,6 +57,10 @@ _response = msgspec.msgpack.Decoder(FunctionResponse)
 _EXPECT = ch.Expect()
 #: The longest the worker polls for a fast-lane answer with its event loop held.
 SYNC_SPIN_S = 100e-6
+#: A fast-lane answer that came within this (hand-over to answer, as the loop saw it) was
+#: quick: the next is polled for with the loop held. Above ``SYNC_SPIN_S``: an answer that the
+#: loop read, turning, counts as quick too.
+QUICK_ANSWER_S = 200e-6
 #: SIGTERM to SIGKILL for what a dead executor's code left running.
 _DESCENDANTS_GRACE_S = 0.5
 
@@ -225,18 +229,19 @@ class Supervisor:
         """A fast-lane answer is due within microseconds: read it here, without a trip through
         the event loop, whose wake-ups would cost more than the call.
 
-        The loop is held for :data:`SYNC_SPIN_S` at most, and only when the last answer
-        there came within it: what arrives meanwhile waits (a worker under load often has one
-        request in flight at a time), and a slower answer means code that takes longer, or
-        cores too busy to poll on. Then, up to ``FLASHRT_SPIN_US``, the loop turns without
-        sleeping (:meth:`_keep_turning`), so what arrives is served. Past it, or at EOF, the
-        loop's reader takes over as for any request."""
+        The loop is held for :data:`SYNC_SPIN_S` at most, and only when the last answer there
+        was quick (:data:`QUICK_ANSWER_S`): what arrives meanwhile waits (a worker under load
+        often has one request in flight at a time), and a slower answer means code that takes
+        longer, or cores too busy to poll on. Then, up to ``FLASHRT_SPIN_US``, the loop turns
+        without sleeping (:meth:`_keep_turning`), so what arrives is served. Past it, or at
+        EOF, the loop's reader takes over as for any request."""
         executor = request.executor
         if executor is None:
             return
         clock = time.perf_counter
         start = clock()
-        until = start + min(self._spin_s, SYNC_SPIN_S) if executor.fast_took <= SYNC_SPIN_S else 0
+        quick = executor.fast_took <= QUICK_ANSWER_S
+        until = start + min(self._spin_s, SYNC_SPIN_S) if quick else 0.0
         while not request.future.done() and clock() < until:
             if not executor.fast_ready():
                 continue
