@@ -61,10 +61,7 @@ class MainLane:
         self.expect_s = expect_s
         #: Called on the main thread when the fast lane's socket is readable.
         self.on_fast: Callable[[], bool] | None = None
-        self._peek: select.poll | None = None
-        if fast_fd is not None:
-            self._peek = select.poll()
-            self._peek.register(fast_fd, select.POLLIN)
+        self._peek = _poller([fast_fd]) if fast_fd is not None else None
 
     @property
     def fds(self) -> dict[str, int]:
@@ -138,16 +135,10 @@ class MainLane:
 
     def serve_forever(self) -> None:
         """The main thread's life: run items and fast-lane requests until :meth:`stop`."""
-        poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
-        if self.fast_fd is not None:
-            poller.register(self.fast_fd, select.POLLIN)
-        spinner = select.poll()  # the same, and the loop thread's traffic
-        spinner.register(self._wake_r, select.POLLIN)
-        if self.fast_fd is not None:
-            spinner.register(self.fast_fd, select.POLLIN)
-        if self.traffic_fd is not None:
-            spinner.register(self.traffic_fd, select.POLLIN)
+        watched = [self._wake_r] if self.fast_fd is None else [self._wake_r, self.fast_fd]
+        poller = _poller(watched)
+        # The same while polling, and the loop thread's traffic.
+        spinner = _poller(watched if self.traffic_fd is None else [*watched, self.traffic_fd])
         spin_until = 0.0
         answered = -1e9  # when the last fast-lane request was answered
         clock = time.perf_counter
@@ -167,6 +158,7 @@ class MainLane:
                     # executor is exiting), or the supervisor is gone (so is fd 0: the loop
                     # thread ends the process). Stop watching it meanwhile.
                     poller.unregister(fd)
+                    spinner.unregister(fd)
                 elif self.on_fast is not None:
                     # Poll after this one only if it came quickly after the last answer: a
                     # caller sending back to back then finds us awake, and one that sends now
@@ -190,8 +182,7 @@ class MainLane:
         with self._lock:
             self.busy = bool(self._items)
             self._nested = True
-        poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
+        poller = _poller([self._wake_r])
         try:
             future = start()
             future.add_done_callback(lambda _: self._wake())
@@ -257,6 +248,13 @@ class MainLane:
     def stop(self) -> None:
         self._items.append(None)
         self._wake()
+
+
+def _poller(fds: list[int]) -> select.poll:
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return poller
 
 
 def _spin(
