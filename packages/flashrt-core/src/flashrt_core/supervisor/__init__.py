@@ -3,7 +3,8 @@
 It lives on the worker's event loop and never sees the ``Runtime``: it gets the settings, what
 an executor's ``Setup`` carries, an "installs changed the environment" callback and the echo's
 streams. One executor serves new requests (:mod:`.serving`); a simple request alone on it goes
-over its fast lane, whose answer the loop awaits without sleeping for a short while. The
+over its fast lane, whose answer the worker awaits without sleeping for a short while
+(:mod:`.awake`). The
 :mod:`.launcher` keeps a ready spare and makes every later executor, forked by the zygote.
 
 A death is seen at once (channel EOF, the process's end), never polled. It costs only the
@@ -17,9 +18,7 @@ keeps running past the grace period is recycled so it stops using the CPU or GPU
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -30,6 +29,7 @@ from ..protocol import FunctionResponse
 from ..request_peek import Peeked, peek_request
 from ..settings import executor_count
 from . import descendants
+from .awake import Awake
 from .handover import Handover, release
 from .inflight import RETRIED_NOTE, InFlight, Request
 from .launcher import Launcher
@@ -54,13 +54,6 @@ __all__ = ["RETRIED_NOTE", "ExecutorSetup", "ExecutorUnavailable", "Supervisor",
 log = logging.getLogger("flashrt.supervisor")
 
 _response = msgspec.msgpack.Decoder(FunctionResponse)
-_EXPECT = ch.Expect()
-#: The longest the worker polls for a fast-lane answer with its event loop held.
-SYNC_SPIN_S = 100e-6
-#: A fast-lane answer that came within this (hand-over to answer, as the loop saw it) was
-#: quick: the next is polled for with the loop held. Above ``SYNC_SPIN_S``: an answer that the
-#: loop read, turning, counts as quick too.
-QUICK_ANSWER_S = 200e-6
 #: SIGTERM to SIGKILL for what a dead executor's code left running.
 _DESCENDANTS_GRACE_S = 0.5
 
@@ -92,7 +85,9 @@ class Supervisor:
         self._first: ExecutorProcess | None = None  # spawned, while no zygote starts
         self._closing = False
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._spin_s = max(0, settings.spin_us) / 1e6
+        self.awake = Awake(
+            max(0, settings.spin_us) / 1e6, self.loop, self.inflight, self.serving, self._on_frame
+        )
 
     @property
     def lanes(self) -> dict[str, int]:
@@ -175,22 +170,9 @@ class Supervisor:
         return result
 
     def expect(self) -> None:
-        """A request is on its way (its caller is still reading it): if the executor it will
-        go to sleeps, wake it now, so it polls for the request rather than wakes for it."""
-        if self.inflight.requests or not self._spin_s or not self.serving.ready:
-            return
-        executor = self.serving.pick()
-        if not executor.fast_ok or executor.load or executor.abandoned:
-            return
-        now = time.perf_counter()
-        if (
-            now - executor.idle_since < self._spin_s
-            or now - executor.expected_at < ch.EXPECT_POLL_S
-        ):
-            return  # it polls still
-        executor.expected_at = now
-        with contextlib.suppress(OSError):  # it is dying: its death handling sees to it
-            executor.fast.send(_EXPECT)
+        """A request is on its way (its caller is still reading it): an idle executor wakes
+        now, while the caller reads (:meth:`Awake.announce`)."""
+        self.awake.announce()
 
     async def run_deployed(self, job: Mapping[str, Any]) -> Any:
         """Run the deployed QB handler on one plain job, in an executor."""
@@ -209,13 +191,18 @@ class Supervisor:
                 if serving.ready
                 else await serving.wait(request.instance)
             )
-            if self._hand_over(rid, request, executor) and self._spin_s:
+            if executor is None:
+                failure = stage_failure(
+                    "call", f"no executor process could be started: {self.problem}"
+                )
+                self.inflight.answer(rid, failure)
+            elif self._hand_over(rid, request, executor):
                 if serving.size > 1:
                     # Once round the loop first: what arrived with this request goes to another
                     # executor of the pool now, not after this answer.
                     await asyncio.sleep(0)
-                if len(self.inflight) == 1:
-                    self._read_fast_answer(request)
+                if len(self.inflight) == 1 and self.awake.spin_s:
+                    self.awake.await_answer(executor, request)
             return await request.future
         except asyncio.CancelledError:
             if self.inflight.get(rid) is request:
@@ -225,51 +212,9 @@ class Supervisor:
         finally:
             self.inflight.done(request)
 
-    def _read_fast_answer(self, request: Request) -> None:
-        """A fast-lane answer is due within microseconds: read it here, without a trip through
-        the event loop, whose wake-ups would cost more than the call.
-
-        The loop is held for :data:`SYNC_SPIN_S` at most, and only when the last answer there
-        was quick (:data:`QUICK_ANSWER_S`): what arrives meanwhile waits (a worker under load
-        often has one request in flight at a time), and a slower answer means code that takes
-        longer, or cores too busy to poll on. Then, up to ``FLASHRT_SPIN_US``, the loop turns
-        without sleeping (:meth:`_keep_turning`), so what arrives is served. Past it, or at
-        EOF, the loop's reader takes over as for any request."""
-        executor = request.executor
-        if executor is None:
-            return
-        clock = time.perf_counter
-        start = clock()
-        quick = executor.fast_took <= QUICK_ANSWER_S
-        until = start + min(self._spin_s, SYNC_SPIN_S) if quick else 0.0
-        while not request.future.done() and clock() < until:
-            if not executor.fast_ready():
-                continue
-            frames = executor.read(executor.fast)
-            if frames is None:
-                return  # it is going: the loop's reader sees the EOF too
-            for frame in frames:
-                self._on_frame(executor, frame)
-        if not request.future.done() and self._spin_s > SYNC_SPIN_S:
-            self._keep_turning(request, start + self._spin_s)
-
-    def _keep_turning(self, request: Request, until: float) -> None:
-        """Keep the event loop from sleeping until ``request`` is answered (its reader gets the
-        answer), another request joins it, or ``until``: a sleeping worker wakes slowly."""
-        if request.future.done() or len(self.inflight) > 1 or time.perf_counter() > until:
-            return
-        self.loop.call_soon(self._keep_turning, request, until)
-
-    def _hand_over(self, rid: int, request: Request, executor: ExecutorProcess | None) -> bool:
-        """Hand the request to the executor picked for it (``None``: none could start).
-
-        ``True`` when it went to the fast lane.
-        """
-        if executor is None:
-            self.inflight.answer(
-                rid, stage_failure("call", f"no executor process could be started: {self.problem}")
-            )
-            return False
+    def _hand_over(self, rid: int, request: Request, executor: ExecutorProcess) -> bool:
+        """Hand the request to the executor picked for it; ``True`` when it went to the fast
+        lane."""
         if self.inflight.get(rid) is not request:  # answered meanwhile (the worker is stopping)
             return False
         return self.handover.send(executor, rid, request)
