@@ -22,7 +22,8 @@ HAPI (``RUNPOD_HAPI_URL`` = :attr:`FakeRunPod.base_url`)
     worker's process wrote so far (fed by :meth:`add_log_line`), prefixed with an ISO-8601 time.
 
 Every job records when it was taken and when its job-done came (:meth:`held_peak`), and
-:attr:`FakeRunPod.take_faults` makes job-takes answer an error status or hang.
+:attr:`FakeRunPod.take_faults` makes job-takes answer an error status or hang
+(:attr:`FakeRunPod.done_faults`: job-done posts an error status).
 
 Tests can also enqueue and wait without HTTP (:meth:`submit`, :meth:`wait`). Everything runs in
 one background thread per request (``ThreadingHTTPServer``); state is guarded by one condition.
@@ -66,6 +67,9 @@ class FakeJob:
     finished: float | None = None
     stream: list[Any] = field(default_factory=list)
     done_posts: int = 0
+    #: The last job-done's ``stopPod`` flag and ``X-Request-ID`` header.
+    stop_pod: bool = False
+    request_id: str | None = None
     #: When the worker's job-take got it and when its first job-done arrived (monotonic).
     taken_at: float | None = None
     done_at: float | None = None
@@ -105,6 +109,8 @@ class FakeRunPod:
         #: HTTP status, or "hang" (held ``hang_s`` without taking a job, then answered 204).
         self.take_faults: dict[str, deque[int | str]] = {}
         self.hang_s = 30.0
+        #: HTTP statuses the next job-done posts answer instead of taking the result.
+        self.done_faults: deque[int] = deque()
         #: worker id -> job-take requests it has open now, and the most it ever had open at once.
         self.takes_open: dict[str, int] = {}
         self.takes_open_peak: dict[str, int] = {}
@@ -320,23 +326,36 @@ class FakeRunPod:
             with self.cond:
                 self.takes_open[worker] -= 1
 
-    def _job_done(self, job_id: str, body: Any, *, stream: bool) -> None:
+    def inject_done_faults(self, *statuses: int) -> None:
+        """Make the next job-done posts answer these statuses (see :attr:`done_faults`)."""
+        with self.cond:
+            self.done_faults.extend(statuses)
+
+    def _job_done(
+        self, job_id: str, body: Any, *, stream: bool, request_id: str | None = None
+    ) -> int:
+        """Record a job-done post; the status it answers."""
         with self.cond:
             job = self.jobs.get(job_id)
             if job is None:
-                return
+                return 200
             job.done_posts += 1
+            if self.done_faults:
+                return self.done_faults.popleft()
+            job.request_id = request_id
             if job.done_at is None:
                 job.done_at = time.monotonic()
             if job.status in FINAL:  # cancelled meanwhile: the platform keeps CANCELLED
                 self.cond.notify_all()
-                return
+                return 200
             body = body if isinstance(body, dict) else {"output": body}
             job.output = body.get("output", job.stream if stream else None)
             job.error = body.get("error")
+            job.stop_pod = bool(body.get("stopPod"))
             job.status = "FAILED" if job.error else "COMPLETED"
             job.finished = time.monotonic()
             self.cond.notify_all()
+            return 200
 
     def _stream(self, job_id: str, body: Any) -> None:
         with self.cond:
@@ -459,8 +478,13 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send(204)
         elif method == "POST" and action == "job-done" and len(rest) >= 2:
-            fake._job_done(rest[1], body, stream=query.get("isStream") == "true")
-            self._send(200, {})
+            status = fake._job_done(
+                rest[1],
+                body,
+                stream=query.get("isStream") == "true",
+                request_id=self.headers.get("X-Request-ID"),
+            )
+            self._send(status, {} if status < 400 else {"error": f"injected {status}"})
         elif method == "POST" and action == "job-stream" and len(rest) >= 2:
             fake._stream(rest[1], body)
             self._send(200, {})

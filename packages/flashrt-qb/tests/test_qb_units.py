@@ -253,7 +253,8 @@ def test_the_fast_sdk_import_gives_the_sdk_the_same_brand_and_restores_cpuinfo()
 
 
 def test_sdk_internals_the_job_loop_relies_on() -> None:
-    """Fails loudly when a runpod release moves what :mod:`flashrt_qb.job_loop` builds on."""
+    """Fails loudly when a runpod release moves what :mod:`flashrt_qb.job_loop` and
+    :mod:`flashrt_qb.job_result` build on."""
     import inspect
 
     import runpod
@@ -261,7 +262,14 @@ def test_sdk_internals_the_job_loop_relies_on() -> None:
     from flashrt_qb.sdk import import_serverless
     from runpod import http_client
     from runpod.serverless import worker as sdk_worker
-    from runpod.serverless.modules import rp_fitness, rp_job, rp_logger, rp_scale, worker_state
+    from runpod.serverless.modules import (
+        rp_fitness,
+        rp_http,
+        rp_job,
+        rp_logger,
+        rp_scale,
+        worker_state,
+    )
 
     serverless = import_serverless()
     major, minor = (int(x) for x in runpod.__version__.split(".")[:2])
@@ -275,6 +283,9 @@ def test_sdk_internals_the_job_loop_relies_on() -> None:
     assert callable(worker_state.PingJobMirror) and callable(worker_state.JobsProgress)
     assert callable(rp_logger._set_batch_id) and callable(rp_logger._reset_batch_id)
     assert http_client.TooManyRequests and callable(http_client.AsyncClientSession)
+    # flashrt_qb.job_result posts a plain handler's result itself, to the SDK's job-done URL.
+    assert isinstance(rp_http.JOB_DONE_URL, str)
+    assert callable(rp_logger.RunPodLogger().tip)
     scaler_attrs = (
         "monitor_stop_signals",
         "stop_job",

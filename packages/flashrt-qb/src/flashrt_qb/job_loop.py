@@ -28,8 +28,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from runpod.http_client import AsyncClientSession, TooManyRequests
-from runpod.serverless.modules import rp_scale
+from runpod.serverless.modules import rp_http, rp_scale
 from runpod.serverless.modules.rp_logger import RunPodLogger, _reset_batch_id, _set_batch_id
+
+from .job_result import finish_job, sdk_handles
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -69,6 +71,8 @@ class SlotJobScaler(rp_scale.JobScaler):  # type: ignore[misc]
         #: Jobs taken and not yet finished, at most: for tests and logs.
         self.peak_held = 0
         self.current_concurrency: int = 1
+        #: A plain handler's jobs skip the SDK's ``handle_job`` (see :mod:`.job_result`).
+        self._plain = not sdk_handles(config)
 
     # --- the SDK's entry points -----------------------------------------------------------
 
@@ -164,7 +168,10 @@ class SlotJobScaler(rp_scale.JobScaler):  # type: ignore[misc]
         """The SDK's ``handle_job`` minus its local queue; a finished job frees its slot."""
         batch_token = _set_batch_id(job.get("batchId"))
         try:
-            await self.jobs_handler(session, self.config, job)
+            if self._plain:
+                await finish_job(session, self.config, job, rp_http.JOB_DONE_URL)
+            else:
+                await self.jobs_handler(session, self.config, job)
             if self.config.get("refresh_worker", False):
                 self.kill_worker()
         except asyncio.CancelledError:
