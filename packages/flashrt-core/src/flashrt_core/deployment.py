@@ -14,6 +14,7 @@ executor process by default. Its import (a model load, often) is bounded by the 
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
 import json
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 
     from .lanes import Lanes
     from .runtime import Runtime
+    from .settings import Settings
 
 __all__ = [
     "MANIFEST_FILE",
@@ -38,6 +40,7 @@ __all__ = [
     "DeployedHandler",
     "DeployedHandlerError",
     "DeployedHandlerTimeout",
+    "HandlerHere",
     "deployed_app_dir",
     "executor_app_dir",
     "handler_step",
@@ -222,6 +225,65 @@ async def load_handler_within(
         )
     except StartupTimeout as exc:
         raise DeployedHandlerTimeout(str(exc)) from None
+
+
+class HandlerHere:
+    """An in-process worker's deployed handler (an executor loads its own): loaded once,
+    within the start-up limit. A failure is kept, so a later call does not start a second
+    import behind the first (which may still be running)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        lanes: Lanes,
+        app_dir: Callable[[], Path | None],
+        resource: str | None,
+    ) -> None:
+        self.settings = settings
+        self.lanes = lanes
+        self._app_dir = app_dir
+        self.resource = resource
+        self._handler: DeployedHandler | None = None
+        self._failure: DeployedAppUnavailable | DeployedHandlerError | None = None
+
+    async def load(self) -> DeployedHandler:
+        """The handler; raises :class:`DeployedHandlerError` (:class:`DeployedHandlerTimeout`
+        past the limit) or :class:`DeployedAppUnavailable` naming the problem."""
+        if self._handler is not None:
+            return self._handler
+        if self._failure is not None:
+            raise self._failure
+        app_dir = self._app_dir()
+        if app_dir is None or self.resource is None:
+            raise DeployedAppUnavailable("this worker is not deployed (FLASH_RESOURCE_NAME?)")
+        settings = self.settings
+        try:
+            self._handler = await load_handler_within(
+                self.lanes,
+                app_dir,
+                self.resource,
+                settings.startup_timeout_s,
+                settings.startup_progress_s,
+            )
+        except (DeployedAppUnavailable, DeployedHandlerError) as exc:
+            self._failure = exc
+            raise
+        return self._handler
+
+    async def run(self, job: Any) -> Any:
+        """One plain-JSON job, under the request time limit; a failure is the job's answer."""
+        try:
+            handler = await self.load()
+        except (DeployedAppUnavailable, DeployedHandlerError) as exc:
+            return {"success": False, "error": str(exc)}
+        timeout = self.settings.timeout_s
+        try:
+            return await asyncio.wait_for(run_deployed_job(handler, self.lanes, job), timeout)
+        except asyncio.TimeoutError:
+            return {
+                "success": False,
+                "error": f"the deployed handler timed out after {timeout:g} s",
+            }
 
 
 def executor_app_dir(runtime: Runtime) -> str | None:

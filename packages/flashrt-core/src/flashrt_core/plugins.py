@@ -178,6 +178,27 @@ def observed(pm: FlashrtPluginManager) -> bool:
     )
 
 
+def pickled_for_executors(pm: FlashrtPluginManager, plugins: tuple[object, ...]) -> list[bytes]:
+    """``plugins`` (registered in code) cloudpickled for an executor process; one that cannot
+    be is left out, saying so (its worker-side hooks still run)."""
+    if not plugins:
+        return []
+    import cloudpickle
+
+    pickled: list[bytes] = []
+    for plugin in plugins:
+        try:
+            pickled.append(cloudpickle.dumps(plugin))
+        except Exception as exc:
+            log.warning(
+                "plugin %r cannot be sent to the executor process (%s): its executor-side "
+                "hooks do not run",
+                pm.get_name(plugin) or plugin,
+                exc,
+            )
+    return pickled
+
+
 def registered_in_code(pm: FlashrtPluginManager) -> tuple[object, ...]:
     """Plugins registered in code (not built in, not entry points): executors get them too."""
     found: list[object] = []

@@ -16,9 +16,16 @@ import logging
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import capture
+from .background import Background
 from .instances import InstanceRegistry
 from .lanes import Lanes
-from .plugins import RequestObservers, get_plugin_manager, observed, registered_in_code
+from .plugins import (
+    RequestObservers,
+    get_plugin_manager,
+    observed,
+    pickled_for_executors,
+    registered_in_code,
+)
 from .request_peek import Peeked, peek_body
 from .settings import Settings, load_settings
 from .timing import timings_for
@@ -28,7 +35,7 @@ if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
     from typing import TextIO
 
-    from .deployment import DeployedHandler
+    from .deployment import DeployedHandler, HandlerHere
     from .pipeline import Pipeline
     from .plugins import FlashrtPluginManager
     from .protocol import FunctionRequest, FunctionResponse
@@ -86,10 +93,9 @@ class Runtime:
         self.deployed_handler_resource: str | None = None
         self.supervisor: Supervisor | None = None
         self._pipeline: Pipeline | None = None
-        self._deployed_handler: DeployedHandler | None = None
-        self._deployed_failure: Exception | None = None
+        self._deployed: HandlerHere | None = None  # in-process, deployed: its handler
         self._started: asyncio.Future[None] | None = None
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background = Background()
         self.pm.hook.flashrt_configure.call_historic(kwargs={"settings": self.settings})
 
     @property
@@ -180,51 +186,25 @@ class Runtime:
         :class:`~flashrt_core.deployment.DeployedHandlerTimeout` past the limit) or
         :class:`~flashrt_core.deployment.DeployedAppUnavailable` naming the problem; a failure
         is kept, so a later call does not start a second import behind the first."""
-        if self._deployed_handler is None:
-            if self._deployed_failure is not None:
-                raise self._deployed_failure
-            from .deployment import (
-                DeployedAppUnavailable,
-                DeployedHandlerError,
-                deployed_app_dir,
-                load_handler_within,
-            )
+        return await self._handler_here().load()
 
-            app_dir = deployed_app_dir(self)
-            if app_dir is None or self.deployed_handler_resource is None:
-                raise DeployedAppUnavailable("this worker is not deployed (FLASH_RESOURCE_NAME?)")
-            settings = self.settings
-            try:
-                self._deployed_handler = await load_handler_within(
-                    self.lanes,
-                    app_dir,
-                    self.deployed_handler_resource,
-                    settings.startup_timeout_s,
-                    settings.startup_progress_s,
-                )
-            except (DeployedAppUnavailable, DeployedHandlerError) as exc:
-                self._deployed_failure = exc
-                raise
-        return self._deployed_handler
+    def _handler_here(self) -> HandlerHere:
+        if self._deployed is None:
+            from .deployment import HandlerHere, deployed_app_dir
+
+            self._deployed = HandlerHere(
+                self.settings,
+                self.lanes,
+                lambda: deployed_app_dir(self),
+                self.deployed_handler_resource,
+            )
+        return self._deployed
 
     def _executor_setup(self) -> ExecutorSetup:
         from .deployment import executor_app_dir
         from .supervisor import ExecutorSetup
 
-        plugins: list[bytes] = []
-        if self.extra_plugins:
-            import cloudpickle
-
-            for plugin in self.extra_plugins:
-                try:
-                    plugins.append(cloudpickle.dumps(plugin))
-                except Exception as exc:  # its worker-side hooks still run here
-                    log.warning(
-                        "plugin %r cannot be sent to the executor process (%s): its "
-                        "executor-side hooks do not run",
-                        self.pm.get_name(plugin) or plugin,
-                        exc,
-                    )
+        plugins = pickled_for_executors(self.pm, self.extra_plugins)
         return ExecutorSetup(plugins, executor_app_dir(self), self.deployed_handler_resource)
 
     async def shutdown(self) -> None:
@@ -237,8 +217,7 @@ class Runtime:
                     log.exception("a plugin's shutdown failed")
         if self.supervisor is not None:
             await self.supervisor.stop()
-        if self._background:
-            await asyncio.wait(set(self._background), timeout=10)
+        await self._background.wait(10)
         self.lanes.shutdown()
 
     async def _gather(self, results: list[Any]) -> None:
@@ -258,21 +237,7 @@ class Runtime:
 
     def background(self, awaitable: Awaitable[Any]) -> asyncio.Task[Any]:
         """Run work off the request path; kept referenced and its failures logged."""
-
-        async def runner() -> Any:
-            # Background work belongs to no request: never capture its output.
-            capture.use_buffer(None)
-            return await awaitable
-
-        task = asyncio.ensure_future(runner())
-        self._background.add(task)
-        task.add_done_callback(self._background_done)
-        return task
-
-    def _background_done(self, task: asyncio.Task[Any]) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task failed", exc_info=task.exception())
+        return self._background.spawn(awaitable)
 
     def persist_caches(self) -> None:
         """Installs changed the environment: persist the caches, off every request's path."""
@@ -369,15 +334,4 @@ class Runtime:
             return await self.supervisor.run_deployed(job)
         if self.startup_error:
             return {"success": False, "error": self.startup_error}
-        from .deployment import DeployedAppUnavailable, DeployedHandlerError, run_deployed_job
-
-        try:
-            handler = await self.load_deployed_handler()
-        except (DeployedAppUnavailable, DeployedHandlerError) as exc:
-            return {"success": False, "error": str(exc)}
-        timeout = self.settings.timeout_s
-        try:
-            return await asyncio.wait_for(run_deployed_job(handler, self.lanes, job), timeout)
-        except asyncio.TimeoutError:
-            message = f"the deployed handler timed out after {timeout:g} s"
-            return {"success": False, "error": message}
+        return await self._handler_here().run(job)

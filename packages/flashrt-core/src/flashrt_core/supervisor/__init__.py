@@ -53,7 +53,6 @@ __all__ = ["RETRIED_NOTE", "ExecutorSetup", "ExecutorUnavailable", "Supervisor",
 
 log = logging.getLogger("flashrt.supervisor")
 
-_response = msgspec.msgpack.Decoder(FunctionResponse)
 #: SIGTERM to SIGKILL for what a dead executor's code left running.
 _DESCENDANTS_GRACE_S = 0.5
 
@@ -133,11 +132,7 @@ class Supervisor:
         self._closing = True
         self.launcher.stop_tasks()
         self.serving.stop()
-        for rid, request in list(self.inflight.requests.items()):
-            self.inflight.answer(
-                rid, request.failure("the worker stopped before this request finished")
-            )
-        self.inflight.close()
+        self.inflight.close("the worker stopped before this request finished")
         executors = list(self.executors)
         live = [executor for executor in executors if not executor.dead]
         if live:
@@ -244,11 +239,7 @@ class Supervisor:
                 self._retiring(executor, frame.exiting)
             self._on_result(executor, frame)
         elif isinstance(frame, ch.Phase):
-            request = inflight.get(frame.id)
-            if request is not None:
-                inflight.pause(request)
-                if frame.name == "call":
-                    inflight.arm(frame.id, request)
+            inflight.phase(frame.id, frame.name)
         elif isinstance(frame, ch.Settled):
             inflight.settled(frame.id)
             executor.abandoned.discard(frame.id)
@@ -276,18 +267,7 @@ class Supervisor:
         request = self.inflight.get(frame.id)
         if request is None:
             return
-        if request.deployed:
-            try:
-                value: Any = msgspec.msgpack.decode(frame.body)
-            except msgspec.DecodeError as exc:
-                value = {"success": False, "error": f"the deployed handler's output: {exc}"}
-        else:
-            try:
-                value = _response.decode(frame.body)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                value = stage_failure("encode result", f"the executor's answer is invalid: {exc}")
-            if request.attempts > 1:  # say so: its side effects may have happened twice
-                value.stdout = RETRIED_NOTE + (value.stdout or "")
+        value = request.answer_from(frame.body)
         if frame.installed:
             self._on_installed()
         if frame.instance_id:
@@ -342,12 +322,7 @@ class Supervisor:
         """Each request the dead executor had runs again once, alone, or fails saying why."""
         lost = sorted(executor.instances)
         executor.instances.clear()
-        for rid in executor.abandoned:  # their code died with it
-            self.inflight.settled(rid)
-        executor.abandoned.clear()
-        for rid, request in list(self.inflight.requests.items()):
-            if request.executor is not executor:
-                continue
+        for rid, request in self.inflight.lost_with(executor):
             release(rid, request)
             request.executor = None
             if self.inflight.retry(request):

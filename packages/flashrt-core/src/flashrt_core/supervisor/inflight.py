@@ -13,8 +13,11 @@ import itertools
 import logging
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from ..failures import stage_failure
 from ..logs import request_id
+from ..protocol import FunctionResponse
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -27,6 +30,8 @@ if TYPE_CHECKING:
 __all__ = ["RETRIED_NOTE", "InFlight", "Request"]
 
 log = logging.getLogger("flashrt.supervisor")
+
+_response = msgspec.msgpack.Decoder(FunctionResponse)
 
 RETRIED_NOTE = "[flashrt] the executor process died while this request ran; running it again\n"
 
@@ -90,6 +95,21 @@ class Request:
             )
         return message
 
+    def answer_from(self, body: bytes) -> Any:
+        """Its caller's answer from the executor's ``Result`` body; an invalid one is said so."""
+        if self.deployed:
+            try:
+                return msgspec.msgpack.decode(body)
+            except msgspec.DecodeError as exc:
+                return {"success": False, "error": f"the deployed handler's output: {exc}"}
+        try:
+            value = _response.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return stage_failure("encode result", f"the executor's answer is invalid: {exc}")
+        if self.attempts > 1:  # say so: its side effects may have happened twice
+            value.stdout = RETRIED_NOTE + (value.stdout or "")
+        return value
+
     def failure(self, message: str) -> Any:
         """The caller's answer for a request that did not finish, with its output so far."""
         stdout = "".join(self.output) or None
@@ -141,9 +161,14 @@ class InFlight:
         if self._timer is None or deadline < self._timer.when():
             self._schedule(deadline)
 
-    def pause(self, request: Request) -> None:
-        """Installs are not the call: the time limit waits until they are done."""
-        request.deadline = None
+    def phase(self, rid: int, name: str) -> None:
+        """The request's code reached ``name``: its time limit runs from the call only
+        (installs, loading are not the call)."""
+        request = self.requests.get(rid)
+        if request is not None:
+            request.deadline = None
+            if name == "call":
+                self.arm(rid, request)
 
     def _schedule(self, when: float) -> None:
         if self._timer is not None:
@@ -226,14 +251,25 @@ class InFlight:
         handle.cancel()
         return True
 
-    def close(self) -> None:
-        """The worker stops: no timer of ours fires any more."""
+    def close(self, why: str) -> None:
+        """The worker stops: what is in flight fails saying ``why``, and no timer of ours fires
+        any more."""
+        for rid, request in list(self.requests.items()):
+            self.answer(rid, request.failure(why))
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         for handle in self.abandoned.values():
             handle.cancel()
         self.abandoned.clear()
+
+    def lost_with(self, executor: ExecutorProcess) -> list[tuple[int, Request]]:
+        """The requests a dead ``executor`` had; those given up on there are settled (their
+        code died with it)."""
+        for rid in executor.abandoned:
+            self.settled(rid)
+        executor.abandoned.clear()
+        return [(rid, r) for rid, r in self.requests.items() if r.executor is executor]
 
     def retry(self, request: Request) -> bool:
         """Whether a request whose executor died runs again (once); notes it in its output."""
