@@ -183,28 +183,46 @@ class ModuleBaseline:
         self._known: set[str] = set()
         self._get = _getter(self._names)
         self._expected = -1  # len(sys.modules) when nothing changed
+        #: Every value of ``sys.modules``, in order, when the last look found it settled.
+        self._snapshot: list[Any] | None = None
         self.rebase()
 
     def check(self) -> tuple[str | None, list[str]]:
         """The first poisoned entry (``None``: none), and the names that joined the baseline.
 
-        Every entry of the baseline still holds its object (one ``itemgetter`` call and a tuple
-        comparison, identity first: C speed), and ``sys.modules`` has as many entries as then:
-        nothing changed. Otherwise the changed entries are looked at one by one, and the new
-        ones found by a set difference.
+        Most requests change nothing: ``sys.modules`` then holds the very objects it held at
+        the last look, in the same order (one list of its values, compared identity first: C
+        speed, over twice as fast as looking the baseline's names up). Otherwise every entry of the
+        baseline must still hold its object (one ``itemgetter`` call and a tuple comparison),
+        and ``sys.modules`` have as many entries as then; failing that the changed entries are
+        looked at one by one, and the new ones found by a set difference.
         """
         with self._lock:
             modules = sys.modules
+            if self._snapshot is not None and len(modules) == self._expected:
+                try:
+                    if list(modules.values()) == self._snapshot:
+                        return None, []
+                except Exception:  # an odd object's __eq__: look closer
+                    pass
             try:
                 same = self._get(modules) == self._objects
             except Exception:  # KeyError (deleted), or an odd object's __eq__: look closer
                 same = False
             if same and len(modules) == self._expected:
+                self._settled(modules)
                 return None, []
             now = dict(modules)
             if not same and (reason := self._compare(now)) is not None:
                 return reason, []
-            return None, self._join(now)
+            joined = self._join(now)
+            self._settled(modules)
+            return None, joined
+
+    def _settled(self, modules: dict[str, Any]) -> None:
+        """Take the values as they are for the next look, unless an import is under way (its
+        entry is looked at again next time: the count differs)."""
+        self._snapshot = list(modules.values()) if len(modules) == self._expected else None
 
     def rebase(self) -> None:
         """Take ``sys.modules`` as it is now: what flashrt itself imported is not poison."""
@@ -212,6 +230,7 @@ class ModuleBaseline:
             self._names, self._objects, self._known = [], (), set()
             self._get = _getter(self._names)
             self._join(dict(sys.modules))
+            self._settled(sys.modules)
 
     def _compare(self, now: dict[str, Any]) -> str | None:
         """Entry by entry: the first poisoned one; deleted ones leave the baseline."""

@@ -4,7 +4,6 @@ puts on that executor, and what happens when its caller stops waiting.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -87,7 +86,7 @@ class Handover:
             elif chan.post(frame):
                 # Frames handed over in this turn of the event loop leave in one write: under
                 # load one wake-up of the executor carries many requests.
-                asyncio.get_running_loop().call_soon(_flush, chan)
+                self.inflight.loop.call_soon(_flush, chan)
         except OSError:
             return False  # it is dying: its death handling retries or answers this request
         self.inflight.arm(rid, request)

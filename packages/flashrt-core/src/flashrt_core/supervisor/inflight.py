@@ -71,7 +71,9 @@ class Request:
         self.timeout = timeout
         self.deployed = deployed
         self.simple = simple
-        self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        #: Its answer; made by :meth:`InFlight.add` (the table knows the loop: asking asyncio
+        #: for it costs a system call).
+        self.future: asyncio.Future[Any]
         self.attempts = 0
         self.output: list[str] = []
         self.output_size = 0
@@ -142,6 +144,7 @@ class InFlight:
         return len(self.requests)
 
     def add(self, request: Request) -> int:
+        request.future = self.loop.create_future()
         rid = next(self._ids)
         self.requests[rid] = request
         return rid
