@@ -7,6 +7,10 @@ The subprocess modules cover the platform-facing behaviour; these pin down start
 from __future__ import annotations
 
 import asyncio
+import inspect
+import os
+import subprocess
+import sys
 import textwrap
 from typing import TYPE_CHECKING, Any
 
@@ -249,3 +253,63 @@ def test_an_observer_costs_the_worker_exactly_one_decode(monkeypatch: pytest.Mon
     assert observer.seen == ["f"]
     # decode_request, then the decoder inside it: one full decode of the one valid body.
     assert decodes == 2
+
+
+# A process of its own per case: OpenTelemetry's global tracer provider can be set only once.
+_SPANS = textwrap.dedent(
+    """
+    import asyncio, sys
+
+    import httpx
+    from flashrt_core.settings import Settings, load_settings
+    from flashrt_lb.app import Worker, create_app
+    from flashrt_lb.settings import LBSettings
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    lb = load_settings(LBSettings, {"FLASHRT_LB_TELEMETRY": sys.argv[1]})
+    worker = Worker(Settings(disable_plugin_autoload=True, isolation="none"), lb)
+    app = create_app(worker=worker)
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://worker") as client:
+            for _ in range(3):
+                assert (await client.get("/ping")).status_code in (200, 204)
+
+    asyncio.run(main())
+    print(len(exporter.get_finished_spans()))
+    """
+)
+
+
+@pytest.mark.parametrize(("setting", "traced"), [("false", False), ("true", True)])
+def test_fastapi_telemetry_of_the_worker_routes_follows_the_setting(
+    setting: str, traced: bool, tmp_path: Path
+) -> None:
+    """Off by default, where an OpenTelemetry provider is configured or not: FastAPI would
+    otherwise look three providers up on every request."""
+    import fastapi
+
+    if "telemetry" not in inspect.signature(fastapi.FastAPI).parameters:
+        pytest.skip("this FastAPI has no telemetry of its own")
+    script = tmp_path / "spans.py"
+    script.write_text(_SPANS)
+    env = {k: v for k, v in os.environ.items() if k != "FASTAPI_OTEL_AUTO_CONFIGURE"}
+    done = subprocess.run(
+        [sys.executable, str(script), setting],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    spans = int(done.stdout.split()[-1])
+    assert (spans > 0) is traced, spans

@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import uvicorn
 
-from .app import Worker, create_app, create_health_app
+from .app import create_app, create_health_app
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine, Iterator
+
+    from .worker import Worker
 
 __all__ = ["run", "serve"]
 

@@ -41,6 +41,14 @@ class LBSettings:
     access_log: bool = setting(
         "FLASHRT_LB_ACCESS_LOG", False, "Log one line per HTTP request (uvicorn's access log)."
     )
+    telemetry: bool = setting(
+        "FLASHRT_LB_TELEMETRY",
+        False,
+        "FastAPI's own OpenTelemetry (spans, metrics, logs) for the worker's routes, where FastAPI"
+        " has it (0.165+); also on with `FASTAPI_OTEL_AUTO_CONFIGURE=true`. Off by default: with"
+        " no provider configured it records nothing, yet looks the three providers up on every"
+        " request (about 4 µs). A served app's own FastAPI telemetry is not affected.",
+    )
     shutdown_timeout_s: float = setting(
         "FLASHRT_LB_SHUTDOWN_TIMEOUT_S",
         30.0,
