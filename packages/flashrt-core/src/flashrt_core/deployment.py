@@ -233,16 +233,11 @@ class HandlerHere:
     import behind the first (which may still be running)."""
 
     def __init__(
-        self,
-        settings: Settings,
-        lanes: Lanes,
-        app_dir: Callable[[], Path | None],
-        resource: str | None,
+        self, settings: Settings, lanes: Lanes, locate: Callable[[], tuple[Path | None, str | None]]
     ) -> None:
         self.settings = settings
         self.lanes = lanes
-        self._app_dir = app_dir
-        self.resource = resource
+        self._locate = locate  # the app's directory and the resource, read when loading
         self._handler: DeployedHandler | None = None
         self._failure: DeployedAppUnavailable | DeployedHandlerError | None = None
 
@@ -253,15 +248,15 @@ class HandlerHere:
             return self._handler
         if self._failure is not None:
             raise self._failure
-        app_dir = self._app_dir()
-        if app_dir is None or self.resource is None:
+        app_dir, resource = self._locate()
+        if app_dir is None or resource is None:
             raise DeployedAppUnavailable("this worker is not deployed (FLASH_RESOURCE_NAME?)")
         settings = self.settings
         try:
             self._handler = await load_handler_within(
                 self.lanes,
                 app_dir,
-                self.resource,
+                resource,
                 settings.startup_timeout_s,
                 settings.startup_progress_s,
             )

@@ -195,8 +195,7 @@ class Runtime:
             self._deployed = HandlerHere(
                 self.settings,
                 self.lanes,
-                lambda: deployed_app_dir(self),
-                self.deployed_handler_resource,
+                lambda: (deployed_app_dir(self), self.deployed_handler_resource),
             )
         return self._deployed
 
