@@ -7,14 +7,14 @@ both with one loop: it asks for as many jobs as there are free slots, starts eac
 arrives, and when every slot is busy waits on an event that a finishing job sets. While idle,
 exactly one job-take request is outstanding (the platform's long poll).
 
-A plain handler's job is finished by :mod:`flashrt_qb.job_result` (the same contract, at a
-fraction of the SDK's per-job cost). Everything else stays the SDK's: the job-take request
-(``get_job``: auth, batch take, ``job_in_progress``), ``handle_job`` for streaming handlers and
-``--rp_debugger``, the stop channel (``monitor_stop_signals``), the heartbeat with the job ids
-(``JobsProgress`` and its ping mirror), SIGTERM/SIGINT handling and fitness checks. Local modes
-(``--test_input``, ``--rp_serve_api``, a realtime port) go through ``runpod.serverless.start``
-unchanged. The internals used here are pinned in pyproject (``runpod>=1.12,<1.13``) and checked
-by ``test_sdk_internals_the_job_loop_relies_on``.
+A plain handler's job is finished by :mod:`flashrt_qb.job_result` (the same contract, without the
+SDK's per-job formatting of the whole output and its retrying client per job). Everything else
+stays the SDK's: the job-take request (``get_job``: auth, batch take, ``job_in_progress``),
+``handle_job`` for streaming handlers and ``--rp_debugger``, the stop channel
+(``monitor_stop_signals``), the heartbeat with the job ids (``JobsProgress`` and its ping mirror),
+SIGTERM/SIGINT handling and fitness checks. Local modes (``--test_input``, ``--rp_serve_api``, a
+realtime port) go through ``runpod.serverless.start`` unchanged. The internals used here are pinned
+in pyproject (``runpod>=1.12,<1.13``) and checked by ``test_sdk_internals_the_job_loop_relies_on``.
 """
 
 from __future__ import annotations

@@ -192,10 +192,10 @@ class ModuleBaseline:
 
         Most requests change nothing: ``sys.modules`` then holds the very objects it held at
         the last look, in the same order (one list of its values, compared identity first: C
-        speed, over twice as fast as looking the baseline's names up). Otherwise every entry of the
-        baseline must still hold its object (one ``itemgetter`` call and a tuple comparison),
-        and ``sys.modules`` have as many entries as then; failing that the changed entries are
-        looked at one by one, and the new ones found by a set difference.
+        speed, over twice as fast as looking the baseline's names up). Otherwise every entry of
+        the baseline must still hold its object (one ``itemgetter`` call and a tuple
+        comparison), and ``sys.modules`` have as many entries as then; failing that the changed
+        entries are looked at one by one, and the new ones found by a set difference.
         """
         with self._lock:
             modules = sys.modules

@@ -4,8 +4,8 @@ It lives on the worker's event loop and never sees the ``Runtime``: it gets the 
 an executor's ``Setup`` carries, an "installs changed the environment" callback and the echo's
 streams. One executor serves new requests (:mod:`.serving`); a simple request alone on it goes
 over its fast lane, whose answer the worker awaits without sleeping for a short while
-(:mod:`.awake`). The
-:mod:`.launcher` keeps a ready spare and makes every later executor, forked by the zygote.
+(:mod:`.awake`). The :mod:`.launcher` keeps a ready spare and makes every later executor, forked
+by the zygote.
 
 A death is seen at once (channel EOF, the process's end), never polled. It costs only the
 request that caused it: every other request on the dead executor runs again once, each alone on
