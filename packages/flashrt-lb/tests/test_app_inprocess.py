@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import httpx
 import pytest
 from flashrt_core import hookimpl
 from flashrt_core.settings import Settings, SettingsError, load_settings
-from flashrt_lb.app import Worker, create_app
+from flashrt_lb.app import Worker, create_app, create_served_app
 from flashrt_lb.settings import LBSettings
 
 if TYPE_CHECKING:
@@ -29,9 +30,10 @@ def _settings(**overrides: Any) -> Settings:
     return Settings(disable_plugin_autoload=True, **overrides)
 
 
-async def _started(worker: Worker) -> httpx.AsyncClient:
+async def _started(worker: Worker, app: Any = None) -> httpx.AsyncClient:
+    """A client of ``app``; by default the served one (``/execute`` before FastAPI's stack)."""
     await worker.wait_started()
-    app = create_app(worker=worker)
+    app = app or create_served_app(worker)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://worker")
 
 
@@ -75,6 +77,59 @@ def test_live_mode_can_switch_execute_off() -> None:
         return ping.status_code, execute.status_code
 
     assert asyncio.run(scenario()) == (200, 404)
+
+
+def test_the_served_app_answers_execute_as_the_fastapi_app_does() -> None:
+    """The served app takes ``POST /execute`` before FastAPI's middleware and routing: every
+    answer (and its headers) stays the same, and what is not that route still reaches FastAPI."""
+    ok = {
+        "function_name": "f",
+        "function_code": "def f():\n    return 42\n",
+        "serialization_format": "json",
+    }
+    cases: list[tuple[str, str, dict[str, Any]]] = [
+        ("POST", "/execute", {"json": ok}),
+        ("POST", "/execute", {"json": ok, "headers": {"authorization": "Bearer nope"}}),
+        ("POST", "/execute", {"json": ok, "headers": {"Authorization": "bearer  s3cret "}}),
+        ("POST", "/execute", {"json": ok, "headers": {"authorization": "Basic s3cret"}}),
+        (
+            "POST",
+            "/execute",
+            {"content": b"{not json", "headers": {"authorization": "Bearer s3cret"}},
+        ),
+        (
+            "POST",
+            "/execute",
+            {"content": b"x" * 5000, "headers": {"authorization": "Bearer s3cret"}},
+        ),
+        ("GET", "/execute", {}),
+        ("POST", "/execute/", {}),
+        ("GET", "/elsewhere", {}),
+    ]
+
+    async def answers(served: bool) -> list[tuple[int, bytes, str | None, str | None]]:
+        lb = LBSettings(token="s3cret", max_body_bytes=4096)
+        worker = Worker(_settings(isolation="none"), lb)
+        app = create_served_app(worker) if served else create_app(worker=worker)
+        got = []
+        async with await _started(worker, app) as client:
+            for method, path, kwargs in cases:
+                answer = await client.request(method, path, **kwargs)
+                got.append(
+                    (
+                        answer.status_code,
+                        answer.content,
+                        answer.headers.get("content-type"),
+                        answer.headers.get("www-authenticate"),
+                    )
+                )
+        await worker.stop()
+        return got
+
+    served, fastapi = asyncio.run(answers(True)), asyncio.run(answers(False))
+    assert served == fastapi
+    assert [status for status, *_ in served] == [401, 401, 200, 401, 400, 413, 405, 307, 404]
+    assert json.loads(served[2][1])["json_result"] == 42
 
 
 def test_deployed_execute_follows_the_manifest(app_dir: Any) -> None:
@@ -262,7 +317,7 @@ _SPANS = textwrap.dedent(
 
     import httpx
     from flashrt_core.settings import Settings, load_settings
-    from flashrt_lb.app import Worker, create_app
+    from flashrt_lb.app import Worker, create_served_app
     from flashrt_lb.settings import LBSettings
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
@@ -275,16 +330,25 @@ _SPANS = textwrap.dedent(
     trace.set_tracer_provider(provider)
     lb = load_settings(LBSettings, {"FLASHRT_LB_TELEMETRY": sys.argv[1]})
     worker = Worker(Settings(disable_plugin_autoload=True, isolation="none"), lb)
-    app = create_app(worker=worker)
+    app = create_served_app(worker)
+    body = {
+        "function_name": "f",
+        "function_code": "def f():\\n    return 1\\n",
+        "serialization_format": "json",
+    }
 
     async def main() -> None:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://worker") as client:
+            await worker.wait_started()
             for _ in range(3):
-                assert (await client.get("/ping")).status_code in (200, 204)
+                assert (await client.get("/ping")).status_code == 200
+                assert (await client.post("/execute", json=body)).json()["json_result"] == 1
+        await worker.stop()
 
     asyncio.run(main())
-    print(len(exporter.get_finished_spans()))
+    spans = exporter.get_finished_spans()
+    print(sum("/ping" in s.name for s in spans), sum("/execute" in s.name for s in spans))
     """
 )
 
@@ -312,5 +376,5 @@ def test_fastapi_telemetry_of_the_worker_routes_follows_the_setting(
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    spans = int(done.stdout.split()[-1])
-    assert (spans > 0) is traced, spans
+    ping, execute = (int(n) for n in done.stdout.split()[-2:])
+    assert (ping > 0, execute > 0) == (traced, traced), done.stdout

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import uvicorn
 
-from .app import create_app, create_health_app
+from .app import create_health_app, create_served_app
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine, Iterator
@@ -72,7 +72,7 @@ def _config(
 async def serve(worker: Worker) -> None:
     """Serve until SIGTERM/SIGINT; start-up runs in the background meanwhile."""
     lb = worker.lb
-    main = _MainServer(_config(create_app(worker=worker), worker, lb.port, lifespan="on"))
+    main = _MainServer(_config(create_served_app(worker), worker, lb.port, lifespan="on"))
     health: uvicorn.Server | None = None
     if lb.port_health is not None and lb.port_health != lb.port:
         health = _HealthServer(

@@ -53,10 +53,10 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def _header(request: Request, name: bytes) -> bytes | None:
+def _header(scope: Scope, name: bytes) -> bytes | None:
     """A request header's raw value (``name`` lower-case), without building Starlette's
     header object."""
-    for key, value in request.scope["headers"]:
+    for key, value in scope["headers"]:
         if key == name:
             return value  # type: ignore[no-any-return]
     return None
@@ -283,8 +283,20 @@ class Worker:
         return _json(503, {"status": "failed", "reason": self.reason})
 
     async def execute(self, request: Request) -> Response:
+        """The ``/execute`` route of :func:`~flashrt_lb.app.create_app`."""
+        return await self.answer(request.scope, request.receive)
+
+    async def serve_execute(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``/execute`` as a plain ASGI app, for :func:`~flashrt_lb.app.create_served_app`."""
+        try:
+            response = await self.answer(scope, receive)
+        except ClientDisconnect:  # nobody is left to answer
+            return
+        await response(scope, receive, send)
+
+    async def answer(self, scope: Scope, receive: Receive) -> Response:
         """Run one FunctionRequest and answer its FunctionResponse (200 even when it failed)."""
-        if self._token is not None and not self._authorized(request):
+        if self._token is not None and not self._authorized(scope):
             return _json(
                 401,
                 {"error": "missing or wrong bearer token: send 'Authorization: Bearer <token>'"},
@@ -304,7 +316,7 @@ class Worker:
         assert self.runtime is not None
         self.runtime.expect()  # an idle executor wakes while we read the body
         try:
-            body = await self._read_body(request)
+            body = await self._read_body(scope, receive)
         except _BodyTooLarge:
             return _json(
                 413,
@@ -316,33 +328,30 @@ class Worker:
             peeked = self.runtime.peek(body)
         except RequestError as exc:
             return _json(400 if exc.malformed else 422, {"error": str(exc)})
-        rid = _header(request, b"x-request-id")
+        rid = _header(scope, b"x-request-id")
         request_id.set(rid.decode("latin-1") if rid else f"http-{next(_request_ids)}")
         response = await self.runtime.execute(peeked)
         return _JSONBody(encode_response(response))
 
-    def _authorized(self, request: Request) -> bool:
+    def _authorized(self, scope: Scope) -> bool:
         assert self._token is not None
-        header = request.headers.get("authorization", "")
-        scheme, _, credentials = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            credentials.strip().encode(), self._token
-        )
+        scheme, _, credentials = (_header(scope, b"authorization") or b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), self._token)
 
-    async def _read_body(self, request: Request) -> bytes:
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         """The body, refused as soon as it passes the limit: a huge upload is never buffered.
 
         Read from the ASGI messages themselves (most bodies are one): Starlette's stream and
         header objects cost more than the rest of the request's reading.
         """
         limit = self.max_body
-        declared = _header(request, b"content-length")
+        declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise _BodyTooLarge
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await request.receive()
+            message = await receive()
             if message["type"] != "http.request":  # the client went away
                 raise ClientDisconnect
             chunk = message.get("body", b"")
