@@ -12,12 +12,14 @@
   one-at-a-time jobs (the next queued when the last one's result is in): median submit ->
   result, and the median job-take -> job-done time the fake recorded (the per-job overhead: the
   function takes microseconds). The floor of all three is the fake's own: a bare aiohttp client
-  in the benchmark process doing job-take -> job-done and nothing else.
+  in the benchmark process doing job-take -> job-done and nothing else. The bare client and
+  both workers run side by side, measured in alternating rounds (medians of all rounds).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -191,7 +193,7 @@ class _BareTaker:
         self._thread.join(5)
 
 
-def _measure(fake: Any, endpoint: str, worker_id: str) -> dict[str, float]:
+def _measure(fake: Any, endpoint: str, worker_id: str) -> dict[str, Any]:
     """Drain of a burst, then one-at-a-time jobs, on a warm taker of ``endpoint``."""
     body = _body("07")["input"]
     fake.wait(fake.submit(endpoint, body), 60)  # warm: the first request compiles the code
@@ -212,34 +214,72 @@ def _measure(fake: Any, endpoint: str, worker_id: str) -> dict[str, float]:
     return {
         "drain": drain,
         "held": fake.held_peak(worker_id),
-        "latency": statistics.median(latencies),
-        "overhead": statistics.median(overheads),
+        "latencies": latencies,
+        "overheads": overheads,
     }
 
 
-def _worker_figures(concurrency: int, workdir: Path) -> dict[str, float]:
+def _started_worker(stack: contextlib.ExitStack, concurrency: int, workdir: Path) -> _Taker:
     from e2e_support import WorkerProcess, qb_worker_env, worker_id_of
     from fake_runpod import FakeRunPod
 
     endpoint = f"bench-c{concurrency}"
     extra = {"FLASHRT_QB_CONCURRENCY": str(concurrency), "FLASHRT_DISABLE_PLUGIN_AUTOLOAD": "1"}
-    with FakeRunPod() as fake:
-        env = qb_worker_env(fake, endpoint, workdir, **extra)
-        worker = WorkerProcess(
-            [sys.executable, "-m", "flashrt_qb"], env, workdir / f"{endpoint}.log", workdir
-        )
-        try:
-            fake.wait_for(lambda f: bool(f.takes), 90)
-            return _measure(fake, endpoint, worker_id_of(endpoint))
-        finally:
-            worker.stop()
+    fake = stack.enter_context(FakeRunPod())
+    env = qb_worker_env(fake, endpoint, workdir, **extra)
+    worker = WorkerProcess(
+        [sys.executable, "-m", "flashrt_qb"], env, workdir / f"{endpoint}.log", workdir
+    )
+    stack.callback(worker.stop)
+    fake.wait_for(lambda f: bool(f.takes), 90)
+    return _Taker(fake, endpoint, worker_id_of(endpoint))
 
 
-def _floor_figures() -> dict[str, float]:
+class _Taker:
+    """A fake control plane and who takes its jobs: a worker, or the bare client."""
+
+    def __init__(self, fake: Any, endpoint: str, worker_id: str) -> None:
+        self.fake = fake
+        self.endpoint = endpoint
+        self.worker_id = worker_id
+        self.drains: list[float] = []
+        self.latencies: list[float] = []
+        self.overheads: list[float] = []
+        self.held = 0.0
+
+    def measure(self) -> None:
+        figures = _measure(self.fake, self.endpoint, self.worker_id)
+        self.drains.append(figures["drain"])
+        self.latencies.extend(figures["latencies"])
+        self.overheads.extend(figures["overheads"])
+        self.held = max(self.held, figures["held"])
+
+    def figures(self) -> dict[str, float]:
+        return {
+            "drain": statistics.median(self.drains),
+            "held": self.held,
+            "latency": statistics.median(self.latencies),
+            "overhead": statistics.median(self.overheads),
+        }
+
+
+def _burst_figures() -> tuple[dict[str, float], dict[int, dict[str, float]]]:
+    """The bare client's figures and each worker's; all run side by side (an idle taker waits
+    in a long poll), measured in alternating rounds, so a slow minute hits all alike."""
+    import tempfile
+
     from fake_runpod import FakeRunPod
 
-    with FakeRunPod() as fake, _BareTaker(fake, "bench-floor"):
-        return _measure(fake, "bench-floor", "bare")
+    with contextlib.ExitStack() as stack:
+        floor_fake = stack.enter_context(FakeRunPod())
+        stack.enter_context(_BareTaker(floor_fake, "bench-floor"))
+        floor = _Taker(floor_fake, "bench-floor", "bare")
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-qb-")))
+        workers = {c: _started_worker(stack, c, tmp) for c in (1, 4)}
+        for _ in range(ROUNDS):
+            for taker in (floor, *workers.values()):
+                taker.measure()
+        return floor.figures(), {c: taker.figures() for c, taker in workers.items()}
 
 
 def _row(name: str, ours: float, floor: float, unit: str, scale: float = 1.0) -> dict[str, Any]:
@@ -253,11 +293,7 @@ def _row(name: str, ours: float, floor: float, unit: str, scale: float = 1.0) ->
 
 
 def _burst_rows() -> list[dict[str, Any]]:
-    import tempfile
-
-    floor = _floor_figures()
-    with tempfile.TemporaryDirectory(prefix="bench-qb-") as tmp:
-        figures = {c: _worker_figures(c, Path(tmp)) for c in (1, 4)}
+    floor, figures = _burst_figures()
     rows = [
         _row(
             f"qb burst of {BURST} trivial jobs, concurrency {c}: drain (peak held "
