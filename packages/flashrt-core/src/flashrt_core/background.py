@@ -1,7 +1,8 @@
-"""Work a runtime runs off every request's path (cache persistence, plugins' own tasks).
+"""Work run as tasks of its own: a runtime's off every request's path (cache persistence,
+plugins' own tasks), a supervisor's retries of what a dead executor had.
 
 A task nobody holds can be garbage-collected mid-flight and its failure is never seen, so each
-is kept referenced until it ends, its failure logged, and shutdown waits for the rest (bounded).
+is kept referenced until it ends, its failure logged; its owner may wait for the rest (bounded).
 """
 
 from __future__ import annotations

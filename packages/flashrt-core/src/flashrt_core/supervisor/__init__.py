@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from .. import channel as ch
+from ..background import Background
 from ..failures import stage_failure
 from ..protocol import FunctionResponse
 from ..request_peek import Peeked, peek_request
@@ -83,7 +84,7 @@ class Supervisor:
         self.handover = Handover(settings, self.inflight, self._retiring)
         self._first: ExecutorProcess | None = None  # spawned, while no zygote starts
         self._closing = False
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._retries = Background()  # kept referenced, failures logged
         self.awake = Awake(
             max(0, settings.spin_us) / 1e6, self.loop, self.inflight, self.serving, self._on_frame
         )
@@ -326,7 +327,7 @@ class Supervisor:
             release(rid, request)
             request.executor = None
             if self.inflight.retry(request):
-                self._spawn_task(self._retry_alone(rid, request))
+                self._retries.spawn(self._retry_alone(rid, request))
             else:
                 self.inflight.answer(rid, request.failure(request.death_message(what, lost)))
 
@@ -346,8 +347,3 @@ class Supervisor:
             executor.kill("not needed")
             return
         self.handover.send(executor, rid, request)
-
-    def _spawn_task(self, coro: Any) -> None:
-        task = self.loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
