@@ -114,11 +114,9 @@ async def _runtime_figures() -> dict[str, float]:
         figures["poison"] = time.perf_counter() - started
 
         await _until_spare(runtime)
-        supervisor = runtime.supervisor
-        assert supervisor is not None
-        before = dict(supervisor.serving.replacements)
+        before = runtime.describe().replacements
         await runtime.execute(_fn(NAP, "nap", 30, timeout_s=0.3))
-        while supervisor.serving.replacements == before:  # noqa: ASYNC110 - recycled after the grace
+        while runtime.describe().replacements == before:  # noqa: ASYNC110 - recycled after the grace
             await asyncio.sleep(0.001)
         started = time.perf_counter()
         _dec(await runtime.execute(_fn(PID, "pid")))
@@ -140,9 +138,8 @@ async def _runtime_figures() -> dict[str, float]:
 
 
 async def _until_spare(runtime: Any) -> None:
-    launcher = runtime.supervisor.launcher
     for _ in range(500):
-        if launcher.spare is not None and launcher.spare.ready:
+        if runtime.describe().pids("spare"):
             return
         await asyncio.sleep(0.01)
 

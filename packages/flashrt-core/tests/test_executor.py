@@ -21,13 +21,9 @@ from flashrt_core import encode_response, hookimpl
 PID = "def pid():\n    import os\n    return os.getpid()\n"
 
 
-#: How a request can reach the executor's code: its main thread reading the fast lane (polling
-#: for the answer, or sleeping until it comes), or the executor's event loop; and the same
-#: behaviours with a pool of two executors.
+#: One executor, and the same behaviours with a pool of two executors.
 LANES = {
-    "fast": {},
-    "fast-sleeping": {"spin_us": 0},
-    "loop": {"fast_lane": False},
+    "single": {},
     "pool": {"executors": "2"},
 }
 
@@ -38,7 +34,7 @@ def _executor(make_worker, **settings):
 
 @pytest.fixture(params=list(LANES))
 def executor(make_worker, request):
-    """``executor(**settings) -> Worker`` under process isolation, once per lane."""
+    """``executor(**settings) -> Worker`` under process isolation, alone and in a pool."""
 
     def factory(**settings):
         return _executor(make_worker, **LANES[request.param], **settings)

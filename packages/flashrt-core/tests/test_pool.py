@@ -32,10 +32,10 @@ def _pool(make_worker: Any, executors: str, **settings: Any) -> Any:
     """A worker whose pool is full (the first executor serves at once, the rest join it)."""
     worker = make_worker(isolation="process", executors=executors, **settings)
     worker.execute({"function_name": "f", "function_code": "def f():\n    return 1\n"})
-    serving = worker.rt.supervisor.serving
+    size = executor_count(executors)
 
     async def full() -> None:
-        while len(serving.pool) < serving.size:
+        while len(worker.rt.describe().pids("serving")) < size:
             await asyncio.sleep(0.02)
 
     worker.run(asyncio.wait_for(full(), 30))
@@ -61,14 +61,14 @@ def test_one_executor_is_todays_single_process(make_worker, wire):
     worker = _pool(make_worker, "1")
     answers = _gather(worker, *(wire.function(NAP, "nap", 0.2) for _ in range(3)))
     assert len({wire.dec(a) for a in answers}) == 1
-    assert len(worker.rt.supervisor.serving.pool) == 1
+    assert len(worker.rt.describe().pids("serving")) == 1
 
 
 def test_auto_is_the_cpus_the_worker_may_use(make_worker, wire):
     cpus = len(os.sched_getaffinity(0))
     assert executor_count("auto") == cpus
     worker = _pool(make_worker, "auto")
-    assert len(worker.rt.supervisor.serving.pool) == cpus
+    assert len(worker.rt.describe().pids("serving")) == cpus
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "many", ""])
@@ -99,8 +99,7 @@ def test_a_kept_instance_keeps_its_state_over_concurrent_clients(make_worker, wi
 
 def test_one_executor_killed_under_load_leaves_the_others_requests_alone(make_worker, wire):
     worker = _pool(make_worker, "2")
-    pool = worker.rt.supervisor.serving.pool
-    victim = pool[0].proc.pid
+    victim = worker.rt.describe().pids("serving")[0]
 
     async def scenario() -> list[Any]:
         calls = [
@@ -122,4 +121,4 @@ def test_one_executor_killed_under_load_leaves_the_others_requests_alone(make_wo
     assert len(untouched_on) == 1  # the surviving executor, never disturbed
     retried_on = {wire.dec(a) for a in retried}
     assert len(retried_on) == 2 and not retried_on & untouched_on  # each alone elsewhere
-    assert len(worker.rt.supervisor.serving.pool) == 2  # the spare took the victim's place
+    assert len(worker.rt.describe().pids("serving")) == 2  # the spare took the victim's place

@@ -57,9 +57,8 @@ def _until(predicate: Any, worker: Any, seconds: float = 10.0) -> None:
 
 
 def _spare_pid(worker: Any) -> int:
-    launcher = worker.rt.supervisor.launcher
-    _until(lambda: launcher.spare is not None and launcher.spare.ready, worker)
-    return int(launcher.spare.proc.pid)
+    _until(lambda: worker.rt.describe().pids("spare"), worker)
+    return int(worker.rt.describe().pids("spare")[0])
 
 
 def _running(pid: int) -> bool:
@@ -112,7 +111,7 @@ def test_a_culprit_among_requests_in_flight_fails_alone(make_worker, wire, pool)
     assert _pid(worker, wire) == new
     # The retries' executors go once they answered: the serving one (and the spare) stay.
     at_rest = 2 if pool == "spare-and-zygote" else 1
-    _until(lambda: len(worker.rt.supervisor.executors) == at_rest, worker)
+    _until(lambda: len(worker.rt.describe().executors) == at_rest, worker)
     assert _gone_soon(retried_on) == []
 
 
@@ -125,7 +124,7 @@ def test_culprits_in_a_row_never_delay_the_next_request(make_worker, wire, caplo
         assert "ran twice" in died.error
         pids.add(_pid(worker, wire))
     assert len(pids) == 8  # each harmless request on the executor that replaced the culprit's
-    assert worker.rt.supervisor.launcher.backoff.delay() == 0
+    assert worker.rt.describe().backoff_s == 0
     assert not [r for r in caplog.records if "keep failing to start" in r.getMessage()]
 
 
@@ -145,7 +144,7 @@ def test_an_executor_that_cannot_start_backs_off_and_says_why(make_worker, wire,
     assert "no_such_resource" in failed.error
     assert worker.rt.problem is not None and "no_such_resource" in worker.rt.problem
     _until(lambda: any("keep failing to start" in r.getMessage() for r in caplog.records), worker)
-    assert worker.rt.supervisor.launcher.backoff.delay() > 0
+    assert worker.rt.describe().backoff_s > 0
 
 
 # --- a recycle costs the next request nothing -----------------------------------------------
@@ -166,8 +165,7 @@ def test_after_a_hard_timeout_the_spare_answers_the_next_request(make_worker, wi
     spare = _spare_pid(worker)
     stuck = dict(wire.function(NAP, "nap", 30), timeout_s=0.3)
     assert "timed out" in worker.execute(stuck).error
-    serving = worker.rt.supervisor.serving
-    _until(lambda: serving.executor.proc.pid == spare, worker)  # recycled after the grace
+    _until(lambda: worker.rt.describe().pids("serving") == [spare], worker)  # after the grace
     assert _pid(worker, wire) == spare
 
 
@@ -175,14 +173,14 @@ def test_at_rest_one_spare_and_after_shutdown_nothing(make_worker, wire):
     worker = _worker(make_worker)
     serving = _pid(worker, wire)
     spare = _spare_pid(worker)
-    zygote = worker.rt.supervisor.launcher.zygote
+    zygote = worker.rt.describe().zygote_pid
     assert zygote is not None
     for _ in range(3):
         _pid(worker, wire)
-    assert {e.proc.pid for e in worker.rt.supervisor.executors} == {serving, spare}
+    assert {e.pid for e in worker.rt.describe().executors} == {serving, spare}
     worker.close()
     worker.close = lambda: None  # closed here, not again at teardown
-    assert _gone_soon([serving, spare, zygote.proc.pid]) == []
+    assert _gone_soon([serving, spare, zygote]) == []
 
 
 def test_without_a_spare_or_zygote_recycles_still_work(make_worker, wire):
@@ -191,8 +189,8 @@ def test_without_a_spare_or_zygote_recycles_still_work(make_worker, wire):
     assert "exited with status 3" in worker.execute(wire.function(CULPRIT, "culprit", 0)).error
     after = _pid(worker, wire)
     assert after != before
-    assert len(worker.rt.supervisor.executors) == 1
-    assert worker.rt.supervisor.launcher.zygote is None
+    assert len(worker.rt.describe().executors) == 1
+    assert worker.rt.describe().zygote_pid is None
 
 
 # --- nothing outlives its executor ----------------------------------------------------------

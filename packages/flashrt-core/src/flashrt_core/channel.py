@@ -26,12 +26,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EXECUTOR_TAG_ENV",
-    "EXPECT_POLL_S",
     "Cancel",
     "Channel",
     "Execute",
     "Exiting",
-    "Expect",
     "Fork",
     "Forked",
     "Frame",
@@ -79,7 +77,6 @@ class Execute(msgspec.Struct, tag=True):
     body: bytes
     form: str = "json"
     request_id: str | None = None
-    simple: bool = False  # the worker's peek: code only, nothing to install or mount
 
 
 class RunDeployed(msgspec.Struct, tag=True):
@@ -94,15 +91,6 @@ class Cancel(msgspec.Struct, tag=True):
     """The supervisor gave up on a request (cancelled or timed out): stop what can be stopped."""
 
     id: int
-
-
-class Expect(msgspec.Struct, tag=True):
-    """A request is on its way (the worker is still reading it): poll the fast lane for it
-    rather than sleep, so an idle executor is awake when it lands."""
-
-
-#: How long an executor polls for the request an :class:`Expect` announced (seconds).
-EXPECT_POLL_S = 0.0005
 
 
 class Preload(msgspec.Struct, tag=True):
@@ -121,7 +109,6 @@ class Hello(msgspec.Struct, tag=True):
 
     pid: int
     error: str | None = None  # start-up failed in the executor; the reason
-    fast: bool = False  # its main thread reads the fast lane's socket
 
 
 class Output(msgspec.Struct, tag=True):
@@ -173,7 +160,6 @@ Frame = (
     | Execute
     | RunDeployed
     | Cancel
-    | Expect
     | Preload
     | Hello
     | Output
@@ -197,7 +183,7 @@ EXECUTOR_TAG_ENV = "FLASHRT_EXECUTOR_TAG"
 
 
 class Fork(msgspec.Struct, tag=True):
-    """Fork an executor; its two sockets (channel, fast lane) travel with the message."""
+    """Fork an executor; its end of the channel travels with the message."""
 
     tag: str
 

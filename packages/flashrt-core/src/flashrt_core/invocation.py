@@ -190,17 +190,14 @@ class Invocation:
         lanes = self.lanes
         if not _plain_sync(fn):
             if inspect.iscoroutinefunction(fn):
-                return await lanes.on_loop(_guard(fn(*args, **kwargs)))
+                return await _guard(fn(*args, **kwargs))
             if inspect.isasyncgenfunction(fn):
-                return await lanes.on_loop(_guard(_drain(fn(*args, **kwargs))))
-        if lanes.inline():  # the fast lane's thread: call it here, no awaiting needed
-            result = _call_sync(fn, args, kwargs)
-        else:
-            result = await lanes.run_user_sync(_call_sync, fn, args, kwargs)
+                return await _guard(_drain(fn(*args, **kwargs)))
+        result = await lanes.run_user_sync(_call_sync, fn, args, kwargs)
         if type(result) in _PLAIN_RESULTS:
             return result
         if inspect.isawaitable(result):
-            result = await lanes.on_loop(_guard(result))
+            result = await _guard(result)
         elif inspect.isasyncgen(result):
-            result = await lanes.on_loop(_guard(_drain(result)))
+            result = await _guard(_drain(result))
         return result

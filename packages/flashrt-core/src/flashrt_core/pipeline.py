@@ -1,10 +1,8 @@
 """The one request pipeline: decode, validate modules, resolve deps, arguments, mount, execute
 hook, encode; each stage timed.
 
-Every lane drives it the same way: the in-process runtime awaits it on its loop, an executor on
-its event loop or, for its fast lane, by stepping the coroutine on its main thread (where
-:class:`~flashrt_core.lanes.Lanes` runs blocking work inline). It never raises: every failure is
-a :class:`FunctionResponse` naming its stage.
+The in-process runtime awaits it on its loop, an executor on its event loop. It never raises:
+every failure is a :class:`FunctionResponse` naming its stage.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ from .deps import DependencyPlan
 from .errors import StageError
 from .failures import failure_response
 from .invocation import Invocation, UserBaseException
-from .lanes import steps_inline
 from .locks import KeyedLocks
 from .logs import request_id
 from .modules import ModuleMount, top_level_names, validate_modules
@@ -299,16 +296,9 @@ class Pipeline:
                 f"no executor accepted {what}: the request carries no code and no deployed app "
                 "provides it",
             )
-        if not steps_inline(pending):
-            # A plugin's own awaitable may need the loop: from a fast lane it runs there.
-            pending = self.lanes.on_loop(_awaited(pending))
         if not self.time_limits:
             return await pending  # the supervisor applies the time limit, hard
         return await _with_timeout(pending, timeout)
-
-
-async def _awaited(awaitable: Awaitable[Any]) -> Any:
-    return await awaitable
 
 
 def contain_user_tasks(loop: asyncio.AbstractEventLoop) -> None:

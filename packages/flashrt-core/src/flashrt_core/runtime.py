@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from .pipeline import Pipeline
     from .plugins import FlashrtPluginManager
     from .protocol import FunctionRequest, FunctionResponse
-    from .supervisor import ExecutorSetup, Supervisor
+    from .supervisor import Description, ExecutorSetup, Supervisor
 
 __all__ = ["Runtime"]
 
@@ -252,15 +252,10 @@ class Runtime:
         at fault (``malformed`` when the body is not JSON at all)."""
         return peek_body(body, self.settings)
 
-    def expect(self) -> None:
-        """A shell says a request is on its way (it is still reading it).
-
-        An idle executor then wakes while the shell reads, not after: on a quiet worker that
-        hides one process wake-up per request. Costs nothing when nothing sleeps (no executor,
-        or requests in flight), so a shell may call it for every request.
-        """
-        if self.supervisor is not None:
-            self.supervisor.expect()
+    def describe(self) -> Description | None:
+        """What the supervisor runs now (its executors, their roles and loads); ``None`` in
+        process (``FLASHRT_ISOLATION=none``) or before start."""
+        return self.supervisor.describe() if self.supervisor is not None else None
 
     async def execute(
         self, request: FunctionRequest | Mapping[str, Any] | bytes | str | Peeked

@@ -181,20 +181,6 @@ class Settings:
         "the user's, carried over), so a new one is ready in milliseconds instead of a fresh "
         "interpreter's quarter second. Costs one idle process's memory.",
     )
-    fast_lane: bool = setting(
-        "FLASHRT_FAST_LANE",
-        True,
-        "Run a simple request (code, no installs, no modules) on the executor's main thread "
-        "when nothing else is in flight, without the event loop's two thread hops.",
-    )
-    spin_us: int = setting(
-        "FLASHRT_SPIN_US",
-        1000,
-        "How long (µs) the worker keeps from sleeping while a lone fast-lane request runs (for "
-        "its first 100 µs reading the socket itself), and the executor polls for the next "
-        "request of a caller that sends within that time. Waking a sleeping process costs "
-        "50-300 µs on a VM; 0 never polls.",
-    )
     carry_imports: bool = setting(
         "FLASHRT_CARRY_IMPORTS",
         True,

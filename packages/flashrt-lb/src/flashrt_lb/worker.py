@@ -314,7 +314,6 @@ class Worker:
             )
             return _json(404, {"error": f"/execute is disabled: {why}"})
         assert self.runtime is not None
-        self.runtime.expect()  # an idle executor wakes while we read the body
         try:
             body = await self._read_body(scope, receive)
         except _BodyTooLarge:

@@ -35,7 +35,7 @@ from runpod.serverless.modules.rp_logger import RunPodLogger, _reset_batch_id, _
 from .job_result import finish_job, sdk_handles
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Mapping
     from types import ModuleType
 
     from runpod.http_client import ClientSession
@@ -60,11 +60,8 @@ class SlotJobScaler(rp_scale.JobScaler):  # type: ignore[misc]
         config: dict[str, Any],
         *,
         take_timeout_s: float | None = None,
-        on_take: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(config)
-        #: Called as each job is taken, before the SDK's handling of it starts.
-        self.on_take = on_take
         if take_timeout_s is not None:
             self.jobs_fetcher_timeout = take_timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -159,8 +156,6 @@ class SlotJobScaler(rp_scale.JobScaler):  # type: ignore[misc]
                 self._begin(session, job)
 
     def _begin(self, session: ClientSession, job: dict[str, Any]) -> None:
-        if self.on_take is not None:
-            self.on_take()
         self.job_progress.add(job)
         self.jobs_tasks[job["id"]] = asyncio.create_task(self.handle_job(session, job))
         self.peak_held = max(self.peak_held, len(self.jobs_tasks))
@@ -225,13 +220,11 @@ def start(
     *,
     take_timeout_s: float | None = None,
     loop: asyncio.AbstractEventLoop | None = None,
-    on_take: Callable[[], None] | None = None,
 ) -> None:
     """``runpod.serverless.start`` with :class:`SlotJobScaler` as the production job loop.
 
     With ``loop`` (running in another thread) the production job loop runs there; local modes
-    run on the SDK's own loop in this thread either way. ``on_take`` is called on that loop as
-    each job is taken (the production loop only).
+    run on the SDK's own loop in this thread either way.
     """
     if not is_production(serverless, sys.argv, os.environ):
         serverless.start(config)
@@ -248,4 +241,4 @@ def start(
     mirror = PingJobMirror()
     JobsProgress().set_mirror(mirror)
     sdk_worker.heartbeat.start_ping(mirror)
-    SlotJobScaler(config, take_timeout_s=take_timeout_s, on_take=on_take).start_on(loop)
+    SlotJobScaler(config, take_timeout_s=take_timeout_s).start_on(loop)

@@ -277,12 +277,6 @@ class QueueWorker:
             return await self.handle(job)
         return await asyncio.wrap_future(self.loop.submit(self.handle(job)))
 
-    def job_taken(self) -> None:
-        """The job loop took a job (on the runtime loop): an idle executor wakes while the
-        SDK's own handling of the job runs, not after it."""
-        if self.runtime is not None:
-            self.runtime.expect()
-
     def concurrency_modifier(self, current: int) -> int:
         """The job loop's window: the jobs we run at once plus those we keep in hand."""
         del current
@@ -355,7 +349,6 @@ class QueueWorker:
                 self.sdk_config(),
                 take_timeout_s=self.qb.take_timeout_s,
                 loop=self.loop.loop,
-                on_take=self.job_taken,
             )
         finally:
             self.close()

@@ -27,7 +27,6 @@ from ..deployment import (
 )
 from ..errors import StageError
 from ..hookspecs import hookimpl
-from ..lanes import runs_inline
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Mapping
@@ -149,7 +148,6 @@ def flashrt_execute_function(request: FunctionRequest, call: Invocation) -> Awai
     return _run_function(request, call)
 
 
-@runs_inline
 async def _run_function(request: FunctionRequest, call: Invocation) -> Any:
     name = request.function_name or ""
     fn, _ = await _resolve(call, name, "function")
@@ -168,7 +166,6 @@ def flashrt_execute_class(
     return _run_method(request, call, instances)
 
 
-@runs_inline
 async def _run_method(
     request: FunctionRequest, call: Invocation, instances: InstanceRegistry
 ) -> Any:

@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import StageError
 from ..hookspecs import hookimpl
-from ..lanes import runs_inline
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -28,7 +27,6 @@ def flashrt_execute_function(request: FunctionRequest, call: Invocation) -> Awai
     return _run_function(request.function_code, request.function_name or "", call)
 
 
-@runs_inline
 async def _run_function(source: str, name: str, call: Invocation) -> Any:
     namespace = call.load_code(source, name)
     fn = namespace.get(name)
@@ -50,7 +48,6 @@ def flashrt_execute_class(
     return _run_method(request, request.class_code, call, instances)
 
 
-@runs_inline
 async def _run_method(
     request: FunctionRequest, source: str, call: Invocation, instances: InstanceRegistry
 ) -> Any:
@@ -82,11 +79,8 @@ async def call_on_instance(
     instance_id = request.instance_id or class_name
     entry = None if request.create_new_instance else instances.live(instance_id, class_name)
     if entry is None:
-        # Built on the event loop, where the registry's single-flight lock lives.
-        entry = await call.lanes.on_loop(
-            instances.get_or_create(
-                instance_id, build, class_name=class_name, replace=request.create_new_instance
-            )
+        entry = await instances.get_or_create(
+            instance_id, build, class_name=class_name, replace=request.create_new_instance
         )
     return await call_method(entry.instance, request.method_name, call, entry.record_call)
 

@@ -1,10 +1,10 @@
 """The executor's main loop: read frames, run each request through the pipeline.
 
-Threads: the main thread is the :class:`~.mainlane.MainLane` (sync user code when it is the only
-sync call running, the fast lane, simple requests run whole); the event loop runs in
-``flashrt-executor-loop``; extra concurrent sync calls go to the thread pool. The channel is fd 0,
-close-on-exec, so user code that closes every descriptor above 2 cannot cut it, and
-subprocesses never inherit it.
+One path for every request: the event loop, in the ``flashrt-executor-loop`` thread, reads the
+channel and runs each request as a task. Sync user code runs on the main thread when it is
+free (:class:`~.main_thread.MainThread`, so ``signal.signal`` works), else in the thread pool;
+async user code runs on the loop. The channel is fd 0, close-on-exec, so user code that closes
+every descriptor above 2 cannot cut it, and subprocesses never inherit it.
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ from ..logs import configure_logging, request_id
 from ..modules import MOUNT_PREFIX
 from ..timing import timings_for
 from . import carry
-from .fastlane import FastLane
+from .answering import Answerer, RequestState, Streamer, current_state, exit_now, request_body
 from .integrity import Integrity
-from .mainlane import MainLane
-from .scope import Answers, Scope, Streamer, current_scope, exit_now, request_body
+from .main_thread import MainThread
 from .synccalls import SyncCalls
 
 if TYPE_CHECKING:
@@ -39,25 +38,24 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
+#: An install stage shorter than this counts toward the request's time limit (no frame sent).
+_INSTALL_ANNOUNCE_S = 0.05
+
 
 class ExecutorServer:
     """The executor's state: channel, pipeline, in-flight tasks and the integrity baseline."""
 
-    def __init__(
-        self, chan: ch.Channel, setup: ch.Setup, lane: MainLane, fast: ch.Channel | None = None
-    ) -> None:
+    def __init__(self, chan: ch.Channel, setup: ch.Setup, lane: MainThread) -> None:
         self.chan = chan
         self.setup = setup
         self.lane = lane
-        self.fast = fast
         self.reader = ch.FrameReader()
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.preloads: set[asyncio.Task[None]] = set()
         self.lanes: Lanes | None = None
         self.pipeline: Pipeline | None = None
         self.integrity: Integrity | None = None
-        self.answers: Answers | None = None
-        self.fast_lane: FastLane | None = None
+        self.answers: Answerer | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._handler: DeployedHandler | None = None
 
@@ -82,27 +80,12 @@ class ExecutorServer:
         except Exception as exc:
             self.chan.send(ch.Hello(os.getpid(), error=f"{type(exc).__name__}: {exc}"))
             return
-        self.integrity = Integrity(
-            loop, self.chan.fd, self.lane.fds, transient=os.sep + MOUNT_PREFIX
-        )
+        self.integrity = Integrity(loop, self.chan.fd, {}, transient=os.sep + MOUNT_PREFIX)
         imports = carry.ImportReport(sys.path, sys.modules) if settings.carry_imports else None
-        self.answers = Answers(self.chan, self.fast, self.integrity, settings.timing_log, imports)
-        fast = self.fast is not None and settings.fast_lane
-        if fast:
-            assert self.fast is not None and self.pipeline is not None and self.lanes is not None
-            self.fast_lane = FastLane(
-                self.fast,
-                self.pipeline,
-                self.lanes,
-                self.answers,
-                loop,
-                self.hand_to_loop,
-                self.lane,
-            )
-            self.lane.on_fast = self.fast_lane.on_readable
+        self.answers = Answerer(self.chan, self.integrity, settings.timing_log, imports)
         gone: asyncio.Future[None] = loop.create_future()
         loop.add_reader(self.chan.fd, self._on_readable, gone)
-        self.chan.send(ch.Hello(os.getpid(), fast=fast))
+        self.chan.send(ch.Hello(os.getpid()))
         await gone
 
     async def _make_pipeline(self, loop: asyncio.AbstractEventLoop) -> Any:
@@ -172,35 +155,22 @@ class ExecutorServer:
         assert self.loop is not None
         for frame in self.reader.feed(data):
             if isinstance(frame, ch.Execute):
-                fast = self.fast_lane  # a simple request runs whole on the main thread if it can
-                if not (frame.simple and fast is not None and fast.take(frame, self.chan)):
-                    self.tasks[frame.id] = self.loop.create_task(self._execute(frame))
+                self.tasks[frame.id] = self.loop.create_task(self._execute(frame))
             elif isinstance(frame, ch.RunDeployed):
                 self.tasks[frame.id] = self.loop.create_task(self._deployed(frame))
             elif isinstance(frame, ch.Cancel):
                 task = self.tasks.get(frame.id)
                 if task is not None:
                     task.cancel()
-                elif self.fast_lane is not None:
-                    self.fast_lane.cancel(frame.id)
             elif isinstance(frame, ch.Preload):
                 task = self.loop.create_task(self._preload(frame))
                 self.preloads.add(task)
                 task.add_done_callback(self.preloads.discard)
 
-    def hand_to_loop(self, frame: ch.Execute) -> None:
-        """Any thread: run ``frame`` as a task of the event loop (the fast lane declined it)."""
-        assert self.loop is not None
-
-        def start() -> None:
-            self.tasks[frame.id] = self.loop.create_task(self._execute(frame))  # type: ignore[union-attr]
-
-        self.loop.call_soon_threadsafe(start)
-
     async def _execute(self, frame: ch.Execute) -> None:
         assert self.pipeline is not None and self.answers is not None
-        scope = Scope(frame.id)
-        current_scope.set(scope)
+        state = RequestState(frame.id)
+        current_state.set(state)
         request_id.set(frame.request_id)
         streamer = Streamer(self.chan, frame.id)
         timings = timings_for(self.answers.timing_log)
@@ -213,26 +183,26 @@ class ExecutorServer:
 
             response = stage_failure("decode", f"the request frame cannot be read: {exc}")
         except asyncio.CancelledError:
-            self._cancelled(scope)
+            self._cancelled(state)
             return
         finally:
             self.tasks.pop(frame.id, None)
             streamer.flush()
-        self.answers.send(self.chan, frame.id, response, installed=scope.installed, timings=timings)
+        self.answers.send(frame.id, response, installed=state.installed, timings=timings)
 
     async def _deployed(self, frame: ch.RunDeployed) -> None:
         assert self.lanes is not None and self.answers is not None
         from ..deployment import run_deployed_job
 
-        scope = Scope(frame.id)
-        current_scope.set(scope)
+        state = RequestState(frame.id)
+        current_state.set(state)
         request_id.set(frame.request_id)
         try:
             output = await run_deployed_job(
                 self._handler, self.lanes, msgspec.json.decode(frame.job)
             )
         except asyncio.CancelledError:
-            self._cancelled(scope)
+            self._cancelled(state)
             return
         finally:
             self.tasks.pop(frame.id, None)
@@ -262,24 +232,46 @@ class ExecutorServer:
         if self.integrity is not None:
             self.integrity.accept_modules()
 
-    def _cancelled(self, scope: Scope) -> None:
-        scope.cancelled = True
-        if scope.sync_running == 0:
+    def _cancelled(self, state: RequestState) -> None:
+        state.cancelled = True
+        if state.sync_running == 0:
             with contextlib.suppress(OSError):
-                self.chan.send(ch.Settled(scope.id))
+                self.chan.send(ch.Settled(state.id))
 
     # --- hooks into the runtime -------------------------------------------------------------
 
     def _on_phase(self, name: str) -> None:
-        scope = current_scope.get()
-        if scope is not None:
-            with contextlib.suppress(OSError):
-                self.chan.send(ch.Phase(scope.id, name))
+        """The supervisor pauses a request's time limit while it installs. A check that finds
+        everything installed takes microseconds: the phase is announced only once it has run
+        for :data:`_INSTALL_ANNOUNCE_S`, so the common request sends no frame for it."""
+        state = current_state.get()
+        if state is None or self.loop is None:
+            return
+        if name == "install":
+            state.install_phase = self.loop.call_later(
+                _INSTALL_ANNOUNCE_S, self._announce_install, state
+            )
+            return
+        pending, state.install_phase = state.install_phase, None
+        if pending is not None:
+            pending.cancel()
+        elif state.install_announced:  # the call starts now: so does its time limit
+            state.install_announced = False
+            self._send_phase(state.id, name)
+
+    def _announce_install(self, state: RequestState) -> None:
+        state.install_phase = None
+        state.install_announced = True
+        self._send_phase(state.id, "install")
+
+    def _send_phase(self, rid: int, name: str) -> None:
+        with contextlib.suppress(OSError):
+            self.chan.send(ch.Phase(rid, name))
 
     def _on_installed(self) -> None:
-        scope = current_scope.get()
-        if scope is not None:
-            scope.installed = True
+        state = current_state.get()
+        if state is not None:
+            state.installed = True
 
     def _loop_intact(self) -> bool:
         return self.integrity is None or self.integrity.loop_intact()
@@ -321,14 +313,8 @@ def main() -> int:
     for entry in reversed(setup.sys_path):
         if entry not in sys.path:
             sys.path.insert(0, entry)
-    fast: ch.Channel | None = None
-    fast_fd = os.environ.pop("FLASHRT_EXECUTOR_FAST_FD", "")
-    if fast_fd.isdigit():
-        os.set_inheritable(int(fast_fd), False)
-        fast = ch.Channel(socket.socket(fileno=int(fast_fd)))
-    spin_s = max(0, int(setup.settings.get("spin_us", 0))) / 1e6
-    lane = MainLane(fast.fd if fast is not None else None, spin_s, chan.fd, ch.EXPECT_POLL_S)
-    server = ExecutorServer(chan, setup, lane, fast)
+    lane = MainThread()
+    server = ExecutorServer(chan, setup, lane)
     thread = threading.Thread(target=server.run, name="flashrt-executor-loop", daemon=True)
     thread.start()
     lane.serve_forever()

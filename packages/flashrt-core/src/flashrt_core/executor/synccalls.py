@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any
 from .. import channel as ch
 from ..lanes import call_catching, settle
 from ..pipeline import current_request
-from .scope import current_scope, encode_response, exit_now
+from .answering import current_state, encode_response, exit_now
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from ..lanes import Lanes
     from ..protocol import FunctionRequest
-    from .mainlane import MainLane
+    from .main_thread import MainThread
 
 __all__ = ["SyncCalls"]
 
@@ -34,7 +34,7 @@ class SyncCalls:
     """
 
     def __init__(
-        self, chan: ch.Channel, lane: MainLane, lanes: Lanes, loop_intact: Callable[[], bool]
+        self, chan: ch.Channel, lane: MainThread, lanes: Lanes, loop_intact: Callable[[], bool]
     ) -> None:
         self.chan = chan
         self.lane = lane
@@ -45,22 +45,24 @@ class SyncCalls:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         ctx = contextvars.copy_context()
-        scope = current_scope.get()
-        if scope is not None:
-            scope.sync_running += 1
+        state = current_state.get()
+        if state is not None:
+            state.sync_running += 1
         on_main: list[bool] = [False]
 
         def work() -> None:
             result, error = ctx.run(call_catching, fn, args)
-            if scope is not None:
-                scope.sync_running -= 1
+            if on_main[0]:
+                self.lane.free()
+            if state is not None:
+                state.sync_running -= 1
             request = ctx.get(current_request)
             if on_main[0] and request is not None and not self.loop_intact():
                 self._rescue(ctx, request, result, error)
             loop.call_soon_threadsafe(settle, future, result, error)
-            if scope is not None and scope.cancelled and scope.sync_running == 0:
+            if state is not None and state.cancelled and state.sync_running == 0:
                 with contextlib.suppress(OSError):
-                    self.chan.send(ch.Settled(scope.id))
+                    self.chan.send(ch.Settled(state.id))
 
         on_main[0] = True
         if not self.lane.try_run(work):
@@ -81,7 +83,7 @@ class SyncCalls:
         from ..failures import failure_response
         from ..protocol import FunctionResponse
 
-        scope = ctx.get(current_scope)
+        state = ctx.get(current_state)
         if error is not None:
             response = failure_response("call", error, error.__traceback__)
         else:
@@ -95,9 +97,9 @@ class SyncCalls:
         buffer = ctx.run(capture.current_buffer)
         response.stdout = buffer.getvalue() if buffer is not None else None
         reason = "a request closed file descriptors the executor's event loop needs"
-        if scope is not None:
+        if state is not None:
             with contextlib.suppress(OSError):
-                self.chan.send(ch.Result(scope.id, encode_response(response), exiting=reason))
+                self.chan.send(ch.Result(state.id, encode_response(response), exiting=reason))
         with contextlib.suppress(OSError):
             self.chan.send(ch.Exiting(reason))
         exit_now(0)

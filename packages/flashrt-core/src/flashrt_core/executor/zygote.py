@@ -101,7 +101,7 @@ class _Zygote:
 
     def _on_message(self) -> bool:
         try:
-            data, fds, _, _ = socket.recv_fds(self.sock, 1 << 20, 2)
+            data, fds, _, _ = socket.recv_fds(self.sock, 1 << 20, 1)
         except InterruptedError:
             return True
         if not data:
@@ -114,10 +114,10 @@ class _Zygote:
         return True
 
     def _fork(self, tag: str, fds: list[int]) -> None:
-        if len(fds) != 2:
+        if len(fds) != 1:
             for fd in fds:
                 os.close(fd)
-            self.send(ch.Forked(0, error=f"expected 2 sockets, got {len(fds)}"))
+            self.send(ch.Forked(0, error=f"expected 1 socket, got {len(fds)}"))
             return
         try:
             pid = os.fork()
@@ -126,7 +126,7 @@ class _Zygote:
             self.send(ch.Forked(0, error=f"fork failed: {exc}"))
         if pid == 0:
             try:
-                self._become_executor(tag, fds[0], fds[1])
+                self._become_executor(tag, fds[0])
             finally:
                 os._exit(70)  # only reached if the executor could not even start
         for fd in fds:
@@ -134,7 +134,7 @@ class _Zygote:
         if pid > 0:
             self.send(ch.Forked(pid))
 
-    def _become_executor(self, tag: str, chan_fd: int, fast_fd: int) -> None:
+    def _become_executor(self, tag: str, chan_fd: int) -> None:
         """In the fresh child: drop the zygote's ends, take the executor's fds, run it."""
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -144,12 +144,11 @@ class _Zygote:
         os.setsid()  # its own session and group: what its code starts goes with it
         os.dup2(chan_fd, 0)
         os.close(chan_fd)
-        os.environ["FLASHRT_EXECUTOR_FAST_FD"] = str(fast_fd)
         os.environ[ch.EXECUTOR_TAG_ENV] = tag
         from .server import main as executor_main
 
         code = executor_main()
-        from .scope import exit_now
+        from .answering import exit_now
 
         exit_now(code)
 

@@ -2,10 +2,9 @@
 
 It lives on the worker's event loop and never sees the ``Runtime``: it gets the settings, what
 an executor's ``Setup`` carries, an "installs changed the environment" callback and the echo's
-streams. One executor serves new requests (:mod:`.serving`); a simple request alone on it goes
-over its fast lane, whose answer the worker awaits without sleeping for a short while
-(:mod:`.awake`). The :mod:`.launcher` keeps a ready spare and makes every later executor, forked
-by the zygote.
+streams. The pool of executors serves new requests (:mod:`.serving`); each executor's state is
+its own (:class:`~.process.ExecutorProcess`), changed only through its methods. The
+:mod:`.launcher` keeps a ready spare and makes every later executor, forked by the zygote.
 
 A death is seen at once (channel EOF, the process's end), never polled. It costs only the
 request that caused it: every other request on the dead executor runs again once, each alone on
@@ -19,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -30,7 +30,6 @@ from ..protocol import FunctionResponse
 from ..request_peek import Peeked, peek_request
 from ..settings import executor_count
 from . import descendants
-from .awake import Awake
 from .handover import Handover, release
 from .inflight import RETRIED_NOTE, InFlight, Request
 from .launcher import Launcher
@@ -50,12 +49,53 @@ if TYPE_CHECKING:
     from ..protocol import FunctionRequest
     from ..settings import Settings
 
-__all__ = ["RETRIED_NOTE", "ExecutorSetup", "ExecutorUnavailable", "Supervisor", "describe_exit"]
+__all__ = [
+    "RETRIED_NOTE",
+    "Description",
+    "ExecutorSetup",
+    "ExecutorUnavailable",
+    "ExecutorView",
+    "Supervisor",
+    "describe_exit",
+]
 
 log = logging.getLogger("flashrt.supervisor")
 
 #: SIGTERM to SIGKILL for what a dead executor's code left running.
 _DESCENDANTS_GRACE_S = 0.5
+
+
+@dataclass(frozen=True)
+class ExecutorView:
+    """One live executor as :meth:`Supervisor.describe` reports it."""
+
+    pid: int
+    #: "serving" (takes new requests), "spare", "retry" (runs one retried request alone),
+    #: "starting" or "leaving".
+    role: str
+    load: int
+    instances: int
+    abandoned: int
+
+
+@dataclass(frozen=True)
+class Description:
+    """What the supervisor runs now: for logs, diagnostics and tests."""
+
+    executors: tuple[ExecutorView, ...]
+    in_flight: int
+    zygote_pid: int | None
+    #: Why no executor serves now (``None`` while one does, or while starting the first).
+    problem: str | None
+    #: Serving executors replaced so far, by what took their place: "spare" or "start".
+    replacements: dict[str, int]
+    #: Seconds the next executor start waits: executors keep failing to start.
+    backoff_s: float
+    #: The user's top-level imports carried to each new executor.
+    carried_imports: tuple[str, ...]
+
+    def pids(self, role: str) -> list[int]:
+        return [view.pid for view in self.executors if view.role == role]
 
 
 class Supervisor:
@@ -78,21 +118,40 @@ class Supervisor:
         #: Every executor alive: the serving one, the spare, those running a retry alone, and
         #: any still finishing after it was told to go.
         self.executors: set[ExecutorProcess] = set()
-        self.inflight = InFlight(
-            settings, echo_streams, lambda rid, request: self.handover.give_up(rid, request)
-        )
-        self.handover = Handover(settings, self.inflight, self._retiring)
+        self.inflight = InFlight(settings, echo_streams, self._give_up)
+        self.handover = Handover(settings, self.inflight, self.loop, self._retiring)
         self._first: ExecutorProcess | None = None  # spawned, while no zygote starts
         self._closing = False
         self._retries = Background()  # kept referenced, failures logged
-        self.awake = Awake(
-            max(0, settings.spin_us) / 1e6, self.loop, self.inflight, self.serving, self._on_frame
-        )
 
-    @property
-    def lanes(self) -> dict[str, int]:
-        """Requests handed to executors, by lane: "fast" (its main thread) or "loop"."""
-        return self.handover.lanes
+    def describe(self) -> Description:
+        """Its executors, their roles and loads, and the pool's health, as of now."""
+        launcher, serving = self.launcher, self.serving
+
+        def role(executor: ExecutorProcess) -> str:
+            if executor in serving.pool:
+                return "serving"
+            if executor is launcher.spare:
+                return "spare"
+            if executor.retry_of is not None:
+                return "retry"
+            return "leaving" if executor.exit_reason is not None else "starting"
+
+        views = tuple(
+            ExecutorView(e.proc.pid, role(e), e.load, e.instances, e.abandoned)
+            for e in sorted(self.executors, key=lambda e: e.started)
+            if not e.dead
+        )
+        zygote = launcher.zygote
+        return Description(
+            executors=views,
+            in_flight=len(self.inflight),
+            zygote_pid=zygote.proc.pid if zygote is not None and not zygote.dead else None,
+            problem=serving.problem,
+            replacements=dict(serving.replacements),
+            backoff_s=launcher.backoff.delay(),
+            carried_imports=tuple(launcher.imports),
+        )
 
     @property
     def problem(self) -> str | None:
@@ -160,15 +219,10 @@ class Supervisor:
             except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
                 return stage_failure("decode", f"invalid request: {exc}")
         result = await self._submit(
-            Request(peeked.body, peeked.form, peeked.timeout, False, peeked.simple, peeked.instance)
+            Request(peeked.body, peeked.form, peeked.timeout, False, peeked.instance)
         )
         assert isinstance(result, FunctionResponse)
         return result
-
-    def expect(self) -> None:
-        """A request is on its way (its caller is still reading it): an idle executor wakes
-        now, while the caller reads (:meth:`Awake.announce`)."""
-        self.awake.announce()
 
     async def run_deployed(self, job: Mapping[str, Any]) -> Any:
         """Run the deployed QB handler on one plain job, in an executor."""
@@ -192,28 +246,18 @@ class Supervisor:
                     "call", f"no executor process could be started: {self.problem}"
                 )
                 self.inflight.answer(rid, failure)
-            elif self._hand_over(rid, request, executor):
-                if serving.size > 1:
-                    # Once round the loop first: what arrived with this request goes to another
-                    # executor of the pool now, not after this answer.
-                    await asyncio.sleep(0)
-                if len(self.inflight) == 1 and self.awake.spin_s:
-                    self.awake.await_answer(executor, request)
+            elif self.inflight.get(rid) is request:  # else answered meanwhile (stopping)
+                self.handover.send(executor, rid, request)
             return await request.future
         except asyncio.CancelledError:
             if self.inflight.get(rid) is request:
-                self.inflight.requests.pop(rid, None)
                 self.handover.give_up(rid, request)
             raise
         finally:
             self.inflight.done(request)
 
-    def _hand_over(self, rid: int, request: Request, executor: ExecutorProcess) -> bool:
-        """Hand the request to the executor picked for it; ``True`` when it went to the fast
-        lane."""
-        if self.inflight.get(rid) is not request:  # answered meanwhile (the worker is stopping)
-            return False
-        return self.handover.send(executor, rid, request)
+    def _give_up(self, rid: int, request: Request) -> None:
+        self.handover.give_up(rid, request)
 
     def _answer(self, rid: int, response: Any) -> None:
         request = self.inflight.get(rid)
@@ -223,8 +267,8 @@ class Supervisor:
 
     # --- frames from executors --------------------------------------------------------------
 
-    def _on_readable(self, executor: ExecutorProcess, chan: ch.Channel) -> None:
-        frames = executor.read(chan)
+    def _on_readable(self, executor: ExecutorProcess) -> None:
+        frames = executor.read()
         if frames is None:
             self._eof(executor)
             return
@@ -242,28 +286,24 @@ class Supervisor:
         elif isinstance(frame, ch.Phase):
             inflight.phase(frame.id, frame.name)
         elif isinstance(frame, ch.Settled):
-            inflight.settled(frame.id)
-            executor.abandoned.discard(frame.id)
+            executor.settle(frame.id)
         elif isinstance(frame, ch.Imported):
             self.launcher.imported(frame.modules)
         elif isinstance(frame, ch.Hello):
             if not executor.hello.done():
-                executor.fast_ok = frame.fast
                 executor.hello.set_result(frame)
         elif isinstance(frame, ch.Exiting) and executor.exit_reason is None:
             self._retiring(executor, frame.reason)
 
     def _retiring(self, executor: ExecutorProcess, reason: str) -> None:
         """It goes (on purpose, or we decided): hand it nothing more, and replace it now."""
-        if executor.exit_reason is None:
-            executor.exit_reason = reason
+        executor.retire(reason)
         if executor in self.serving.pool:
             log.warning("executor %d is being replaced: %s", executor.proc.pid, reason)
         self.serving.replace(executor)
 
     def _on_result(self, executor: ExecutorProcess, frame: ch.Result) -> None:
-        if self.inflight.settled(frame.id):  # a late answer to a request we gave up on
-            executor.abandoned.discard(frame.id)
+        if executor.settle(frame.id):  # a late answer to a request we gave up on
             return
         request = self.inflight.get(frame.id)
         if request is None:
@@ -272,11 +312,10 @@ class Supervisor:
         if frame.installed:
             self._on_installed()
         if frame.instance_id:
-            if len(executor.instances) < 10_000:  # only named in a death's error
-                executor.instances.add(frame.instance_id)
+            executor.holds(frame.instance_id)
             self.serving.holds(executor, frame.instance_id)
         self._answer(frame.id, value)
-        if executor.solo == frame.id:  # it ran one retried request, alone: its work is done
+        if executor.retry_of == frame.id:  # it ran one retried request, alone: its work is done
             self._retiring(executor, "its retried request was answered")
             executor.kill(executor.exit_reason or "done")
 
@@ -310,7 +349,7 @@ class Supervisor:
         if self._closing:
             return
         what = executor.exit_reason or describe_exit(executor.proc.returncode)
-        if executor.solo is None and executor.hello.exception() is None:
+        if executor.retry_of is None and executor.hello.exception() is None:
             # A death nobody asked for is an error; one it announced or we caused is not.
             level = logging.ERROR if executor.exit_reason is None else logging.INFO
             log.log(level, "executor %d %s", executor.proc.pid, what)
@@ -321,8 +360,7 @@ class Supervisor:
 
     def _settle(self, executor: ExecutorProcess, what: str) -> None:
         """Each request the dead executor had runs again once, alone, or fails saying why."""
-        lost = sorted(executor.instances)
-        executor.instances.clear()
+        lost = executor.lose_instances()
         for rid, request in self.inflight.lost_with(executor):
             release(rid, request)
             request.executor = None
@@ -341,7 +379,7 @@ class Supervisor:
                 rid, request.failure(f"its executor died, and no executor to retry it on: {exc}")
             )
             return
-        executor.solo = rid
+        executor.run_alone(rid)
         if self.inflight.get(rid) is not request or self._closing:  # answered meanwhile
             self._retiring(executor, "its retried request was answered")
             executor.kill("not needed")

@@ -1,17 +1,17 @@
-"""Handing a request to an executor and taking it back: which lane it goes by, the load it
-puts on that executor, and what happens when its caller stops waiting.
+"""Handing a request to an executor and taking it back: the load it puts on that executor, and
+what happens when its caller stops waiting.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from typing import TYPE_CHECKING
 
 from .. import channel as ch
 
 if TYPE_CHECKING:
+    import asyncio
     from collections.abc import Callable
 
     from ..settings import Settings
@@ -30,80 +30,54 @@ def _flush(chan: ch.Channel) -> None:
 
 def release(rid: int, request: Request) -> None:
     """The request no longer occupies its executor (answered, or given up on)."""
-    executor = request.executor
-    if executor is not None:
-        executor.load -= 1
-        now = time.perf_counter()
-        if not executor.load:
-            executor.idle_since = now
-        if executor.fast_rid == rid:
-            executor.fast_rid = None  # an abandoned one keeps the lane closed until it ends
-            executor.fast_took = now - executor.fast_sent
+    if request.executor is not None:
+        request.executor.release(rid)
 
 
 class Handover:
-    """Sends requests to executors; counts them by lane."""
+    """Sends requests to executors, and gives up on them."""
 
     def __init__(
         self,
         settings: Settings,
         inflight: InFlight,
+        loop: asyncio.AbstractEventLoop,
         retire: Callable[[ExecutorProcess, str], None],
     ) -> None:
         self.settings = settings
         self.inflight = inflight
+        self.loop = loop
         self._retire = retire  # an executor we decided must go (its code ran away)
-        #: Requests handed to executors, by lane: "fast" (its main thread) or "loop".
-        self.lanes = {"fast": 0, "loop": 0}
 
-    def send(self, executor: ExecutorProcess, rid: int, request: Request) -> bool:
-        """Hand ``request`` to ``executor``; ``True`` when it went to its fast lane."""
+    def send(self, executor: ExecutorProcess, rid: int, request: Request) -> None:
+        """Hand ``request`` to ``executor`` and start its time limit."""
         request.attempts += 1
         request.executor = executor
-        executor.load += 1
+        executor.assign(rid)
         chan = executor.chan
         if request.deployed:
             frame: ch.Frame = ch.RunDeployed(rid, request.body, request.request_id)
         else:
-            frame = ch.Execute(rid, request.body, request.form, request.request_id, request.simple)
-            if (
-                request.simple
-                and executor.fast_ok
-                and len(self.inflight) == 1
-                and executor.load == 1
-                and not executor.abandoned
-            ):
-                # Alone in flight, so its main thread is free and waiting on the answer costs
-                # nothing else (under load, polling would take the CPU the others need).
-                chan = executor.fast
-                executor.fast_rid = rid
-                executor.fast_sent = time.perf_counter()
-        fast = chan is executor.fast
-        self.lanes["fast" if fast else "loop"] += 1
+            frame = ch.Execute(rid, request.body, request.form, request.request_id)
         try:
-            if fast:
-                chan.send(frame)
-            elif chan.post(frame):
+            if chan.post(frame):
                 # Frames handed over in this turn of the event loop leave in one write: under
                 # load one wake-up of the executor carries many requests.
-                self.inflight.loop.call_soon(_flush, chan)
+                self.loop.call_soon(_flush, chan)
         except OSError:
-            return False  # it is dying: its death handling retries or answers this request
+            return  # it is dying: its death handling retries or answers this request
         self.inflight.arm(rid, request)
-        return fast
 
     def give_up(self, rid: int, request: Request) -> None:
         """The caller stopped waiting: tell the executor, and watch that it really stops."""
+        self.inflight.remove(rid)
         release(rid, request)
         executor = request.executor
         if executor is None or executor.dead:
             return
         with contextlib.suppress(OSError):
             executor.chan.send(ch.Cancel(rid))
-        executor.abandoned.add(rid)
-        self.inflight.abandon(
-            rid, self.settings.hard_timeout_grace_s, lambda: self._runaway(executor)
-        )
+        executor.abandon(rid, self.settings.hard_timeout_grace_s, lambda: self._runaway(executor))
 
     def _runaway(self, executor: ExecutorProcess) -> None:
         if executor.dead:

@@ -2,8 +2,9 @@
 
 One :class:`Request` per call of the supervisor, from hand-over until its caller has an answer;
 the :class:`InFlight` table owns their timers (the time limit, paused while dependencies
-install), the bounded copy of their output (used only if the executor dies before answering),
-their live echo, and the requests given up on whose code may still be running.
+install), the bounded copy of their output (used only if the executor dies before answering)
+and their live echo. A request given up on leaves the table: its executor keeps track of it
+(:meth:`~.process.ExecutorProcess.abandon`).
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ class Request:
         "output",
         "output_size",
         "request_id",
-        "simple",
         "timeout",
     )
 
@@ -62,7 +62,6 @@ class Request:
         form: str,
         timeout: float,
         deployed: bool,
-        simple: bool = False,
         instance: str | None = None,
     ) -> None:
         self.body = body
@@ -70,7 +69,6 @@ class Request:
         self.form = form
         self.timeout = timeout
         self.deployed = deployed
-        self.simple = simple
         #: Its answer; made by :meth:`InFlight.add` (the table knows the loop: asking asyncio
         #: for it costs a system call).
         self.future: asyncio.Future[Any]
@@ -134,23 +132,20 @@ class InFlight:
         self._echo_streams = echo_streams
         self._on_expired = on_expired  # after a timed-out request is answered: stop its code
         self._ids = itertools.count(1)
-        self.requests: dict[int, Request] = {}
-        #: Requests given up on (timed out, cancelled) whose code may still run: the timer that
-        #: recycles their executor if it does not stop in time.
-        self.abandoned: dict[int, asyncio.TimerHandle] = {}
+        self._requests: dict[int, Request] = {}
         self._timer: asyncio.TimerHandle | None = None  # at the soonest deadline
 
     def __len__(self) -> int:
-        return len(self.requests)
+        return len(self._requests)
 
     def add(self, request: Request) -> int:
         request.future = self.loop.create_future()
         rid = next(self._ids)
-        self.requests[rid] = request
+        self._requests[rid] = request
         return rid
 
     def get(self, rid: int) -> Request | None:
-        return self.requests.get(rid)
+        return self._requests.get(rid)
 
     # --- time limits --------------------------------------------------------------------------
     #
@@ -167,7 +162,7 @@ class InFlight:
     def phase(self, rid: int, name: str) -> None:
         """The request's code reached ``name``: its time limit runs from the call only
         (installs, loading are not the call)."""
-        request = self.requests.get(rid)
+        request = self._requests.get(rid)
         if request is not None:
             request.deadline = None
             if name == "call":
@@ -182,7 +177,7 @@ class InFlight:
         self._timer = None
         now = self.loop.time()
         soonest: float | None = None
-        for rid, request in list(self.requests.items()):
+        for rid, request in list(self._requests.items()):
             deadline = request.deadline
             if deadline is None:
                 continue
@@ -207,7 +202,7 @@ class InFlight:
 
     def output(self, rid: int, stream: int, text: str) -> None:
         """A line the request's code wrote: echoed live, and copied (bounded) for a death."""
-        request = self.requests.get(rid)
+        request = self._requests.get(rid)
         if request is None:
             return
         if self.settings.echo:
@@ -227,7 +222,7 @@ class InFlight:
     # --- endings ------------------------------------------------------------------------------
 
     def answer(self, rid: int, value: Any) -> None:
-        request = self.requests.pop(rid, None)
+        request = self._requests.pop(rid, None)
         if request is not None and not request.future.done():
             request.future.set_result(value)
 
@@ -237,42 +232,22 @@ class InFlight:
         if request.echo is not None:
             request.echo.close()
 
-    def abandon(self, rid: int, grace: float, runaway: Callable[[], None]) -> None:
-        """Its caller stopped waiting; ``runaway`` runs if its code has not settled in time."""
-        self.requests.pop(rid, None)
-        self.abandoned[rid] = self.loop.call_later(grace, self._runaway, rid, runaway)
-
-    def _runaway(self, rid: int, runaway: Callable[[], None]) -> None:
-        self.abandoned.pop(rid, None)
-        runaway()
-
-    def settled(self, rid: int) -> bool:
-        """An abandoned request's code has ended; ``False`` if it was not abandoned."""
-        handle = self.abandoned.pop(rid, None)
-        if handle is None:
-            return False
-        handle.cancel()
-        return True
+    def remove(self, rid: int) -> None:
+        """Its caller stopped waiting: it leaves the table unanswered."""
+        self._requests.pop(rid, None)
 
     def close(self, why: str) -> None:
         """The worker stops: what is in flight fails saying ``why``, and no timer of ours fires
         any more."""
-        for rid, request in list(self.requests.items()):
+        for rid, request in list(self._requests.items()):
             self.answer(rid, request.failure(why))
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        for handle in self.abandoned.values():
-            handle.cancel()
-        self.abandoned.clear()
 
     def lost_with(self, executor: ExecutorProcess) -> list[tuple[int, Request]]:
-        """The requests a dead ``executor`` had; those given up on there are settled (their
-        code died with it)."""
-        for rid in executor.abandoned:
-            self.settled(rid)
-        executor.abandoned.clear()
-        return [(rid, r) for rid, r in self.requests.items() if r.executor is executor]
+        """The requests a dead ``executor`` had."""
+        return [(rid, r) for rid, r in self._requests.items() if r.executor is executor]
 
     def retry(self, request: Request) -> bool:
         """Whether a request whose executor died runs again (once); notes it in its output."""

@@ -108,9 +108,7 @@ class Launcher:
             self.zygote = None
         forked, self._forked = self._forked, {}
         for executor in forked.values():
-            if executor.exit_reason is None:
-                executor.exit_reason = "its parent, the zygote process, ended"
-            executor.kill(executor.exit_reason)
+            executor.kill("its parent, the zygote process, ended")
             if isinstance(executor.proc, ForkedChild):
                 executor.proc.exited(-9)
         if not self.closing and self._zygote_starts < 3:  # not forever: spawning still works

@@ -2,10 +2,9 @@
 
 Either a fresh interpreter (``python -m flashrt_core.executor``) or a fork of the zygote
 (:mod:`flashrt_core.executor.zygote`), never a fork of the worker; in a session and process
-group of its own either way. Its stdin is our end of the channel (:mod:`flashrt_core.channel`);
-a second socketpair is the fast lane its main thread reads; its stdout and stderr are the
-worker's. A spawned one's pidfd, where the kernel has them, says the moment it exits; a forked
-one's end is reported by the zygote, its parent.
+group of its own either way. Its stdin is its end of the channel (:mod:`flashrt_core.channel`);
+its stdout and stderr are the worker's. A spawned one's pidfd, where the kernel has them, says
+the moment it exits; a forked one's end is reported by the zygote, its parent.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import contextlib
 import itertools
 import logging
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -93,7 +91,7 @@ class ExecutorUnavailable(RuntimeError):
 
 
 def describe_exit(returncode: int | None) -> str:
-    """How a process ended, in the words the issue asks for."""
+    """How a process ended, as a request's error says it."""
     if returncode is None:
         return "stopped answering"
     if returncode >= 0:
@@ -109,13 +107,16 @@ def describe_exit(returncode: int | None) -> str:
 
 
 class ExecutorProcess:
-    """One executor process and our ends of its two sockets. Made on the supervisor's loop."""
+    """One executor process and our end of its channel. Made on the supervisor's loop.
+
+    It alone changes its fields: the supervisor's parts call its methods (:meth:`assign`,
+    :meth:`release`, :meth:`abandon`, :meth:`settle`, :meth:`holds`, :meth:`retire`).
+    """
 
     def __init__(
         self,
         proc: subprocess.Popen[bytes] | ForkedChild,
         chan: ch.Channel,
-        fast: ch.Channel,
         pidfd: int | None,
         tag: str,
     ) -> None:
@@ -123,32 +124,98 @@ class ExecutorProcess:
         #: Its name in the environment of whatever its code starts (``EXECUTOR_TAG_ENV``).
         self.tag = tag
         self.chan = chan
-        #: The fast lane's socket, read by the executor's main thread (used when Hello says so).
-        self.fast = fast
-        self.fast_ok = False
-        self._fast_poll = select.poll()  # polling without an exception per empty read
-        self._fast_poll.register(fast.fd, select.POLLIN)
         self.pidfd = pidfd
-        self.readers = {chan.fd: ch.FrameReader(), fast.fd: ch.FrameReader()}
+        self._reader = ch.FrameReader()
         self.hello: asyncio.Future[ch.Hello] = asyncio.get_running_loop().create_future()
-        self.exit_reason: str | None = None  # set when we (or it) decided it should go
+        self._exit_reason: str | None = None
         self.dead = False
         self.started = time.monotonic()
-        #: Requests handed to it and not answered yet, and the one on its fast lane (if any).
-        self.load = 0
-        #: When its load last fell to nothing, and when it was last told a request is coming.
-        self.idle_since = 0.0
-        self.expected_at = 0.0
-        self.fast_rid: int | None = None
-        #: When the fast lane's request was sent, and how long the last one took to answer.
-        self.fast_sent = 0.0
-        self.fast_took = 0.0
-        #: Requests given up on whose code may still run here (the fast lane stays closed).
-        self.abandoned: set[int] = set()
-        #: Class instances it holds (by ``instance_id``): lost with it.
-        self.instances: set[str] = set()
-        #: Set on an executor of its own that runs one retried request, then goes.
-        self.solo: int | None = None
+        self._requests: set[int] = set()
+        #: Requests given up on whose code may still run here, each with the timer that
+        #: recycles the executor if that code does not stop in time.
+        self._abandoned: dict[int, asyncio.TimerHandle] = {}
+        self._instances: set[str] = set()
+        self._retry_of: int | None = None
+
+    # --- what it holds ------------------------------------------------------------------------
+
+    @property
+    def load(self) -> int:
+        """Requests handed to it and not answered yet."""
+        return len(self._requests)
+
+    @property
+    def exit_reason(self) -> str | None:
+        """Why it goes, once we (or it) decided it should; ``None`` while it serves."""
+        return self._exit_reason
+
+    @property
+    def retry_of(self) -> int | None:
+        """The retried request it runs alone, then goes (``None``: a serving executor)."""
+        return self._retry_of
+
+    @property
+    def abandoned(self) -> int:
+        """How many given-up requests may still run here."""
+        return len(self._abandoned)
+
+    @property
+    def instances(self) -> int:
+        """How many class instances it holds."""
+        return len(self._instances)
+
+    def assign(self, rid: int) -> None:
+        """Request ``rid`` was handed to it."""
+        self._requests.add(rid)
+
+    def release(self, rid: int) -> None:
+        """Request ``rid`` no longer occupies it (answered, given up on, or lost)."""
+        self._requests.discard(rid)
+
+    def run_alone(self, rid: int) -> None:
+        """It runs only the retried request ``rid``, then goes."""
+        self._retry_of = rid
+
+    def abandon(self, rid: int, grace: float, runaway: Callable[[], None]) -> None:
+        """Its caller gave up on ``rid``: ``runaway`` runs if its code has not settled in
+        ``grace`` seconds."""
+        self._requests.discard(rid)
+        loop = asyncio.get_running_loop()
+        self._abandoned[rid] = loop.call_later(grace, self._runaway, rid, runaway)
+
+    def _runaway(self, rid: int, runaway: Callable[[], None]) -> None:
+        self._abandoned.pop(rid, None)
+        runaway()
+
+    def settle(self, rid: int) -> bool:
+        """The code of given-up request ``rid`` ended; ``False`` if it was not given up on."""
+        handle = self._abandoned.pop(rid, None)
+        if handle is None:
+            return False
+        handle.cancel()
+        return True
+
+    def holds(self, instance_id: str) -> None:
+        """It built (or used) the class instance ``instance_id``: lost if it dies."""
+        if len(self._instances) < 10_000:  # only named in a death's error
+            self._instances.add(instance_id)
+
+    def lose_instances(self) -> list[str]:
+        """It died: the instances that went with it, and no abandoned timer fires any more."""
+        lost = sorted(self._instances)
+        self._instances.clear()
+        for handle in self._abandoned.values():
+            handle.cancel()
+        self._abandoned.clear()
+        return lost
+
+    def retire(self, reason: str) -> bool:
+        """It must go (on purpose, or we decided); the first reason is kept. ``True`` when
+        this call decided it."""
+        if self._exit_reason is not None:
+            return False
+        self._exit_reason = reason
+        return True
 
     @property
     def ready(self) -> bool:
@@ -157,53 +224,45 @@ class ExecutorProcess:
             self.hello.done()
             and not self.hello.cancelled()
             and self.hello.exception() is None
-            and self.exit_reason is None
+            and self._exit_reason is None
             and not self.dead
         )
 
     @staticmethod
-    def sockets() -> tuple[socket.socket, socket.socket, socket.socket, socket.socket]:
-        """Our ends and its ends of the channel and the fast lane."""
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        fast_parent, fast_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        return parent, fast_parent, child, fast_child
+    def sockets() -> tuple[socket.socket, socket.socket]:
+        """Our end and its end of the channel."""
+        return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 
     @classmethod
     def spawn(cls) -> ExecutorProcess:
         """Start the interpreter; it reads its ``Setup`` from the channel when it is up."""
-        parent, fast_parent, child, fast_child = cls.sockets()
+        parent, child = cls.sockets()
         tag = new_tag()
         env = dict(os.environ)
         env["FLASHRT_EXECUTOR"] = "1"
-        env["FLASHRT_EXECUTOR_FAST_FD"] = str(fast_child.fileno())
         env[ch.EXECUTOR_TAG_ENV] = tag
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "flashrt_core.executor"],
                 stdin=child.fileno(),
-                pass_fds=(fast_child.fileno(),),
                 close_fds=True,
                 env=env,
                 start_new_session=True,  # its own process group: we kill what it started too
             )
         except BaseException:
-            fast_parent.close()
             parent.close()
             raise
         finally:
             child.close()
-            fast_child.close()
         pidfd: int | None = None
         with contextlib.suppress(AttributeError, OSError):
             pidfd = os.pidfd_open(proc.pid)
-        return cls(proc, ch.Channel(parent), ch.Channel(fast_parent), pidfd, tag)
+        return cls(proc, ch.Channel(parent), pidfd, tag)
 
     @classmethod
-    def forked(
-        cls, pid: int, parent: socket.socket, fast_parent: socket.socket, tag: str
-    ) -> ExecutorProcess:
+    def forked(cls, pid: int, parent: socket.socket, tag: str) -> ExecutorProcess:
         """One the zygote forked: its end comes as the zygote's ``Reaped``."""
-        return cls(ForkedChild(pid), ch.Channel(parent), ch.Channel(fast_parent), None, tag)
+        return cls(ForkedChild(pid), ch.Channel(parent), None, tag)
 
     def send_setup(self, settings: Settings, contents: ExecutorSetup) -> None:
         """Its first frame: the worker's settings and ``sys.path``, and what start-up made."""
@@ -221,12 +280,11 @@ class ExecutorProcess:
     def watch(
         self,
         loop: asyncio.AbstractEventLoop,
-        on_readable: Callable[[ExecutorProcess, ch.Channel], None],
+        on_readable: Callable[[ExecutorProcess], None],
         on_exit: Callable[[ExecutorProcess], None],
     ) -> None:
         """Have ``loop`` call back when a socket has data and the moment the process exits."""
-        loop.add_reader(self.chan.fd, on_readable, self, self.chan)
-        loop.add_reader(self.fast.fd, on_readable, self, self.fast)
+        loop.add_reader(self.chan.fd, on_readable, self)
         if self.pidfd is not None:  # without one (old kernels), EOF alone tells
             loop.add_reader(self.pidfd, on_exit, self)
         elif isinstance(self.proc, ForkedChild):
@@ -234,39 +292,33 @@ class ExecutorProcess:
 
     def unwatch_sockets(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.remove_reader(self.chan.fd)
-        loop.remove_reader(self.fast.fd)
 
-    def fast_ready(self) -> bool:
-        """The fast lane's socket holds something now (or was closed)."""
-        return bool(self._fast_poll.poll(0))
-
-    def read(self, chan: ch.Channel) -> list[ch.Frame] | None:
-        """The whole frames ``chan`` holds now; ``None`` at EOF (or a broken socket)."""
+    def read(self) -> list[ch.Frame] | None:
+        """The whole frames its channel holds now; ``None`` at EOF (or a broken socket)."""
         try:
-            data = chan.recv_available()
+            data = self.chan.recv_available()
         except BlockingIOError:
             return []
         except OSError:
             return None
-        return self.readers[chan.fd].feed(data) if data else None
+        return self._reader.feed(data) if data else None
 
     def drain(self) -> list[ch.Frame]:
         """What it sent before it went (an answer, an ``Exiting``): handled before mourning."""
         frames: list[ch.Frame] = []
-        for chan in (self.fast, self.chan):
-            for _ in range(1024):
-                try:
-                    data = chan.recv_available()
-                except OSError:  # BlockingIOError included: nothing more
-                    break
-                if not data:
-                    break
-                frames += self.readers[chan.fd].feed(data)
+        for _ in range(1024):
+            try:
+                data = self.chan.recv_available()
+            except OSError:  # BlockingIOError included: nothing more
+                break
+            if not data:
+                break
+            frames += self._reader.feed(data)
         return frames
 
     async def stop(self, grace: float, reason: str = "the worker is stopping") -> None:
         """SIGTERM its group, SIGKILL it after ``grace`` seconds, and reap it."""
-        self.exit_reason = self.exit_reason or reason
+        self.retire(reason)
         self.terminate_group()
         try:
             await asyncio.wait_for(self._wait(), grace)
@@ -296,7 +348,7 @@ class ExecutorProcess:
         if self.proc.poll() is None:
             # EOF with the process alive (it closed its channel), or an exit event racing the
             # reaper: either way it is no use any more.
-            self.kill(self.exit_reason or "closed its channel")
+            self.kill("closed its channel")
             self.reap(timeout=5)
         self.forget(loop)
         if not self.hello.done():
@@ -317,8 +369,7 @@ class ExecutorProcess:
 
     def kill(self, reason: str) -> None:
         """SIGKILL it and its process group; the first reason given is the one kept."""
-        if self.exit_reason is None:
-            self.exit_reason = reason
+        self.retire(reason)
         self._signal_group(signal.SIGKILL)
         if self.proc.poll() is None:  # never a pid the zygote has reaped (it may be reused)
             with contextlib.suppress(ProcessLookupError):
@@ -339,4 +390,3 @@ class ExecutorProcess:
             with contextlib.suppress(OSError):
                 os.close(self.pidfd)
         self.chan.close()
-        self.fast.close()

@@ -112,24 +112,22 @@ class Zygote:
         """A fresh executor, forked; it waits for its ``Setup`` like a spawned one."""
         if self.dead or not self.hello.done():
             raise ExecutorUnavailable("the zygote is not serving")
-        parent, fast_parent, child, fast_child = ExecutorProcess.sockets()
+        parent, child = ExecutorProcess.sockets()
         tag = new_tag()
         waiter: asyncio.Future[int] = self.loop.create_future()
         try:
             try:
-                self._send(ch.Fork(tag), [child.fileno(), fast_child.fileno()])
+                self._send(ch.Fork(tag), [child.fileno()])
             except OSError as exc:
                 raise ExecutorUnavailable(f"the zygote cannot be reached: {exc}") from None
             finally:
                 child.close()
-                fast_child.close()
             self._forks.append(waiter)
             pid = await asyncio.wait_for(waiter, timeout)
         except BaseException:
             parent.close()
-            fast_parent.close()
             raise
-        return ExecutorProcess.forked(pid, parent, fast_parent, tag)
+        return ExecutorProcess.forked(pid, parent, tag)
 
     def preload(self, modules: Mapping[str, str]) -> None:
         """Import these before the next fork (the user's imports, carried over)."""

@@ -1,4 +1,4 @@
-"""What the executor tracks about one request, whichever lane runs it, and how it answers."""
+"""What the executor tracks about one request while it runs, and how its answer leaves."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from ..protocol import FunctionRequest
 from .integrity import cuda_context_lost
 
 if TYPE_CHECKING:
-    import concurrent.futures
+    import asyncio
 
     from ..protocol import FunctionResponse
     from ..timing import Timings
@@ -24,10 +24,10 @@ if TYPE_CHECKING:
     from .integrity import Integrity
 
 __all__ = [
-    "Answers",
-    "Scope",
+    "Answerer",
+    "RequestState",
     "Streamer",
-    "current_scope",
+    "current_state",
     "encode_response",
     "exit_now",
     "request_body",
@@ -38,22 +38,30 @@ _request = msgspec.msgpack.Decoder(FunctionRequest)
 _loose_request = msgspec.msgpack.Decoder(FunctionRequest, strict=False)  # as decode_request
 
 
-class Scope:
+class RequestState:
     """One request while it runs: cancelled? installed? sync code still running?"""
 
-    __slots__ = ("cancelled", "id", "installed", "sync_running", "waiting")
+    __slots__ = (
+        "cancelled",
+        "id",
+        "install_announced",
+        "install_phase",
+        "installed",
+        "sync_running",
+    )
 
     def __init__(self, rid: int) -> None:
         self.id = rid
         self.cancelled = False
         self.installed = False
         self.sync_running = 0
-        #: The fast lane's wait on async user code it handed to the event loop.
-        self.waiting: concurrent.futures.Future[Any] | None = None
+        #: The pending announcement of its install phase (see ``ExecutorServer._on_phase``).
+        self.install_phase: asyncio.TimerHandle | None = None
+        self.install_announced = False
 
 
-current_scope: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
-    "flashrt_scope", default=None
+current_state: contextvars.ContextVar[RequestState | None] = contextvars.ContextVar(
+    "flashrt_request_state", default=None
 )
 
 
@@ -117,33 +125,30 @@ def exit_now(status: int) -> None:
     os._exit(status)
 
 
-class Answers:
-    """How an answer leaves, whichever lane ran the request: checked, sent, then the rest.
+class Answerer:
+    """Sends each answer, checked first, and ends the process when the check fails.
 
     The interpreter (critical modules, builtins) and the CUDA verdict are checked before the
     answer goes, so a poisoned executor says it exits in that answer and the supervisor hands it
-    nothing more. The rest comes after, when the caller has its answer, on the thread that sent
-    it and before that lane takes its next request: the timing line, the descriptors, every
-    other module, and the user's new imports (``Imported``, when ``imports`` is given).
+    nothing more. The rest comes after, when the caller has its answer: the timing line, the
+    descriptors, every other module, and the user's new imports (``Imported``, when ``imports``
+    is given). A broken one ends the process: the supervisor starts a fresh executor.
     """
 
     def __init__(
         self,
         chan: ch.Channel,
-        fast: ch.Channel | None,
         integrity: Integrity,
         timing_log: bool,
         imports: ImportReport | None = None,
     ) -> None:
         self.chan = chan
-        self.fast = fast
         self.integrity = integrity
         self.timing_log = timing_log
         self.imports = imports
 
     def send(
         self,
-        via: ch.Channel,
         rid: int,
         response: FunctionResponse,
         *,
@@ -152,26 +157,21 @@ class Answers:
     ) -> None:
         reason = cuda_context_lost(response) or self.integrity.interpreter_problem()
         body = encode_response(response)
-        self._send(via, ch.Result(rid, body, installed, response.instance_id, reason))
+        self._send(ch.Result(rid, body, installed, response.instance_id, reason))
         if timings is not None:
             timings.log(response)
-        self._after(reason, via)
+        self._after(reason)
 
     def send_deployed(self, rid: int, body: bytes) -> None:
         reason = self.integrity.interpreter_problem()
-        self._send(self.chan, ch.Result(rid, body, exiting=reason))
-        self._after(reason, self.chan)
+        self._send(ch.Result(rid, body, exiting=reason))
+        self._after(reason)
 
-    def _send(self, via: ch.Channel, frame: ch.Result | ch.Imported) -> None:
-        try:
-            via.send(frame)
-        except OSError:  # the request closed that socket: the other one is out of its reach
-            other = self.chan if via is self.fast else self.fast
-            if other is not None:
-                with contextlib.suppress(OSError):
-                    other.send(frame)
+    def _send(self, frame: ch.Result | ch.Imported | ch.Exiting) -> None:
+        with contextlib.suppress(OSError):  # the request closed the channel: we exit below
+            self.chan.send(frame)
 
-    def _after(self, reason: str | None, via: ch.Channel) -> None:
+    def _after(self, reason: str | None) -> None:
         joined: list[str] = []
         if reason is None:
             reason = self.integrity.descriptor_problem()
@@ -179,12 +179,8 @@ class Answers:
                 reason, joined = self.integrity.module_changes()
             if reason is not None:
                 # A request sent meanwhile runs again on the fresh executor.
-                for chan in (self.chan, self.fast):
-                    if chan is not None:
-                        with contextlib.suppress(OSError):
-                            chan.send(ch.Exiting(reason))
+                self._send(ch.Exiting(reason))
         if reason is not None:
             exit_now(0)
         if joined and self.imports is not None and (found := self.imports.new(joined)):
-            # On the answer's socket: it follows that answer, before the next one on it.
-            self._send(via, ch.Imported(found))
+            self._send(ch.Imported(found))
