@@ -305,3 +305,50 @@ def test_the_core_import_graph_has_no_cycle() -> None:
         "`if TYPE_CHECKING:` or into the function that needs it):\n"
         f"  {path}\n" + "\n".join(lines)
     )
+
+
+# --- each executor's state has one owner ---------------------------------------------------------
+
+_PROCESS = MODULES["flashrt_core.supervisor.process"]
+
+
+def _executor_fields() -> set[str]:
+    """The attributes ``ExecutorProcess`` sets on itself."""
+    tree = ast.parse(_PROCESS.path.read_text())
+    [cls] = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ExecutorProcess"]
+    return {
+        node.attr
+        for node in ast.walk(cls)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.ctx, ast.Store)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "self"
+    }
+
+
+def _writes_elsewhere(fields: set[str]) -> list[str]:
+    """Assignments to an executor's fields, or reads of its private ones, outside its class."""
+    found = []
+    for module in MODULES.values():
+        if not module.name.startswith("flashrt_core.") or module is _PROCESS:
+            continue
+        for node in ast.walk(ast.parse(module.path.read_text())):
+            if not isinstance(node, ast.Attribute) or node.attr not in fields:
+                continue
+            if isinstance(node.value, ast.Name) and node.value.id == "self":
+                continue  # another class's own field of the same name
+            private = node.attr.startswith("_")
+            if private or isinstance(node.ctx, (ast.Store, ast.Del)):
+                found.append(f"{module.name}:{node.lineno}: .{node.attr}")
+    return found
+
+
+def test_the_executor_state_is_found() -> None:
+    fields = _executor_fields()
+    assert {"_requests", "_abandoned", "_instances", "_exit_reason", "dead"} <= fields
+
+
+def test_only_the_executor_changes_its_state() -> None:
+    """Its fields change through its methods (assign, release, abandon, settle, holds, retire):
+    no other module assigns them or reaches its private ones."""
+    assert _writes_elsewhere(_executor_fields()) == []

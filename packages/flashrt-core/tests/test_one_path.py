@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 import pytest
+from flashrt_core import hookimpl
 
 ADD = "def add(a, b):\n    return a + b\n"
 COUNTER = (
@@ -155,3 +156,40 @@ def test_async_code_past_its_limit_is_cancelled_not_recycled(make_worker, wire):
     assert "timed out after 0.3 s" in worker.execute(request).error
     worker.run(asyncio.sleep(1.5))  # past the grace: a recycle would have happened by now
     assert wire.dec(worker.execute(wire.function(pid, "pid"))) == before
+
+
+WHERE = "def where():\n    import threading\n    return threading.current_thread().name\n"
+
+
+class _PluginExecutors:
+    """A third-party executor: ``plug_sync`` only calls the code, ``plug_async`` awaits the loop
+    first; it declines every other function, which the built-in executor then serves."""
+
+    @hookimpl
+    def flashrt_execute_function(self, request: Any, call: Any) -> Any:
+        if request.function_name == "plug_sync":
+            return self._sync(call)
+        if request.function_name == "plug_async":
+            return self._async(call)
+        return None
+
+    async def _sync(self, call: Any) -> list[Any]:
+        fn = call.load_code(WHERE, "where")["where"]
+        return ["plugin", await call.call(fn)]
+
+    async def _async(self, call: Any) -> list[Any]:
+        await asyncio.sleep(0.01)  # needs a running loop: the executor's
+        fn = call.load_code(WHERE, "where")["where"]
+        return ["plugin", asyncio.get_running_loop().is_running(), await call.call(fn)]
+
+
+def test_plugin_executors_take_the_same_path(make_worker, wire):
+    worker = make_worker(isolation="process", extra_plugins=(_PluginExecutors(),))
+    # Declined: the built-in executor runs it, its sync code on the main thread.
+    assert wire.dec(worker.execute(wire.function(WHERE, "where"))) == "MainThread"
+    assert wire.dec(worker.execute(wire.function(WHERE, "plug_sync"))) == ["plugin", "MainThread"]
+    assert wire.dec(worker.execute(wire.function(WHERE, "plug_async"))) == [
+        "plugin",
+        True,
+        "MainThread",
+    ]

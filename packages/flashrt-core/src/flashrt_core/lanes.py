@@ -16,7 +16,7 @@ from . import capture
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-__all__ = ["Lanes", "call_catching", "settle"]
+__all__ = ["Lanes", "call_catching", "resolve"]
 
 T = TypeVar("T")
 
@@ -37,7 +37,7 @@ def call_catching(
         return None, RuntimeError(f"{type(exc).__name__} in a worker thread: {exc}")
 
 
-def settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+def resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
     """Complete ``future`` unless its waiter gave up meanwhile (timed out, cancelled)."""
     if future.done():
         return
@@ -79,7 +79,7 @@ class Lanes:
                 result, error = ctx.run(call_catching, lambda: fn(*args, **kwargs), ())
             else:
                 result, error = ctx.run(call_catching, fn, args)
-            loop.call_soon_threadsafe(settle, future, result, error)
+            loop.call_soon_threadsafe(resolve, future, result, error)
 
         self.pool.submit(work)
         return await future

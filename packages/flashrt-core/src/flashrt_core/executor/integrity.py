@@ -183,7 +183,7 @@ class ModuleBaseline:
         self._known: set[str] = set()
         self._get = _getter(self._names)
         self._expected = -1  # len(sys.modules) when nothing changed
-        #: Every value of ``sys.modules``, in order, when the last look found it settled.
+        #: Every value of ``sys.modules``, in order, when the last look found it steady.
         self._snapshot: list[Any] | None = None
         self.rebase()
 
@@ -210,16 +210,16 @@ class ModuleBaseline:
             except Exception:  # KeyError (deleted), or an odd object's __eq__: look closer
                 same = False
             if same and len(modules) == self._expected:
-                self._settled(modules)
+                self._steady(modules)
                 return None, []
             now = dict(modules)
             if not same and (reason := self._compare(now)) is not None:
                 return reason, []
             joined = self._join(now)
-            self._settled(modules)
+            self._steady(modules)
             return None, joined
 
-    def _settled(self, modules: dict[str, Any]) -> None:
+    def _steady(self, modules: dict[str, Any]) -> None:
         """Take the values as they are for the next look, unless an import is under way (its
         entry is looked at again next time: the count differs)."""
         self._snapshot = list(modules.values()) if len(modules) == self._expected else None
@@ -230,7 +230,7 @@ class ModuleBaseline:
             self._names, self._objects, self._known = [], (), set()
             self._get = _getter(self._names)
             self._join(dict(sys.modules))
-            self._settled(sys.modules)
+            self._steady(sys.modules)
 
     def _compare(self, now: dict[str, Any]) -> str | None:
         """Entry by entry: the first poisoned one; deleted ones leave the baseline."""
@@ -251,7 +251,7 @@ class ModuleBaseline:
         return None
 
     def _join(self, now: dict[str, Any]) -> list[str]:
-        """Entries that appeared: those settled join the baseline."""
+        """Entries that appeared: those steady join the baseline."""
         joined: list[str] = []
         transient = 0
         for name in now.keys() - self._known:
@@ -261,7 +261,7 @@ class ModuleBaseline:
             ):
                 transient += 1  # not a module name; or a request's own, gone with it
                 continue
-            if self._unsettled(name, value, now):
+            if self._unsteady(name, value, now):
                 continue  # looked at again next time: the count differs
             joined.append(name)
         if joined:
@@ -273,7 +273,7 @@ class ModuleBaseline:
         return joined
 
     @staticmethod
-    def _unsettled(name: str, value: Any, now: Mapping[str, Any]) -> bool:
+    def _unsteady(name: str, value: Any, now: Mapping[str, Any]) -> bool:
         """Its import, or its package's, is under way: it may still be replaced legitimately."""
         if _initialising(value):
             return True

@@ -13,7 +13,7 @@ import contextvars
 from typing import TYPE_CHECKING, Any
 
 from .. import channel as ch
-from ..lanes import call_catching, settle
+from ..lanes import call_catching, resolve
 from ..pipeline import current_request
 from .answering import current_state, encode_response, exit_now
 
@@ -59,7 +59,7 @@ class SyncCalls:
             request = ctx.get(current_request)
             if on_main[0] and request is not None and not self.loop_intact():
                 self._rescue(ctx, request, result, error)
-            loop.call_soon_threadsafe(settle, future, result, error)
+            loop.call_soon_threadsafe(resolve, future, result, error)
             if state is not None and state.cancelled and state.sync_running == 0:
                 with contextlib.suppress(OSError):
                     self.chan.send(ch.Settled(state.id))

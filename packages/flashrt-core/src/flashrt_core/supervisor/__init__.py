@@ -290,8 +290,7 @@ class Supervisor:
         elif isinstance(frame, ch.Imported):
             self.launcher.imported(frame.modules)
         elif isinstance(frame, ch.Hello):
-            if not executor.hello.done():
-                executor.hello.set_result(frame)
+            executor.greeted(frame)
         elif isinstance(frame, ch.Exiting) and executor.exit_reason is None:
             self._retiring(executor, frame.reason)
 
@@ -349,16 +348,16 @@ class Supervisor:
         if self._closing:
             return
         what = executor.exit_reason or describe_exit(executor.proc.returncode)
-        if executor.retry_of is None and executor.hello.exception() is None:
+        if executor.retry_of is None and not executor.failed_to_start:
             # A death nobody asked for is an error; one it announced or we caused is not.
             level = logging.ERROR if executor.exit_reason is None else logging.INFO
             log.log(level, "executor %d %s", executor.proc.pid, what)
-        self._settle(executor, what)
+        self._rerun_or_fail(executor, what)
         if was_spare:
             self.launcher.spare_died()
         self.serving.replace(executor)
 
-    def _settle(self, executor: ExecutorProcess, what: str) -> None:
+    def _rerun_or_fail(self, executor: ExecutorProcess, what: str) -> None:
         """Each request the dead executor had runs again once, alone, or fails saying why."""
         lost = executor.lose_instances()
         for rid, request in self.inflight.lost_with(executor):

@@ -164,6 +164,17 @@ class ExecutorProcess:
         """How many class instances it holds."""
         return len(self._instances)
 
+    def greeted(self, hello: ch.Hello) -> None:
+        """Its ``Hello`` arrived: whoever waits for it to start hears it."""
+        if not self.hello.done():
+            self.hello.set_result(hello)
+
+    @property
+    def failed_to_start(self) -> bool:
+        """It died (or was killed) before its hello."""
+        hello = self.hello
+        return hello.done() and not hello.cancelled() and hello.exception() is not None
+
     def assign(self, rid: int) -> None:
         """Request ``rid`` was handed to it."""
         self._requests.add(rid)
