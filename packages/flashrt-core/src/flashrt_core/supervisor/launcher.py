@@ -203,6 +203,8 @@ class Launcher:
             try:
                 executor = await self.launch()
             except (ExecutorUnavailable, OSError) as exc:
+                if self.closing:  # killed by the shutdown while it started: nothing to say
+                    return
                 log.error("no spare executor: %s", exc)
                 self.backoff.death()
                 continue
