@@ -15,7 +15,7 @@ sooner. The same contract is kept:
   and never answers, so the platform waits for its job timeout);
 * a result whose job-done body would pass the platform's limit (:data:`JOB_DONE_MAX_BYTES`)
   fails the job at once, with a small body naming the size, the limit and what to do instead
-  (the SDK only logs a tip, through a log level its own logger refuses, and posts nothing);
+  (the SDK posts it whole to be refused: its size check measures the dict, not the body);
 * the result is POSTed to job-done (``isStream=false``) with the job's ``X-Request-ID``, and
   retried on a connection error or a 5xx, three attempts in all, 1 s then 2 s apart;
 * "Started." and "Finished." are logged at INFO with the job id, as the SDK does.
@@ -53,8 +53,8 @@ log = RunPodLogger()
 #: Seconds before each retry of a job-done post that failed.
 RETRY_WAITS_S = (1.0, 2.0)
 #: The largest job-done body the platform takes: it refuses larger ones, and the job would stay
-#: IN_PROGRESS until the endpoint's execution timeout. 20 MB, measured in bytes as the runpod
-#: SDK measures it (``rp_tips.check_return_size``: over 20 * 10**6).
+#: IN_PROGRESS until the endpoint's execution timeout. 20 MB in the runpod SDK's decimal
+#: megabytes (``rp_tips.check_return_size``: over 20 * 10**6 bytes).
 JOB_DONE_MAX_BYTES = 20_000_000
 
 
