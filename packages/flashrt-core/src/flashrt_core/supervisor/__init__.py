@@ -176,7 +176,7 @@ class Supervisor:
             body = msgspec.json.encode({"id": job.get("id"), "input": job.get("input")})
         except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
             return {"success": False, "error": f"the job cannot be encoded: {exc}"}
-        return await self._submit(Request(body, "json", self.settings.timeout_s, deployed=True))
+        return await self._submit(Request(body, "json", self.settings.time_limit(), deployed=True))
 
     async def _submit(self, request: Request) -> Any:
         rid = self.inflight.add(request)

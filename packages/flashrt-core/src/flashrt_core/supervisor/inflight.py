@@ -60,7 +60,7 @@ class Request:
         self,
         body: bytes,
         form: str,
-        timeout: float,
+        timeout: float | None,
         deployed: bool,
         simple: bool = False,
         instance: str | None = None,
@@ -68,7 +68,7 @@ class Request:
         self.body = body
         self.instance = instance  # the class instance it calls: run where that lives
         self.form = form
-        self.timeout = timeout
+        self.timeout = timeout  # seconds; None: no limit of ours
         self.deployed = deployed
         self.simple = simple
         #: Its answer; made by :meth:`InFlight.add` (the table knows the loop: asking asyncio
@@ -159,7 +159,9 @@ class InFlight:
     # rarely moves the timer; when it fires it looks at every request once.
 
     def arm(self, rid: int, request: Request) -> None:
-        """Start (or restart) the request's time limit."""
+        """Start (or restart) the request's time limit, if it has one."""
+        if request.timeout is None:
+            return
         deadline = request.deadline = self.loop.time() + request.timeout
         if self._timer is None or deadline < self._timer.when():
             self._schedule(deadline)
