@@ -25,6 +25,7 @@ import msgspec
 
 from .. import channel as ch
 from ..background import Background
+from ..errors import CALLER_GONE
 from ..failures import stage_failure
 from ..protocol import FunctionResponse
 from ..request_peek import Peeked, peek_request
@@ -200,10 +201,10 @@ class Supervisor:
                 if len(self.inflight) == 1 and self.awake.spin_s:
                     self.awake.await_answer(executor, request)
             return await request.future
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             if self.inflight.get(rid) is request:
                 self.inflight.requests.pop(rid, None)
-                self.handover.give_up(rid, request)
+                self.handover.give_up(rid, request, stop=exc.args[:1] != (CALLER_GONE,))
             raise
         finally:
             self.inflight.done(request)

@@ -92,18 +92,20 @@ class Handover:
         self.inflight.arm(rid, request)
         return fast
 
-    def give_up(self, rid: int, request: Request) -> None:
-        """The caller stopped waiting: tell the executor, and watch that it really stops."""
+    def give_up(self, rid: int, request: Request, stop: bool = True) -> None:
+        """The caller stopped waiting: tell the executor; with ``stop``, watch that it really
+        stops (else a sync call runs to its end, its result dropped)."""
         release(rid, request)
         executor = request.executor
         if executor is None or executor.dead:
             return
         with contextlib.suppress(OSError):
             executor.chan.send(ch.Cancel(rid))
-        executor.abandoned.add(rid)
-        self.inflight.abandon(
-            rid, self.settings.hard_timeout_grace_s, lambda: self._runaway(executor)
-        )
+        executor.abandoned.add(rid)  # until its Settled: the fast lane stays closed meanwhile
+        if stop:
+            self.inflight.abandon(
+                rid, self.settings.hard_timeout_grace_s, lambda: self._runaway(executor)
+            )
 
     def _runaway(self, executor: ExecutorProcess) -> None:
         if executor.dead:
