@@ -197,6 +197,9 @@ def test_no_time_limit_of_our_own_by_default():
     zero = load_settings(Settings, {"FLASHRT_TIMEOUT_S": "0", "FLASHRT_MAX_TIMEOUT_S": ""})
     assert zero.time_limit() is None
     assert zero.time_limit(5) == 5.0
+    # An infinite limit is none; not a deadline at infinity.
+    assert load_settings(Settings, {"FLASHRT_TIMEOUT_S": "inf"}).time_limit() is None
+    assert settings.time_limit(float("inf")) is None
 
 
 SLEEP_CODE = "def nap(s):\n    import time\n    time.sleep(s)\n    return 'rested'\n"

@@ -8,6 +8,7 @@ worker without touching the process environment). No other module reads ``os.env
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from pathlib import Path
@@ -290,8 +291,10 @@ class Settings:
         """
         if isinstance(own, (int, float)) and not isinstance(own, bool) and own > 0:
             bound = self.max_timeout_s
-            return float(min(own, bound) if bound else own)
-        return self.timeout_s or None
+            limit = float(min(own, bound) if bound else own)
+        else:
+            limit = self.timeout_s or 0.0
+        return limit if 0 < limit < math.inf else None
 
 
 def executor_count(setting: str) -> int:
