@@ -67,6 +67,8 @@ class FakeJob:
     finished: float | None = None
     stream: list[Any] = field(default_factory=list)
     done_posts: int = 0
+    #: The size in bytes of the last job-done body that came for it.
+    done_bytes: int = 0
     #: The last job-done's ``stopPod`` flag and ``X-Request-ID`` header.
     stop_pod: bool = False
     request_id: str | None = None
@@ -332,14 +334,21 @@ class FakeRunPod:
             self.done_faults.extend(statuses)
 
     def _job_done(
-        self, job_id: str, body: Any, *, stream: bool, request_id: str | None = None
+        self,
+        job_id: str,
+        body: Any,
+        *,
+        stream: bool,
+        request_id: str | None = None,
+        size: int = 0,
     ) -> int:
-        """Record a job-done post; the status it answers."""
+        """Record a job-done post (``size``: its body's bytes); the status it answers."""
         with self.cond:
             job = self.jobs.get(job_id)
             if job is None:
                 return 200
             job.done_posts += 1
+            job.done_bytes = size
             if self.done_faults:
                 return self.done_faults.popleft()
             job.request_id = request_id
@@ -483,6 +492,7 @@ class _Handler(BaseHTTPRequestHandler):
                 body,
                 stream=query.get("isStream") == "true",
                 request_id=self.headers.get("X-Request-ID"),
+                size=int(self.headers.get("Content-Length") or 0),
             )
             self._send(status, {} if status < 400 else {"error": f"injected {status}"})
         elif method == "POST" and action == "job-stream" and len(rest) >= 2:

@@ -3,7 +3,7 @@
 :mod:`flashrt_qb.job_result` replaces the SDK's per-job handling for our handler; these tests
 hold it to the platform's contract (what the job ends as, on the platform's side), including
 the cases the SDK got wrong: an output JSON cannot encode, the request id header under
-concurrency, and a job-done that fails.
+concurrency, a job-done that fails, and a result over the platform's limit.
 """
 
 from __future__ import annotations
@@ -13,7 +13,13 @@ import json
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from flashrt_qb.job_result import finish_job, post_result, sdk_handles
+from flashrt_qb.job_result import (
+    JOB_DONE_MAX_BYTES,
+    finish_job,
+    oversized_output_error,
+    post_result,
+    sdk_handles,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -173,3 +179,50 @@ def test_streaming_handlers_keep_the_sdks_handling() -> None:
 
     assert sdk_handles({"handler": gen}) and sdk_handles({"handler": agen})
     assert not sdk_handles({"handler": plain})
+
+
+# --- results over the platform's job-done limit ------------------------------------------------
+
+#: A job-done body of exactly ``size`` bytes: ``{"output": "xx...x"}``.
+_ENVELOPE = len(json.dumps({"output": ""}))
+
+
+def _output_of_size(size: int) -> str:
+    return "x" * (size - _ENVELOPE)
+
+
+@pytest.mark.parametrize("size", [JOB_DONE_MAX_BYTES + 1, 25 * 1024 * 1024])
+def test_a_result_over_the_limit_fails_the_job_at_once_with_a_small_body(
+    fake_runpod: FakeRunPod, size: int
+) -> None:
+    output = _output_of_size(size)
+    job = _finish(fake_runpod, lambda job: output)
+    assert job.status == "FAILED"
+    assert job.done_posts == 1
+    assert job.done_bytes < 64 * 1024
+    assert f"is {size} bytes" in job.error
+    assert f"limit of {JOB_DONE_MAX_BYTES} bytes" in job.error
+    assert "return a URL" in job.error and "network volume" in job.error
+    assert job.output is None
+
+
+def test_a_result_at_the_limit_is_sent_whole(fake_runpod: FakeRunPod) -> None:
+    output = _output_of_size(JOB_DONE_MAX_BYTES)
+    job = _finish(fake_runpod, lambda job: output)
+    assert job.status == "COMPLETED", job.error
+    assert job.done_bytes == JOB_DONE_MAX_BYTES
+    assert job.output == output
+
+
+def test_the_size_check_names_what_is_too_large() -> None:
+    assert oversized_output_error(JOB_DONE_MAX_BYTES) is None
+    problem = oversized_output_error(JOB_DONE_MAX_BYTES + 5, "a stream item")
+    assert problem is not None
+    assert problem.startswith(f"a stream item is {JOB_DONE_MAX_BYTES + 5} bytes")
+
+
+def test_an_oversized_result_keeps_the_stop_pod_flag(fake_runpod: FakeRunPod) -> None:
+    output = _output_of_size(JOB_DONE_MAX_BYTES + 1)
+    job = _finish(fake_runpod, lambda job: {"big": output, "refresh_worker": True})
+    assert (job.status, job.stop_pod) == ("FAILED", True)
+    assert "over the platform's limit" in job.error

@@ -7,6 +7,7 @@ the fake control plane and taken by the SDK's production job loop.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from e2e_support import (
     wait_until,
     wait_written,
 )
+from flashrt_qb.job_result import JOB_DONE_MAX_BYTES
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -99,6 +101,46 @@ def test_cancel_reaches_the_running_user_coroutine(
     # The stop channel -> the SDK cancels the job's task -> our handler -> the runtime's task.
     assert wait_written(marker, 30, "the user coroutine to see its cancellation") == "cancelled"
     assert qb_live_worker.run(fixture_bodies("07")[0]["input"])["status"] == "COMPLETED"
+
+
+BIG = """\
+def big(size):
+    return "x" * size
+"""
+
+
+@pytest.mark.parametrize("size", [JOB_DONE_MAX_BYTES + 100, 25 * 1024 * 1024])
+def test_a_result_over_the_platforms_limit_fails_its_job_at_once(
+    qb_live_worker: RunningWorker, size: int
+) -> None:
+    fake = qb_live_worker.fake
+    job = fake.submit(qb_live_worker.endpoint, json_request("big", BIG, size))
+
+    done = fake.wait(job, 60)  # not left IN_PROGRESS until the endpoint's execution timeout
+
+    assert done["status"] == "FAILED"
+    error = fake.jobs[job].error
+    named = re.search(r"is (\d+) bytes", error)
+    assert named is not None and int(named[1]) > size  # the body's size: the value and more
+    assert f"over the platform's limit of {JOB_DONE_MAX_BYTES} bytes" in error
+    assert "return a URL" in error
+    assert fake.jobs[job].done_posts == 1
+    assert fake.jobs[job].done_bytes < 64 * 1024
+    assert qb_live_worker.run(fixture_bodies("07")[0]["input"])["status"] == "COMPLETED"
+
+
+def test_a_result_just_under_the_platforms_limit_is_delivered(
+    qb_live_worker: RunningWorker,
+) -> None:
+    fake = qb_live_worker.fake
+    size = JOB_DONE_MAX_BYTES - 4096  # room for the response's other fields
+    job = fake.submit(qb_live_worker.endpoint, json_request("big", BIG, size))
+
+    done = fake.wait(job, 60)
+
+    assert done["status"] == "COMPLETED", fake.jobs[job].error
+    assert JOB_DONE_MAX_BYTES - 4096 < fake.jobs[job].done_bytes <= JOB_DONE_MAX_BYTES
+    assert len(done["output"]["json_result"]) == size
 
 
 def test_sigterm_lets_the_running_job_finish_then_exits(

@@ -10,6 +10,7 @@ import time
 
 import pytest
 from flashrt_core import FunctionRequest, FunctionResponse, Runtime, hookimpl
+from flashrt_core.settings import Settings, load_settings
 
 
 def _ok_after(worker, wire):
@@ -178,6 +179,60 @@ def test_request_timeout_is_capped_by_the_worker_maximum(make_worker, wire):
     request["timeout_s"] = 100
     response = worker.execute(request)
     assert "timed out after 0.2 s" in response.error
+
+
+def _limits_from(environ):
+    """The two time-limit settings as the worker reads them from ``environ``."""
+    settings = load_settings(Settings, environ)
+    return {"timeout_s": settings.timeout_s, "max_timeout_s": settings.max_timeout_s}
+
+
+def test_no_time_limit_of_our_own_by_default():
+    settings = load_settings(Settings, {})
+    assert settings.timeout_s is None
+    assert settings.max_timeout_s is None
+    assert settings.time_limit() is None
+    assert settings.time_limit(5) == 5.0  # a request's own limit is taken as given
+    # Set to 0 or to nothing, the variables mean the same: no limit.
+    zero = load_settings(Settings, {"FLASHRT_TIMEOUT_S": "0", "FLASHRT_MAX_TIMEOUT_S": ""})
+    assert zero.time_limit() is None
+    assert zero.time_limit(5) == 5.0
+    # An infinite limit is none; not a deadline at infinity.
+    assert load_settings(Settings, {"FLASHRT_TIMEOUT_S": "inf"}).time_limit() is None
+    assert settings.time_limit(float("inf")) is None
+
+
+SLEEP_CODE = "def nap(s):\n    import time\n    time.sleep(s)\n    return 'rested'\n"
+
+
+def test_a_small_max_timeout_alone_does_not_limit_a_request(make_worker, wire):
+    # The cap bounds a request's own timeout_s; with no FLASHRT_TIMEOUT_S nothing limits this
+    # request, so a cap of 1 s that would have stopped it does not.
+    worker = make_worker(**_limits_from({"FLASHRT_MAX_TIMEOUT_S": "1"}))
+    response = worker.execute(wire.function(SLEEP_CODE, "nap", 1.5))
+    assert response.success is True, response.error
+    assert wire.dec(response) == "rested"
+
+
+def test_the_operator_limit_applies_and_the_cap_does_not_lower_it(make_worker, wire):
+    worker = make_worker(**_limits_from({"FLASHRT_TIMEOUT_S": "1", "FLASHRT_MAX_TIMEOUT_S": "0.5"}))
+    started = time.monotonic()
+    response = worker.execute(wire.function(SLEEP_CODE, "nap", 3))
+    assert response.success is False
+    assert "timed out after 1 s" in response.error
+    assert time.monotonic() - started < 2.5
+    _ok_after(worker, wire)
+
+
+def test_a_request_field_above_the_cap_is_capped(make_worker, wire):
+    worker = make_worker(**_limits_from({"FLASHRT_MAX_TIMEOUT_S": "0.5"}))
+    request = wire.function(
+        "async def slow():\n    import asyncio\n    await asyncio.sleep(30)\n", "slow"
+    )
+    request["timeout_s"] = 100
+    response = worker.execute(request)
+    assert response.success is False
+    assert "timed out after 0.5 s" in response.error
 
 
 # --- BaseExceptions from user code ------------------------------------------------------------

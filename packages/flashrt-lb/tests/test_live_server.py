@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow  # real uvicorn subprocesses
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from pathlib import Path
 
 MAX_BODY = 64 * 1024
 
@@ -25,7 +26,7 @@ MAX_BODY = 64 * 1024
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, worker_env: Any) -> Iterator[WorkerProcess]:
     tmp = tmp_path_factory.mktemp("lb-live")
-    env = worker_env(tmp, FLASHRT_LB_MAX_BODY_BYTES=str(MAX_BODY))
+    env = worker_env(tmp, FLASHRT_LB_MAX_BODY_BYTES=str(MAX_BODY), FLASHRT_HARD_TIMEOUT_GRACE_S="1")
     with WorkerProcess(env, health_port=True) as worker:
         status, _ = worker.wait_ready(timeout=60)
         assert status == 200, worker.output()
@@ -197,3 +198,93 @@ def test_openapi_and_docs_are_not_served(client: httpx.Client) -> None:
     for path in ("/docs", "/openapi.json", "/redoc"):
         assert client.get(path).status_code == 404, path
     assert json.loads(client.get("/ping").content) == {"status": "ready"}
+
+
+# --- a client that disconnects ------------------------------------------------------------------
+
+WAITS = """\
+async def waits(marker):
+    import asyncio
+    open(marker + ".started", "w").close()
+    try:
+        await asyncio.sleep(30)
+    except asyncio.CancelledError:
+        open(marker, "w").write("cancelled")
+        raise
+    return "slept"
+"""
+
+NAPS = """\
+def naps(marker, seconds):
+    import time
+    open(marker + ".started", "w").close()
+    time.sleep(seconds)
+    open(marker, "w").write("finished")
+    return "rested"
+"""
+
+
+def _wait_for(path: Path, timeout: float, what: str) -> str:
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert path.exists() and path.read_text(), f"timed out waiting for {what}"
+    return path.read_text()
+
+
+def _call_then_hang_up(
+    server: WorkerProcess, body: dict[str, Any], started: Path, rid: str
+) -> None:
+    """POST ``body`` to /execute, wait until its code ``started``, then close the connection."""
+    data = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"X-Request-ID: %s\r\nContent-Length: %d\r\n\r\n%s" % (rid.encode(), len(data), data)
+        )
+        deadline = time.monotonic() + 30
+        while not started.exists():
+            assert time.monotonic() < deadline, "the function never started"
+            time.sleep(0.01)
+
+
+def test_a_client_that_disconnects_cancels_its_async_call(
+    server: WorkerProcess, client: httpx.Client, tmp_path: Path
+) -> None:
+    marker = tmp_path / "cancelled"
+    hung_up = time.monotonic()
+    _call_then_hang_up(
+        server, _request("waits", WAITS, str(marker)), tmp_path / "cancelled.started", "gone-1"
+    )
+
+    assert _wait_for(marker, 5, "the coroutine to see its cancellation") == "cancelled"
+    assert time.monotonic() - hung_up < 5
+    response = client.post("/execute", json=_request("waits", "def waits():\n    return 7\n"))
+    assert _value(response.json()) == 7
+    assert client.get("/ping").status_code == 200
+    deadline = time.monotonic() + 5
+    while "request gone-1: the client disconnected" not in server.output():
+        assert time.monotonic() < deadline, server.output()
+        time.sleep(0.02)
+
+
+def test_a_client_that_disconnects_during_a_sync_call_has_its_result_dropped(
+    server: WorkerProcess, client: httpx.Client, tmp_path: Path
+) -> None:
+    # Sync code cannot be interrupted: it runs to its end (past the 1 s hard-timeout grace of
+    # this server: its executor is not recycled for a caller that left), and nobody gets its
+    # result.
+    marker = tmp_path / "finished"
+    _call_then_hang_up(
+        server, _request("naps", NAPS, str(marker), 2.0), tmp_path / "finished.started", "gone-2"
+    )
+
+    response = client.post("/execute", json=_request("now", "def now():\n    return 'now'\n"))
+    assert _value(response.json()) == "now"  # served meanwhile
+    assert _wait_for(marker, 10, "the sync call to run to its end") == "finished"
+    output = server.output()
+    assert "request gone-2: the client disconnected" in output
+    assert "result is dropped" in output
+    assert "recycled" not in output
+    again = client.post("/execute", json=_request("now", "def now():\n    return 1\n"))
+    assert _value(again.json()) == 1

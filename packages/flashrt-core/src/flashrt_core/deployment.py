@@ -266,12 +266,15 @@ class HandlerHere:
         return self._handler
 
     async def run(self, job: Any) -> Any:
-        """One plain-JSON job, under the request time limit; a failure is the job's answer."""
+        """One plain-JSON job, under the request time limit if one is set; a failure is the job's
+        answer."""
         try:
             handler = await self.load()
         except (DeployedAppUnavailable, DeployedHandlerError) as exc:
             return {"success": False, "error": str(exc)}
-        timeout = self.settings.timeout_s
+        timeout = self.settings.time_limit()
+        if timeout is None:  # no limit of ours: the platform's execution timeout applies
+            return await run_deployed_job(handler, self.lanes, job)
         try:
             return await asyncio.wait_for(run_deployed_job(handler, self.lanes, job), timeout)
         except asyncio.TimeoutError:

@@ -196,8 +196,7 @@ class Pipeline:
         timings.lap("arguments")
         if is_class and not request.instance_id:
             request.instance_id = f"{request.class_name}_{uuid.uuid4().hex[:8]}"
-        timeout = self.settings.timeout_s if request.timeout_s is None else request.timeout_s
-        timeout = min(timeout, self.settings.max_timeout_s)
+        timeout = self.settings.time_limit(request.timeout_s)
         if files:
             value = await self._with_modules(files, invocation, timeout)
         else:
@@ -267,7 +266,9 @@ class Pipeline:
             timings=timings,
         )
 
-    async def _with_modules(self, files: list[Any], invocation: Invocation, timeout: float) -> Any:
+    async def _with_modules(
+        self, files: list[Any], invocation: Invocation, timeout: float | None
+    ) -> Any:
         # Requests whose module names collide take turns: sys.modules is process-wide.
         async with self._module_locks.hold(top_level_names(files)):
             mount = ModuleMount(files, self.settings.tmp_dir)
@@ -280,7 +281,7 @@ class Pipeline:
             finally:
                 mount.unmount()
 
-    async def _call(self, invocation: Invocation, timeout: float) -> Any:
+    async def _call(self, invocation: Invocation, timeout: float | None) -> Any:
         request = invocation.request
         if request.execution_type == "class":
             pending = self.pm.hook.flashrt_execute_class(
@@ -296,8 +297,8 @@ class Pipeline:
                 f"no executor accepted {what}: the request carries no code and no deployed app "
                 "provides it",
             )
-        if not self.time_limits:
-            return await pending  # the supervisor applies the time limit, hard
+        if not self.time_limits or timeout is None:
+            return await pending  # the supervisor applies the time limit, hard; or there is none
         return await _with_timeout(pending, timeout)
 
 

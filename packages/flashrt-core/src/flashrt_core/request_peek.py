@@ -75,12 +75,12 @@ _shape_envelope = msgspec.json.Decoder(_ShapeEnvelope, strict=False)
 
 
 class Peeked(NamedTuple):
-    """The frame body and its form, the time limit to apply, whether it is simple, and the
-    class instance it calls (the executor holding it must run it)."""
+    """The frame body and its form, the time limit to apply (``None``: none of ours), whether
+    it is simple, and the class instance it calls (the executor holding it must run it)."""
 
     body: bytes
     form: str
-    timeout: float
+    timeout: float | None
     simple: bool
     instance: str | None = None
 
@@ -108,7 +108,6 @@ def is_simple(get: Any) -> bool:
 def peek_request(request: Any, settings: Settings) -> Peeked:
     """Encode ``request`` for an ``Execute`` frame; raises what ``msgspec`` raises for values it
     cannot encode."""
-    limit = settings.timeout_s
     timeout: Any = None
     simple = False
     instance = None
@@ -134,9 +133,7 @@ def peek_request(request: Any, settings: Settings) -> Peeked:
         if hasattr(mapping, "get"):
             timeout, simple = mapping.get("timeout_s"), is_simple(mapping.get)
             instance = _instance(mapping.get)
-    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0:
-        limit = timeout
-    return Peeked(body, form, min(limit, settings.max_timeout_s), simple, instance)
+    return Peeked(body, form, settings.time_limit(timeout), simple, instance)
 
 
 def peek_body(body: bytes, settings: Settings) -> Peeked:
@@ -156,7 +153,6 @@ def peek_body(body: bytes, settings: Settings) -> Peeked:
         raise RequestError(
             f"invalid request: body is not valid JSON ({exc})", malformed=True
         ) from None
-    timeout = shape.timeout_s
-    limit = timeout if timeout is not None and timeout > 0 else settings.timeout_s
     get = shape.__getattribute__
-    return Peeked(body, "json", min(limit, settings.max_timeout_s), is_simple(get), _instance(get))
+    limit = settings.time_limit(shape.timeout_s)
+    return Peeked(body, "json", limit, is_simple(get), _instance(get))

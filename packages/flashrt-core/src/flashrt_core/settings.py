@@ -8,6 +8,7 @@ worker without touching the process environment). No other module reads ``os.env
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from pathlib import Path
@@ -105,11 +106,20 @@ class Settings:
     """Settings of the core runtime and the platform facts every shell shares."""
 
     # Execution
-    timeout_s: float = setting(
-        "FLASHRT_TIMEOUT_S", 600.0, "Default time limit for one request's code, in seconds."
+    # No limit of our own by default: the platform enforces the endpoint's execution timeout,
+    # and a fine-tuning run may rightly take hours.
+    timeout_s: float | None = setting(
+        "FLASHRT_TIMEOUT_S",
+        None,
+        "Time limit for one request's code, in seconds, when the request sets none of its own "
+        "(`timeout_s`); past it the request fails and its code is stopped. Unset or 0: no limit "
+        "of flashrt's own (the platform's execution timeout still applies).",
     )
-    max_timeout_s: float = setting(
-        "FLASHRT_MAX_TIMEOUT_S", 3600.0, "Upper bound on a request's own `timeout_s` field."
+    max_timeout_s: float | None = setting(
+        "FLASHRT_MAX_TIMEOUT_S",
+        None,
+        "Upper bound on a request's own `timeout_s` field (never on `FLASHRT_TIMEOUT_S`). "
+        "Unset or 0: a request's own limit is taken as given.",
     )
     max_threads: int = setting(
         "FLASHRT_MAX_THREADS", 64, "Worker threads for sync user code and blocking work."
@@ -257,6 +267,20 @@ class Settings:
         "Deployed mode: while the app starts, a log line this often says what is still starting"
         " and for how long. 0: none.",
     )
+
+    def time_limit(self, own: object = None) -> float | None:
+        """A request's time limit in seconds, ``None`` for none of ours.
+
+        ``own`` is the request's ``timeout_s`` field: a positive number is taken, bounded by
+        ``max_timeout_s``; otherwise the operator's ``timeout_s`` applies, unbounded (the cap
+        is for what callers ask, not for what the operator set).
+        """
+        if isinstance(own, (int, float)) and not isinstance(own, bool) and own > 0:
+            bound = self.max_timeout_s
+            limit = float(min(own, bound) if bound else own)
+        else:
+            limit = self.timeout_s or 0.0
+        return limit if 0 < limit < math.inf else None
 
 
 def executor_count(setting: str) -> int:

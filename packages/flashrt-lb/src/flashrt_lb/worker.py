@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi.responses import Response
+from flashrt_core.errors import CALLER_GONE
 from flashrt_core.logs import request_id
 from flashrt_core.protocol import RequestError, encode_response
 from flashrt_core.settings import Settings, load_settings
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from fastapi import Request
+    from flashrt_core.protocol import FunctionResponse
+    from flashrt_core.request_peek import Peeked
     from flashrt_core.runtime import Runtime
     from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -47,10 +50,26 @@ log = logging.getLogger("flashrt.lb")
 _OUR_SCOPE_KEYS = frozenset({"router", "app", "route", "endpoint", "path_params"})
 _JSON = "application/json"
 _request_ids = itertools.count(1)
+#: Seconds a request runs before its client's disconnect is watched for (the first such
+#: disconnect is then seen at once).
+WATCH_AFTER_S = 0.05
 
 
 class _BodyTooLarge(Exception):
     pass
+
+
+async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any]) -> bool:
+    """Cancel ``task`` (with :data:`CALLER_GONE`) once the client has disconnected; whether
+    it did."""
+    try:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # a server that cannot say: the request runs unwatched
+        log.debug("cannot watch for the client's disconnect", exc_info=True)
+        return False
+    task.cancel(CALLER_GONE)
+    return True
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -329,8 +348,47 @@ class Worker:
             return _json(400 if exc.malformed else 422, {"error": str(exc)})
         rid = _header(scope, b"x-request-id")
         request_id.set(rid.decode("latin-1") if rid else f"http-{next(_request_ids)}")
-        response = await self.runtime.execute(peeked)
+        response = await self._execute_watched(self.runtime, peeked, receive)
         return _JSONBody(encode_response(response))
+
+    async def _execute_watched(
+        self, runtime: Runtime, peeked: Peeked, receive: Receive
+    ) -> FunctionResponse:
+        """Run the request; if its client disconnects meanwhile, cancel it and raise
+        :class:`ClientDisconnect` (nobody is left to answer).
+
+        The watch is a task awaiting ``receive``, which after the body says only
+        ``http.disconnect``; it cancels this task with :data:`CALLER_GONE`, so the runtime
+        cancels the request's code and leaves a sync call, which cannot be stopped, to end. It
+        starts only once the request has run :data:`WATCH_AFTER_S`: a timer costs most
+        requests a microsecond, a task ten.
+        """
+        loop = asyncio.get_running_loop()
+        this = asyncio.current_task()
+        assert this is not None
+        watch: list[asyncio.Task[bool]] = []
+        timer = loop.call_later(
+            WATCH_AFTER_S,
+            lambda: watch.append(loop.create_task(_cancel_on_disconnect(receive, this))),
+        )
+        try:
+            return await runtime.execute(peeked)
+        except asyncio.CancelledError:
+            if not (watch and watch[0].done() and not watch[0].cancelled() and watch[0].result()):
+                raise  # not ours: the worker is stopping
+            uncancel = getattr(this, "uncancel", None)  # 3.11+: the task is not cancelled now
+            if uncancel is not None:
+                uncancel()
+            log.info(
+                "request %s: the client disconnected; its call was cancelled (sync code, which "
+                "cannot be interrupted, runs to its end and its result is dropped)",
+                request_id.get(),
+            )
+            raise ClientDisconnect from None
+        finally:
+            timer.cancel()
+            if watch:
+                watch[0].cancel()
 
     def _authorized(self, scope: Scope) -> bool:
         assert self._token is not None

@@ -13,6 +13,9 @@ sooner. The same contract is kept:
   worker id, SDK version);
 * an output JSON cannot encode fails the job with a message naming the problem (the SDK logs it
   and never answers, so the platform waits for its job timeout);
+* a result whose job-done body would pass the platform's limit (:data:`JOB_DONE_MAX_BYTES`)
+  fails the job at once, with a small body naming the size, the limit and what to do instead
+  (the SDK posts it whole to be refused: its size check measures the dict, not the body);
 * the result is POSTed to job-done (``isStream=false``) with the job's ``X-Request-ID``, and
   retried on a connection error or a 5xx, three attempts in all, 1 s then 2 s apart;
 * "Started." and "Finished." are logged at INFO with the job id, as the SDK does.
@@ -36,14 +39,36 @@ if TYPE_CHECKING:
 
     from runpod.http_client import ClientSession
 
-__all__ = ["finish_job", "job_result", "post_result", "sdk_handles"]
+__all__ = [
+    "JOB_DONE_MAX_BYTES",
+    "finish_job",
+    "job_result",
+    "oversized_output_error",
+    "post_result",
+    "sdk_handles",
+]
 
 log = RunPodLogger()
 
 #: Seconds before each retry of a job-done post that failed.
 RETRY_WAITS_S = (1.0, 2.0)
-#: A result body over this is logged with a tip (the platform's limit on a job's output).
-RESULT_LIMIT_BYTES = 20_000_000
+#: The largest job-done body the platform takes: it refuses larger ones, and the job would stay
+#: IN_PROGRESS until the endpoint's execution timeout. 20 MB in the runpod SDK's decimal
+#: megabytes (``rp_tips.check_return_size``: over 20 * 10**6 bytes).
+JOB_DONE_MAX_BYTES = 20_000_000
+
+
+def oversized_output_error(size: int, what: str = "the job's result") -> str | None:
+    """Why a body of ``size`` bytes cannot go to the platform (``what`` names it: a result, a
+    stream item), or ``None`` when it fits."""
+    if size <= JOB_DONE_MAX_BYTES:
+        return None
+    return (
+        f"{what} is {size} bytes ({size / 1e6:.1f} MB) as JSON, over the platform's limit of "
+        f"{JOB_DONE_MAX_BYTES} bytes ({JOB_DONE_MAX_BYTES / 1e6:g} MB): return a URL to the "
+        "data instead (upload it to object storage), or write it to the network volume and "
+        "return its path"
+    )
 
 
 def sdk_handles(config: dict[str, Any]) -> bool:
@@ -120,11 +145,12 @@ async def post_result(
     import aiohttp
 
     body = _body(result)
-    if len(body) > RESULT_LIMIT_BYTES:
-        log.tip(
-            f"The job's result is {len(body) / 1e6:.1f} MB, over the platform's 20 MB limit: "
-            "return a URL to stored data instead."
-        )
+    problem = oversized_output_error(len(body))
+    if problem is not None:  # the platform would refuse it: fail the job now, saying why
+        log.error(f"Failed the job: {problem}", job["id"])
+        refused = {key: value for key, value in result.items() if key == "stopPod"}
+        refused["error"] = problem
+        body = json.dumps(refused).encode()
     url = url_template.replace("$ID", job["id"]) + "&isStream=false"
     headers = {
         "charset": "utf-8",

@@ -25,6 +25,7 @@ import msgspec
 
 from .. import channel as ch
 from ..background import Background
+from ..errors import CALLER_GONE
 from ..failures import stage_failure
 from ..protocol import FunctionResponse
 from ..request_peek import Peeked, peek_request
@@ -230,7 +231,7 @@ class Supervisor:
             body = msgspec.json.encode({"id": job.get("id"), "input": job.get("input")})
         except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
             return {"success": False, "error": f"the job cannot be encoded: {exc}"}
-        return await self._submit(Request(body, "json", self.settings.timeout_s, deployed=True))
+        return await self._submit(Request(body, "json", self.settings.time_limit(), deployed=True))
 
     async def _submit(self, request: Request) -> Any:
         rid = self.inflight.add(request)
@@ -249,9 +250,9 @@ class Supervisor:
             elif self.inflight.get(rid) is request:  # else answered meanwhile (stopping)
                 self.handover.send(executor, rid, request)
             return await request.future
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             if self.inflight.get(rid) is request:
-                self.handover.give_up(rid, request)
+                self.handover.give_up(rid, request, stop=exc.args[:1] != (CALLER_GONE,))
             raise
         finally:
             self.inflight.done(request)

@@ -68,8 +68,9 @@ class Handover:
             return  # it is dying: its death handling retries or answers this request
         self.inflight.arm(rid, request)
 
-    def give_up(self, rid: int, request: Request) -> None:
-        """The caller stopped waiting: tell the executor, and watch that it really stops."""
+    def give_up(self, rid: int, request: Request, stop: bool = True) -> None:
+        """The caller stopped waiting: tell the executor; with ``stop``, watch that it really
+        stops (else a sync call runs to its end, its result dropped)."""
         self.inflight.remove(rid)
         release(rid, request)
         executor = request.executor
@@ -77,7 +78,8 @@ class Handover:
             return
         with contextlib.suppress(OSError):
             executor.chan.send(ch.Cancel(rid))
-        executor.abandon(rid, self.settings.hard_timeout_grace_s, lambda: self._runaway(executor))
+        runaway = (lambda: self._runaway(executor)) if stop else None
+        executor.abandon(rid, self.settings.hard_timeout_grace_s, runaway)
 
     def _runaway(self, executor: ExecutorProcess) -> None:
         if executor.dead:

@@ -60,14 +60,14 @@ class Request:
         self,
         body: bytes,
         form: str,
-        timeout: float,
+        timeout: float | None,
         deployed: bool,
         instance: str | None = None,
     ) -> None:
         self.body = body
         self.instance = instance  # the class instance it calls: run where that lives
         self.form = form
-        self.timeout = timeout
+        self.timeout = timeout  # seconds; None: no limit of ours
         self.deployed = deployed
         #: Its answer; made by :meth:`InFlight.add` (the table knows the loop: asking asyncio
         #: for it costs a system call).
@@ -154,7 +154,9 @@ class InFlight:
     # rarely moves the timer; when it fires it looks at every request once.
 
     def arm(self, rid: int, request: Request) -> None:
-        """Start (or restart) the request's time limit."""
+        """Start (or restart) the request's time limit, if it has one."""
+        if request.timeout is None:
+            return
         deadline = request.deadline = self.loop.time() + request.timeout
         if self._timer is None or deadline < self._timer.when():
             self._schedule(deadline)

@@ -133,7 +133,7 @@ class ExecutorProcess:
         self._requests: set[int] = set()
         #: Requests given up on whose code may still run here, each with the timer that
         #: recycles the executor if that code does not stop in time.
-        self._abandoned: dict[int, asyncio.TimerHandle] = {}
+        self._abandoned: dict[int, asyncio.TimerHandle | None] = {}
         self._instances: set[str] = set()
         self._retry_of: int | None = None
 
@@ -187,12 +187,14 @@ class ExecutorProcess:
         """It runs only the retried request ``rid``, then goes."""
         self._retry_of = rid
 
-    def abandon(self, rid: int, grace: float, runaway: Callable[[], None]) -> None:
-        """Its caller gave up on ``rid``: ``runaway`` runs if its code has not settled in
-        ``grace`` seconds."""
+    def abandon(self, rid: int, grace: float, runaway: Callable[[], None] | None) -> None:
+        """Its caller gave up on ``rid``: ``runaway`` (if any) runs when its code has not
+        settled within ``grace`` seconds."""
         self._requests.discard(rid)
-        loop = asyncio.get_running_loop()
-        self._abandoned[rid] = loop.call_later(grace, self._runaway, rid, runaway)
+        handle = None
+        if runaway is not None:
+            handle = asyncio.get_running_loop().call_later(grace, self._runaway, rid, runaway)
+        self._abandoned[rid] = handle
 
     def _runaway(self, rid: int, runaway: Callable[[], None]) -> None:
         self._abandoned.pop(rid, None)
@@ -200,10 +202,11 @@ class ExecutorProcess:
 
     def settle(self, rid: int) -> bool:
         """The code of given-up request ``rid`` ended; ``False`` if it was not given up on."""
-        handle = self._abandoned.pop(rid, None)
-        if handle is None:
+        if rid not in self._abandoned:
             return False
-        handle.cancel()
+        handle = self._abandoned.pop(rid)
+        if handle is not None:
+            handle.cancel()
         return True
 
     def holds(self, instance_id: str) -> None:
@@ -216,7 +219,8 @@ class ExecutorProcess:
         lost = sorted(self._instances)
         self._instances.clear()
         for handle in self._abandoned.values():
-            handle.cancel()
+            if handle is not None:
+                handle.cancel()
         self._abandoned.clear()
         return lost
 
