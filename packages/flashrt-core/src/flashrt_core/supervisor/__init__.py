@@ -247,6 +247,8 @@ class Supervisor:
         elif isinstance(frame, ch.Imported):
             self.launcher.imported(frame.modules)
         elif isinstance(frame, ch.Hello):
+            if frame.installed:
+                self._on_installed()
             if not executor.hello.done():
                 executor.fast_ok = frame.fast
                 executor.hello.set_result(frame)
