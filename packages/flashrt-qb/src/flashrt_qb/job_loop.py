@@ -226,14 +226,18 @@ def start(
     take_timeout_s: float | None = None,
     loop: asyncio.AbstractEventLoop | None = None,
     on_take: Callable[[], None] | None = None,
+    on_started: Callable[[], None] | None = None,
 ) -> None:
     """``runpod.serverless.start`` with :class:`SlotJobScaler` as the production job loop.
 
     With ``loop`` (running in another thread) the production job loop runs there; local modes
     run on the SDK's own loop in this thread either way. ``on_take`` is called on that loop as
-    each job is taken (the production loop only).
+    each job is taken (the production loop only). ``on_started`` is called, in this thread,
+    once the SDK has forked its heartbeat process (at once in local modes, which fork none).
     """
     if not is_production(serverless, sys.argv, os.environ):
+        if on_started is not None:
+            on_started()
         serverless.start(config)
         return
     from runpod.serverless import worker as sdk_worker
@@ -248,4 +252,6 @@ def start(
     mirror = PingJobMirror()
     JobsProgress().set_mirror(mirror)
     sdk_worker.heartbeat.start_ping(mirror)
+    if on_started is not None:
+        on_started()
     SlotJobScaler(config, take_timeout_s=take_timeout_s, on_take=on_take).start_on(loop)
