@@ -87,7 +87,9 @@ def _exists(module: str) -> bool:
 
 def _in_app(top: str, app_dir: Path) -> bool:
     """Whether the app ships ``top`` itself (a package directory or a module file)."""
-    return (app_dir / top).is_dir() or any(app_dir.glob(f"{top}.*"))
+    if (app_dir / top).is_dir() or (app_dir / f"{top}.py").is_file():
+        return True
+    return any(path.suffix in (".so", ".pyd", ".pyc") for path in app_dir.glob(f"{top}.*"))
 
 
 async def import_installing(
