@@ -317,10 +317,12 @@ def skip_unless_flash_builds_for(version: str) -> None:
         )
 
 
-def flash_build(project: Path, workdir: Path) -> Path:
+def flash_build(project: Path, workdir: Path, **env: str) -> Path:
     """Copy ``project`` into ``workdir`` and run the real ``flash build`` there (offline).
 
-    Returns the artifact (``.flash/artifact.tar.gz``); its ``.flash/.build`` stays for reading.
+    ``env``: more environment for the build (``PYTHONPATH``: packages the app imports that the
+    build must see but the artifact leaves out). Returns the artifact
+    (``.flash/artifact.tar.gz``); its ``.flash/.build`` stays for reading.
     """
     import shutil
 
@@ -332,7 +334,7 @@ def flash_build(project: Path, workdir: Path) -> Path:
     result = subprocess.run(
         [str(flash), "build", "--python-version", version],
         cwd=target,
-        env=clean_env(RUNPOD_FLASH_SILENCE_DEPRECATION="1", NO_COLOR="1"),
+        env=clean_env(RUNPOD_FLASH_SILENCE_DEPRECATION="1", NO_COLOR="1", **env),
         capture_output=True,
         text=True,
         timeout=180,

@@ -118,24 +118,18 @@ def test_the_report_keeps_to_the_import_path_at_ready_and_reports_once(import_di
 
 
 class RawExecutor:
-    """``python -m flashrt_core.executor`` on our own socketpairs: the supervisor's view."""
+    """``python -m flashrt_core.executor`` on our own socketpair: the supervisor's view."""
 
     def __init__(self, path: tuple[str, ...] = (), **settings: Any) -> None:
         parent, child = socket.socketpair()
-        fast_parent, fast_child = socket.socketpair()
-        env = {**os.environ, "FLASHRT_EXECUTOR_FAST_FD": str(fast_child.fileno())}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "flashrt_core.executor"],
             stdin=child.fileno(),
-            pass_fds=(fast_child.fileno(),),
-            env=env,
             start_new_session=True,
         )
         child.close()
-        fast_child.close()
         self.chan = ch.Channel(parent)
-        self.fast = ch.Channel(fast_parent)
-        self.readers = {self.chan.fd: ch.FrameReader(), self.fast.fd: ch.FrameReader()}
+        self.readers = {self.chan.fd: ch.FrameReader()}
         self.pending: list[ch.Frame] = []
         self.next_id = 0
         made = load_settings(Settings, {}, disable_plugin_autoload=True, **settings)
@@ -143,7 +137,6 @@ class RawExecutor:
         self.chan.send(ch.Setup(settings=values, sys_path=[*path, *sys.path]))
         hello = self.until(ch.Hello)
         assert hello.error is None, hello.error
-        self.fast_ok = hello.fast
 
     def _read(self, timeout: float) -> None:
         poller = select.poll()
@@ -168,7 +161,7 @@ class RawExecutor:
             assert left > 0, f"no {kind.__name__} within {timeout} s; saw {self.seen}"
             self._read(left)
 
-    def call(self, code: str, name: str, *, fast: bool, **fields: Any) -> tuple[Any, list[Any]]:
+    def call(self, code: str, name: str, **fields: Any) -> tuple[Any, list[Any]]:
         """Run one request; its response and the ``Imported`` frames sent before it."""
         self.next_id += 1
         body = json.dumps(
@@ -181,23 +174,21 @@ class RawExecutor:
                 **fields,
             }
         ).encode()
-        via = self.fast if fast and self.fast_ok else self.chan
-        via.send(ch.Execute(self.next_id, body))
+        self.chan.send(ch.Execute(self.next_id, body))
         result = self.until(ch.Result)
         imported = [f.modules for f in self.seen if isinstance(f, ch.Imported)]
         response = _decode(result.body)
         assert response["success"], response.get("error")
         return response, imported
 
-    def after(self, *, fast: bool) -> list[dict[str, str]]:
-        """The ``Imported`` frames sent after the last answer (a request after it is answered
-        only once that lane has finished with the one before)."""
-        _, imported = self.call("def ping():\n    return 1\n", "ping", fast=fast)
+    def after(self) -> list[dict[str, str]]:
+        """The ``Imported`` frames sent after the last answer (the next answer comes after
+        them)."""
+        _, imported = self.call("def ping():\n    return 1\n", "ping")
         return imported
 
     def close(self) -> None:
         self.chan.close()
-        self.fast.close()
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
@@ -225,8 +216,7 @@ def raw_executor() -> Iterator[Any]:
 IMPORT = "def use():\n    import {0}\n    return {0}.__name__\n"
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["fast", "loop"])
-def test_the_executor_reports_new_imports_once_after_the_answer(raw_executor, tmp_path, fast):
+def test_the_executor_reports_new_imports_once_after_the_answer(raw_executor, tmp_path):
     executor = raw_executor()
     # Not on the import path at ready: never reported, whoever imports it.
     _write(tmp_path, "carry_mine", "")
@@ -234,29 +224,29 @@ def test_the_executor_reports_new_imports_once_after_the_answer(raw_executor, tm
         f"def use():\n    import sys\n    sys.path.insert(0, {str(tmp_path)!r})\n"
         "    import carry_mine\n    return 'mine'\n"
     )
-    assert executor.call(put_on_path, "use", fast=fast)[0]["json_result"] == "mine"
-    assert executor.after(fast=fast) == []
-    response, _ = executor.call(IMPORT.format("colorsys"), "use", fast=fast)
+    assert executor.call(put_on_path, "use")[0]["json_result"] == "mine"
+    assert executor.after() == []
+    response, _ = executor.call(IMPORT.format("colorsys"), "use")
     assert response["json_result"] == "colorsys"
-    assert executor.after(fast=fast) == [{"colorsys": _origin("colorsys")}]
+    assert executor.after() == [{"colorsys": _origin("colorsys")}]
     # Again, and a module flashrt had imported at ready: nothing new.
-    executor.call(IMPORT.format("colorsys"), "use", fast=fast)
-    executor.call(IMPORT.format("json"), "use", fast=fast)
-    assert executor.after(fast=fast) == []
+    executor.call(IMPORT.format("colorsys"), "use")
+    executor.call(IMPORT.format("json"), "use")
+    assert executor.after() == []
 
 
 def test_a_requests_own_modules_are_never_reported(raw_executor):
     executor = raw_executor()
     code = "def use():\n    import carry_helper\n    return carry_helper.X\n"
-    response, _ = executor.call(code, "use", fast=False, modules={"carry_helper.py": "X = 3\n"})
+    response, _ = executor.call(code, "use", modules={"carry_helper.py": "X = 3\n"})
     assert response["json_result"] == 3
-    assert executor.after(fast=False) == []
+    assert executor.after() == []
 
 
 def test_reporting_can_be_turned_off(raw_executor):
     executor = raw_executor(carry_imports=False)
-    executor.call(IMPORT.format("colorsys"), "use", fast=True)
-    assert executor.after(fast=True) == []
+    executor.call(IMPORT.format("colorsys"), "use")
+    assert executor.after() == []
 
 
 def test_a_preload_imports_in_the_background_captured_by_no_request(raw_executor, capfd):
@@ -271,11 +261,11 @@ def test_a_preload_imports_in_the_background_captured_by_no_request(raw_executor
         "        time.sleep(0.01)\n"
         "    return []\n"
     )
-    response, _ = executor.call(wait, "wait", fast=False)
+    response, _ = executor.call(wait, "wait")
     assert response["json_result"] == ["colorsys", "this"]
     assert "Beautiful is better" not in (response.get("stdout") or "")
     # Already known to the supervisor: not reported back.
-    assert executor.after(fast=False) == []
+    assert executor.after() == []
     executor.close()
     assert "Beautiful is better than ugly" in capfd.readouterr().out
 
@@ -297,6 +287,6 @@ def test_what_a_preload_changes_in_sys_modules_is_not_poison(raw_executor, tmp_p
         "        time.sleep(0.01)\n"
         "    time.sleep(0.2)\n    return os.getpid()\n"
     )
-    pid = executor.call("import os\n" + wait, "wait", fast=False)[0]["json_result"]
-    assert executor.call("import os\n" + wait, "wait", fast=False)[0]["json_result"] == pid
+    pid = executor.call("import os\n" + wait, "wait")[0]["json_result"]
+    assert executor.call("import os\n" + wait, "wait")[0]["json_result"] == pid
     assert not [f for f in executor.seen if isinstance(f, ch.Exiting)]

@@ -109,6 +109,7 @@ class Hello(msgspec.Struct, tag=True):
 
     pid: int
     error: str | None = None  # start-up failed in the executor; the reason
+    installed: bool = False  # its start-up installed something (the caches are to persist)
 
 
 class Output(msgspec.Struct, tag=True):

@@ -25,10 +25,11 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .autoinstall import MissingPackage, import_installing
 from .startup import StartupBound, StartupTimeout
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Awaitable, Callable, Mapping
 
     from .lanes import Lanes
     from .runtime import Runtime
@@ -211,20 +212,38 @@ def handler_step(resource: str) -> str:
 
 
 async def load_handler_within(
-    lanes: Lanes, app_dir: Path, resource: str, limit_s: float, progress_s: float
+    lanes: Lanes,
+    app_dir: Path,
+    resource: str,
+    limit_s: float,
+    progress_s: float,
+    install: Callable[[str], Awaitable[bool]] | None = None,
 ) -> DeployedHandler:
     """:func:`load_handler` in a thread, bounded by the start-up limit, with progress lines.
 
-    An import past the limit cannot be stopped: it is left running and
-    :class:`DeployedHandlerTimeout` names it and the limit (an executor then exits, which ends it).
+    With ``install`` (a distribution's name -> whether it changed the environment), a module
+    the import misses is installed and the import runs again
+    (:func:`~flashrt_core.autoinstall.import_installing`), within the same limit. An import past
+    the limit cannot be stopped: it is left running and :class:`DeployedHandlerTimeout` names
+    it and the limit (an executor then exits, which ends it).
     """
     bound = StartupBound(limit_s, progress_s, log)
     try:
-        return await bound.step(
-            handler_step(resource), lanes.run_blocking(load_handler, app_dir, resource)
+        if install is None:
+            return await bound.step(
+                handler_step(resource), lanes.run_blocking(load_handler, app_dir, resource)
+            )
+        return await import_installing(
+            lambda: lanes.run_blocking(load_handler, app_dir, resource),
+            install,
+            app_dir=app_dir,
+            bound=bound,
+            what=handler_step(resource),
         )
     except StartupTimeout as exc:
         raise DeployedHandlerTimeout(str(exc)) from None
+    except MissingPackage as exc:
+        raise DeployedHandlerError(str(exc)) from exc
 
 
 class HandlerHere:
@@ -233,11 +252,16 @@ class HandlerHere:
     import behind the first (which may still be running)."""
 
     def __init__(
-        self, settings: Settings, lanes: Lanes, locate: Callable[[], tuple[Path | None, str | None]]
+        self,
+        settings: Settings,
+        lanes: Lanes,
+        locate: Callable[[], tuple[Path | None, str | None]],
+        install: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self.settings = settings
         self.lanes = lanes
         self._locate = locate  # the app's directory and the resource, read when loading
+        self._install = install  # what installs a module the handler's import misses
         self._handler: DeployedHandler | None = None
         self._failure: DeployedAppUnavailable | DeployedHandlerError | None = None
 
@@ -259,6 +283,7 @@ class HandlerHere:
                 resource,
                 settings.startup_timeout_s,
                 settings.startup_progress_s,
+                self._install,
             )
         except (DeployedAppUnavailable, DeployedHandlerError) as exc:
             self._failure = exc

@@ -196,8 +196,21 @@ class Runtime:
                 self.settings,
                 self.lanes,
                 lambda: (deployed_app_dir(self), self.deployed_handler_resource),
+                self.install_distribution,
             )
         return self._deployed
+
+    async def install_distribution(self, distribution: str) -> bool:
+        """Install a Python distribution into this process's environment through the installer
+        plugins (a deployed app's missing module, at start-up); ``True`` if that changed it,
+        and then the caches are persisted. Raises
+        :class:`~flashrt_core.autoinstall.MissingPackage` with the installer's error."""
+        from .autoinstall import install_with_plugins
+
+        changed = await install_with_plugins(self, distribution)
+        if changed:
+            self.persist_caches()
+        return changed
 
     def _executor_setup(self) -> ExecutorSetup:
         from .deployment import executor_app_dir

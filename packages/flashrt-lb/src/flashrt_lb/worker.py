@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi.responses import Response
+from flashrt_core.autoinstall import MissingPackage, import_installing
 from flashrt_core.errors import CALLER_GONE
 from flashrt_core.logs import request_id
 from flashrt_core.protocol import RequestError, encode_response
@@ -240,14 +241,20 @@ class Worker:
         bound = StartupBound(self.settings.startup_timeout_s, self.settings.startup_progress_s, log)
         try:
             # Importing runs the user's module code (and its heavy imports): in a thread, which
-            # is left running if it passes the limit (a thread cannot be stopped).
-            app = await bound.step(
-                f"importing {file_name}",
-                runtime.run_blocking(import_app, app_dir, file_name, variable),
+            # is left running if it passes the limit (a thread cannot be stopped). A module the
+            # image lacks is installed here (the app runs in this process), then imported again.
+            app = await import_installing(
+                lambda: runtime.run_blocking(import_app, app_dir, file_name, variable),
+                runtime.install_distribution,
+                app_dir=app_dir,
+                bound=bound,
+                what=f"importing {file_name}",
             )
         except StartupTimeout as exc:
             self.abandoned = True
             raise AppLoadError(str(exc)) from None
+        except MissingPackage as exc:
+            raise AppLoadError(str(exc)) from exc
         lifespan = Lifespan(app)
         try:
             await bound.step(f"running the lifespan start-up of {file_name}", lifespan.startup())

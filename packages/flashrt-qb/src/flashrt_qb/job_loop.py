@@ -35,7 +35,7 @@ from runpod.serverless.modules.rp_logger import RunPodLogger, _reset_batch_id, _
 from .job_result import finish_job, sdk_handles
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
     from types import ModuleType
 
     from runpod.http_client import ClientSession
@@ -220,13 +220,18 @@ def start(
     *,
     take_timeout_s: float | None = None,
     loop: asyncio.AbstractEventLoop | None = None,
+    on_started: Callable[[], None] | None = None,
 ) -> None:
     """``runpod.serverless.start`` with :class:`SlotJobScaler` as the production job loop.
 
     With ``loop`` (running in another thread) the production job loop runs there; local modes
-    run on the SDK's own loop in this thread either way.
+    run on the SDK's own loop in this thread either way. ``on_started`` is called, in this
+    thread, once the SDK has forked its heartbeat process (at once in local modes, which fork
+    none).
     """
     if not is_production(serverless, sys.argv, os.environ):
+        if on_started is not None:
+            on_started()
         serverless.start(config)
         return
     from runpod.serverless import worker as sdk_worker
@@ -241,4 +246,6 @@ def start(
     mirror = PingJobMirror()
     JobsProgress().set_mirror(mirror)
     sdk_worker.heartbeat.start_ping(mirror)
+    if on_started is not None:
+        on_started()
     SlotJobScaler(config, take_timeout_s=take_timeout_s).start_on(loop)

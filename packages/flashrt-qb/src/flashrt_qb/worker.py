@@ -132,6 +132,11 @@ class QueueWorker:
         # at once can deadlock (Python raises _DeadlockError), so that import waits for it.
         self._sdk_import_done = threading.Event()
         self._sdk_import_done.set()
+        # Set while the SDK is not about to fork its heartbeat process. A child forked while
+        # this process spawns one (an install at start-up) inherits the spawn's exec-status
+        # pipe and keeps it open for its life: the spawn would wait for it forever.
+        self._sdk_forked = threading.Event()
+        self._sdk_forked.set()
 
     @property
     def deployed(self) -> bool:
@@ -225,6 +230,9 @@ class QueueWorker:
             # The handler imports runpod too: never alongside the main thread's import.
             self.starting = "waiting for the runpod SDK's import to finish"
             await runtime.run_blocking(self._sdk_import_done.wait)
+            # Its import may install what the image lacks (a subprocess): not while the SDK forks.
+            self.starting = "waiting for the runpod SDK to start its heartbeat process"
+            await runtime.run_blocking(self._sdk_forked.wait)
             self.starting = handler_step(resource)
             await runtime.load_deployed_handler()  # bounded by the start-up limit
         except (DeployedAppUnavailable, DeployedHandlerError) as exc:
@@ -335,9 +343,13 @@ class QueueWorker:
         from .sdk import import_serverless, set_sdk_log_level
 
         self._sdk_import_done.clear()
+        self._sdk_forked.clear()
         self.begin()
         try:
             serverless = import_serverless(self.qb.fast_sdk_import)
+        except BaseException:
+            self._sdk_forked.set()
+            raise
         finally:
             self._sdk_import_done.set()
         set_sdk_log_level(self.qb.sdk_level)
@@ -349,8 +361,10 @@ class QueueWorker:
                 self.sdk_config(),
                 take_timeout_s=self.qb.take_timeout_s,
                 loop=self.loop.loop,
+                on_started=self._sdk_forked.set,
             )
         finally:
+            self._sdk_forked.set()
             self.close()
 
 

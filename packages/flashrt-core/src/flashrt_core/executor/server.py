@@ -58,6 +58,8 @@ class ExecutorServer:
         self.answers: Answerer | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._handler: DeployedHandler | None = None
+        #: Whether start-up installed something (a module the deployed handler missed).
+        self.installed = False
 
     # --- start-up ---------------------------------------------------------------------------
 
@@ -78,14 +80,18 @@ class ExecutorServer:
         try:
             settings = await self._make_pipeline(loop)
         except Exception as exc:
-            self.chan.send(ch.Hello(os.getpid(), error=f"{type(exc).__name__}: {exc}"))
+            self.chan.send(
+                ch.Hello(
+                    os.getpid(), error=f"{type(exc).__name__}: {exc}", installed=self.installed
+                )
+            )
             return
         self.integrity = Integrity(loop, self.chan.fd, {}, transient=os.sep + MOUNT_PREFIX)
         imports = carry.ImportReport(sys.path, sys.modules) if settings.carry_imports else None
         self.answers = Answerer(self.chan, self.integrity, settings.timing_log, imports)
         gone: asyncio.Future[None] = loop.create_future()
         loop.add_reader(self.chan.fd, self._on_readable, gone)
-        self.chan.send(ch.Hello(os.getpid()))
+        self.chan.send(ch.Hello(os.getpid(), installed=self.installed))
         await gone
 
     async def _make_pipeline(self, loop: asyncio.AbstractEventLoop) -> Any:
@@ -126,7 +132,15 @@ class ExecutorServer:
         # Pay cloudpickle's import now; the codecs hold it whatever a request does to sys.modules.
         await lanes.run_blocking(preload)
         if setup.deployed_handler:
+            from ..autoinstall import install_with_plugins
             from ..deployment import load_handler_within
+
+            async def install(distribution: str) -> bool:
+                # A module the handler misses goes into this environment; Hello tells the
+                # supervisor, which persists the caches.
+                changed = await install_with_plugins(runtime, distribution)
+                self.installed = self.installed or changed
+                return changed
 
             # Past the start-up limit this raises: Hello then carries the reason, and this
             # process exits, which ends an import that would never finish.
@@ -136,6 +150,7 @@ class ExecutorServer:
                 setup.deployed_handler,
                 settings.startup_timeout_s,
                 settings.startup_progress_s,
+                install,
             )
         return settings
 

@@ -291,6 +291,8 @@ class Supervisor:
         elif isinstance(frame, ch.Imported):
             self.launcher.imported(frame.modules)
         elif isinstance(frame, ch.Hello):
+            if frame.installed:
+                self._on_installed()
             executor.greeted(frame)
         elif isinstance(frame, ch.Exiting) and executor.exit_reason is None:
             self._retiring(executor, frame.reason)
