@@ -6,8 +6,12 @@ start-up by ``flashrt.artifact`` (or already in ``FLASHRT_APP_DIR`` with
 (``flashrt.deployed``), and per queue resource ``flash build`` (runpod-flash 1.21) generates a
 ``handler_<resource>.py`` whose ``handler(job)`` takes plain JSON kwargs in ``job["input"]`` and
 returns the plain result, or ``{"success": False, "error", "traceback"}``. That handler is
-synchronous (it runs coroutines with ``asyncio.run`` itself), so it is called off the event loop;
-an ``async def handler`` of a later build is awaited instead. Both run where user code runs: the
+synchronous (it runs coroutines with ``asyncio.run`` itself), so it is called off the event loop.
+For a resource with ``max_concurrency`` > 1 whose function the manifest marks ``is_async`` (1.21
+marks every function so), the handler is ``async def`` and awaits the function: it is awaited on
+the loop, so its jobs overlap. When the function it would await is a plain ``def`` (awaiting its
+result fails every job), the function the manifest names is called directly instead, in a thread,
+with the async handler's contract (:class:`DeployedHandler`). Both run where user code runs: the
 executor process by default. Its import (a model load, often) is bounded by the start-up limit
 (:func:`load_handler_within`), so one that never finishes is reported instead of awaited forever.
 """
@@ -15,6 +19,7 @@ executor process by default. Its import (a model load, often) is bounded by the 
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import inspect
 import json
@@ -48,6 +53,7 @@ __all__ = [
     "load_handler",
     "load_handler_within",
     "load_manifest",
+    "resource_max_concurrency",
     "run_deployed_job",
 ]
 
@@ -119,6 +125,28 @@ def load_manifest(app_dir: Path) -> dict[str, Any]:
     return data
 
 
+def resource_max_concurrency(app_dir: Path, resource: str) -> int | None:
+    """The ``max_concurrency`` ``flash build`` wrote for ``resource`` (``Endpoint(...,
+    max_concurrency=N)``); ``None`` when it wrote none (it leaves the default, 1, out). Blocking.
+
+    Raises :class:`DeployedAppUnavailable` when the manifest cannot be read and ``ValueError``
+    naming the problem when it has no such resource or the value is not a whole number >= 1.
+    """
+    resources = load_manifest(app_dir).get("resources")
+    spec = resources.get(resource) if isinstance(resources, dict) else None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{MANIFEST_FILE} has no resource {resource!r}")
+    value = spec.get("max_concurrency")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"resource {resource!r} of {MANIFEST_FILE} has max_concurrency {value!r}, "
+            "not a whole number of at least 1"
+        )
+    return value
+
+
 class DeployedHandlerError(RuntimeError):
     """The generated handler cannot be loaded; the message says why."""
 
@@ -144,17 +172,33 @@ def is_function_request(job_input: Any) -> bool:
 
 
 class DeployedHandler:
-    """The loaded ``handler`` of ``handler_<resource>.py``."""
+    """The loaded ``handler`` of ``handler_<resource>.py``.
 
-    def __init__(self, fn: Callable[[dict[str, Any]], Any], resource: str) -> None:
+    ``direct`` is the user's function when the handler is the concurrent (``async``) template
+    and would ``await`` a plain ``def``: it is then called in a thread instead of the handler,
+    its job input and output as the handler's (kwargs from the input, ``__empty`` dropped; the
+    result as it is, or ``{"error", "traceback"}`` when it raises).
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[dict[str, Any]], Any],
+        resource: str,
+        direct: Callable[..., Any] | None = None,
+        name: str = "",
+    ) -> None:
         self.fn = fn
         self.resource = resource
         self.is_async = inspect.iscoroutinefunction(fn)
+        self.direct = direct
+        self.name = name
 
     async def __call__(self, lanes: Lanes, job: Mapping[str, Any]) -> Any:
         """Run one job; a raised exception becomes the job's error (the SDK's shape)."""
         payload = {"id": job.get("id"), "input": job.get("input")}
         try:
+            if self.direct is not None:
+                return await self._call_direct(lanes, self.direct, payload["input"])
             if self.is_async:
                 return await self.fn(payload)
             result = await lanes.run_user_sync(self.fn, payload)
@@ -166,6 +210,57 @@ class DeployedHandler:
                 "error": f"deployed handler of {self.resource!r} raised "
                 f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
             }
+
+    async def _call_direct(self, lanes: Lanes, fn: Callable[..., Any], job_input: Any) -> Any:
+        """What the async handler does, with the plain ``def`` called in a thread."""
+        if job_input is None:
+            job_input = {}
+        if not isinstance(job_input, dict):
+            return {"error": f"Malformed input: expected dict, got {type(job_input).__name__}"}
+        job_input.pop("__empty", None)
+        try:
+            result = await lanes.run_user_sync(functools.partial(fn, **job_input))
+            if inspect.isawaitable(result):  # a callable object whose __call__ is async
+                result = await result
+            return result
+        except Exception as exc:
+            logging.getLogger(f"handler_{self.resource}").error(
+                "Deployed handler error for %s: %s", self.name, exc, exc_info=True
+            )
+            return {"error": str(exc), "traceback": traceback.format_exc()}
+
+
+def _awaited_plain_function(
+    module: Any, app_dir: Path, resource: str
+) -> tuple[Callable[..., Any], str] | None:
+    """The function an async generated handler would ``await`` when it is a plain ``def``.
+
+    The manifest names it (the resource's first function, as ``flash build`` generated the
+    handler from it); the handler module holds the very object it awaits under that name.
+    ``None``: awaiting it is right (a coroutine function), or the manifest does not say.
+    """
+    try:
+        resources = load_manifest(app_dir).get("resources")
+    except DeployedAppUnavailable as exc:
+        log.debug("no manifest to check handler_%s.py against: %s", resource, exc)
+        return None
+    spec = resources.get(resource) if isinstance(resources, dict) else None
+    functions = spec.get("functions") if isinstance(spec, dict) else None
+    first = functions[0] if isinstance(functions, list) and functions else None
+    if not isinstance(first, dict) or first.get("is_class"):
+        return None
+    name = first.get("name")
+    if not isinstance(name, str):
+        return None
+    target = getattr(module, name, None)
+    if (
+        target is None
+        or isinstance(target, type)
+        or not callable(target)
+        or inspect.iscoroutinefunction(target)
+    ):
+        return None
+    return target, name
 
 
 def load_handler(app_dir: Path, resource: str) -> DeployedHandler:
@@ -202,6 +297,18 @@ def load_handler(app_dir: Path, resource: str) -> DeployedHandler:
         raise DeployedHandlerError(
             f"module {module_name!r} was imported from {where}, not from the app at {app_dir}"
         )
+    plain = (
+        _awaited_plain_function(module, app_dir, resource)
+        if inspect.iscoroutinefunction(fn)
+        else None
+    )
+    if plain is not None:
+        log.info(
+            "%s would await %s, a plain function: it is called in a thread instead",
+            path.name,
+            plain[1],
+        )
+        return DeployedHandler(fn, resource, direct=plain[0], name=plain[1])
     return DeployedHandler(fn, resource)
 
 
