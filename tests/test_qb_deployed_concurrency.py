@@ -2,8 +2,9 @@
 
 ``flash build`` writes ``max_concurrency`` into the manifest and generates an ``async def``
 handler that awaits the function (``tests/deployed_app/naps.py``: one async, one plain ``def``,
-which 1.21 marks ``is_async`` too). Real ``flashrt-qb`` workers serve that artifact through the
-fake control plane and the SDK's production job loop; four 1 s jobs are queued at once.
+which 1.21 marks ``is_async`` too, and a class with one of each, whose handler awaits both). Real
+``flashrt-qb`` workers serve that artifact through the fake control plane and the SDK's
+production job loop; four 1 s jobs are queued at once.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Naps:
         self.async4 = workers["async4"]  # max_concurrency=4 from the manifest
         self.async1 = workers["async1"]  # the same, FLASHRT_QB_CONCURRENCY=1
         self.sync4 = workers["sync4"]  # a plain def, max_concurrency=4
+        self.class4 = workers["class4"]  # a class: an async and a plain method
         #: Four jobs queued for async4 as its worker was spawned, before start-up finished.
         self.cold = cold
 
@@ -43,6 +45,7 @@ def naps(
         "async4": ("nap_async", {}),
         "async1": ("nap_async", {"FLASHRT_QB_CONCURRENCY": "1"}),
         "sync4": ("nap_sync", {}),
+        "class4": ("nap_class", {}),
     }
     workers: dict[str, RunningWorker] = {}
     cold: list[str] = []
@@ -54,6 +57,7 @@ def naps(
             tmp_path_factory.mktemp(f"nap-{key}"),
             FLASH_RESOURCE_NAME=resource,
             FLASH_BUILD_ARTIFACT_PATH=str(deployed_artifact),
+            FLASHRT_SPARE="0",  # nothing here recycles an executor: one process less each
             **extra,
         )
         if key == "async4":
@@ -115,7 +119,7 @@ def test_a_plain_def_awaited_by_its_generated_handler_succeeds_concurrently(
     seconds, done = _drain(fake_runpod, naps.sync4, ONE_SECOND)
     assert [(d["status"], d["output"]) for d in done] == [("COMPLETED", {"slept": 1})] * 4, done
     assert seconds < 2.5, f"4 plain 1 s jobs at max_concurrency=4 took {seconds:.2f} s"
-    assert "handler_nap_sync.py would await nap_sync, a plain function" in (
+    assert "handler_nap_sync.py would await a plain function of nap_sync" in (
         naps.sync4.process.log()
     )
 
@@ -148,3 +152,29 @@ def test_jobs_queued_before_start_up_read_the_manifest_run_together(
         finished = [fake_runpod.jobs[i].finished or 0.0 for i in naps.cold]
     spread = max(finished) - min(finished)
     assert spread < 0.6, f"the cold burst finished over {spread:.2f} s, not together"
+
+
+def test_a_classs_plain_and_async_methods_both_run_concurrently(
+    fake_runpod: FakeRunPod, naps: Naps
+) -> None:
+    dozes = [{"method": "doze", "seconds": 1}] * 4
+    seconds, done = _drain(fake_runpod, naps.class4, dozes)
+    assert [(d["status"], d["output"]) for d in done] == [("COMPLETED", {"dozed": 1})] * 4, done
+    assert seconds < 2.5, f"4 plain 1 s methods at max_concurrency=4 took {seconds:.2f} s"
+    seconds, done = _drain(fake_runpod, naps.class4, [{"method": "nap", "seconds": 1}] * 4)
+    assert [d["output"] for d in done] == [{"napped": 1}] * 4, done
+    assert seconds < 2.5, f"4 async 1 s methods at max_concurrency=4 took {seconds:.2f} s"
+
+
+def test_a_class_job_without_a_usable_method_fails_as_the_generated_handler_says(
+    naps: Naps,
+) -> None:
+    missing = naps.class4.run({"seconds": 0})
+    assert missing["status"] == "FAILED"
+    assert missing["error"] == (
+        'class Napper has multiple methods: doze, nap. include a "method" key in the input.'
+    )
+    unknown = naps.class4.run({"method": "snore"})
+    assert unknown["error"] == "unknown method 'snore' on Napper. available: doze, nap"
+    bad = naps.class4.run({"method": "doze", "hours": 8})
+    assert bad["error"] == "Napper.doze() got an unexpected keyword argument 'hours'"
