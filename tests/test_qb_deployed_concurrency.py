@@ -172,9 +172,9 @@ def test_a_class_job_without_a_usable_method_fails_as_the_generated_handler_says
     missing = naps.class4.run({"seconds": 0})
     assert missing["status"] == "FAILED"
     assert missing["error"] == (
-        'class Napper has multiple methods: doze, nap. include a "method" key in the input.'
+        'class Cot has multiple methods: doze, nap. include a "method" key in the input.'
     )
     unknown = naps.class4.run({"method": "snore"})
-    assert unknown["error"] == "unknown method 'snore' on Napper. available: doze, nap"
+    assert unknown["error"] == "unknown method 'snore' on Cot. available: doze, nap"
     bad = naps.class4.run({"method": "doze", "hours": 8})
-    assert bad["error"] == "Napper.doze() got an unexpected keyword argument 'hours'"
+    assert bad["error"] == "Cot.doze() got an unexpected keyword argument 'hours'"

@@ -20,7 +20,7 @@ def nap_sync(seconds: float = 1.0) -> dict:
 
 
 @Endpoint(name="nap_class", cpu="cpu3c-1-2", max_concurrency=4)
-class Napper:
+class Cot:
     """Its async method makes flash build await every method, ``doze`` included."""
 
     async def nap(self, seconds: float = 1.0) -> dict:
