@@ -50,6 +50,55 @@ def test_the_job_window_is_running_plus_opt_in_prefetched_jobs(
     assert worker.sdk_config()["concurrency_modifier"](7) == window
 
 
+@pytest.mark.parametrize(
+    ("max_concurrency", "env", "slots", "said"),
+    [
+        (3, {}, 3, "3 job(s) at once (max_concurrency of resource 'w_{n}' in flash_manifest.json)"),
+        (3, {"FLASHRT_QB_CONCURRENCY": "2"}, 2, "(FLASHRT_QB_CONCURRENCY, over max_concurrency=3"),
+        (None, {}, 1, "1 job(s) at once (the default: resource 'w_{n}' sets no max_concurrency)"),
+        ("four", {}, 1, "(the default: resource 'w_{n}' of flash_manifest.json has max_concurre"),
+        (0, {}, 1, "max_concurrency 0, not a whole number of at least 1"),
+    ],
+)
+def test_a_deployed_workers_window_is_its_manifests_max_concurrency_unless_set(
+    max_concurrency: Any,
+    env: dict[str, str],
+    slots: int,
+    said: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import json
+    import uuid
+
+    caplog.set_level(logging.INFO, "flashrt")
+    resource = f"w_{uuid.uuid4().hex[:12]}"  # each imports its own handler module
+    said = said.replace("w_{n}", resource)
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    (app_dir / f"handler_{resource}.py").write_text("def handler(job):\n    return 1\n")
+    spec: dict[str, Any] = {"functions": [{"name": "f", "module": "m", "is_async": True}]}
+    if max_concurrency is not None:
+        spec["max_concurrency"] = max_concurrency
+    (app_dir / "flash_manifest.json").write_text(json.dumps({"resources": {resource: spec}}))
+    monkeypatch.setenv("FLASHRT_APP_DIR", str(app_dir))
+    settings = Settings(
+        disable_plugin_autoload=True, isolation="none", resource_name=resource, disable_unpack=True
+    )
+    worker = QueueWorker(settings, load_settings(QBSettings, env))
+    assert worker.concurrency_modifier(1) == (2 if env else 1)  # before start-up: what is known
+    worker.begin()
+    try:
+        assert worker.loop.submit(worker.handle({"id": "1", "input": {}})).result(30) == 1
+        assert worker.slots == slots
+        assert worker.concurrency_modifier(1) == slots
+    finally:
+        worker.close()
+    ready = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ready: ")]
+    assert len(ready) == 1 and said in ready[0], ready
+
+
 def test_sdk_log_level_defaults_to_info_and_follows_either_variable() -> None:
     assert load_settings(QBSettings, {}).sdk_level == "INFO"
     assert load_settings(QBSettings, {"RUNPOD_DEBUG_LEVEL": "debug"}).sdk_level == "DEBUG"

@@ -6,15 +6,21 @@ start-up by ``flashrt.artifact`` (or already in ``FLASHRT_APP_DIR`` with
 (``flashrt.deployed``), and per queue resource ``flash build`` (runpod-flash 1.21) generates a
 ``handler_<resource>.py`` whose ``handler(job)`` takes plain JSON kwargs in ``job["input"]`` and
 returns the plain result, or ``{"success": False, "error", "traceback"}``. That handler is
-synchronous (it runs coroutines with ``asyncio.run`` itself), so it is called off the event loop;
-an ``async def handler`` of a later build is awaited instead. Both run where user code runs: the
-executor process by default. Its import (a model load, often) is bounded by the start-up limit
-(:func:`load_handler_within`), so one that never finishes is reported instead of awaited forever.
+synchronous (it runs coroutines with ``asyncio.run`` itself), so it is called off the event loop.
+For a resource with ``max_concurrency`` > 1 that the manifest marks ``is_async`` (1.21 marks every
+function so, and a class with one async method), the handler is ``async def`` and awaits the
+function or method: it is awaited on the loop, so its jobs overlap. When what it would await is a
+plain ``def`` (awaiting its result fails every job), the function or class the manifest names is
+called directly instead, a plain ``def`` in a thread, with the async handler's contract
+(:class:`DirectCalls`). Both run where user code runs: the executor process by default. Its
+import (a model load, often) is bounded by the start-up limit (:func:`load_handler_within`), so
+one that never finishes is reported instead of awaited forever.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import inspect
 import json
@@ -41,6 +47,7 @@ __all__ = [
     "DeployedHandler",
     "DeployedHandlerError",
     "DeployedHandlerTimeout",
+    "DirectCalls",
     "HandlerHere",
     "deployed_app_dir",
     "executor_app_dir",
@@ -49,6 +56,7 @@ __all__ = [
     "load_handler",
     "load_handler_within",
     "load_manifest",
+    "resource_max_concurrency",
     "run_deployed_job",
 ]
 
@@ -120,6 +128,28 @@ def load_manifest(app_dir: Path) -> dict[str, Any]:
     return data
 
 
+def resource_max_concurrency(app_dir: Path, resource: str) -> int | None:
+    """The ``max_concurrency`` ``flash build`` wrote for ``resource`` (``Endpoint(...,
+    max_concurrency=N)``); ``None`` when it wrote none (it leaves the default, 1, out). Blocking.
+
+    Raises :class:`DeployedAppUnavailable` when the manifest cannot be read and ``ValueError``
+    naming the problem when it has no such resource or the value is not a whole number >= 1.
+    """
+    resources = load_manifest(app_dir).get("resources")
+    spec = resources.get(resource) if isinstance(resources, dict) else None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{MANIFEST_FILE} has no resource {resource!r}")
+    value = spec.get("max_concurrency")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"resource {resource!r} of {MANIFEST_FILE} has max_concurrency {value!r}, "
+            "not a whole number of at least 1"
+        )
+    return value
+
+
 class DeployedHandlerError(RuntimeError):
     """The generated handler cannot be loaded; the message says why."""
 
@@ -145,17 +175,29 @@ def is_function_request(job_input: Any) -> bool:
 
 
 class DeployedHandler:
-    """The loaded ``handler`` of ``handler_<resource>.py``."""
+    """The loaded ``handler`` of ``handler_<resource>.py``.
 
-    def __init__(self, fn: Callable[[dict[str, Any]], Any], resource: str) -> None:
+    ``direct``: the user's code called as what it is, instead of a concurrent (``async``)
+    handler that would ``await`` a plain ``def`` (see :class:`DirectCalls`).
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[dict[str, Any]], Any],
+        resource: str,
+        direct: DirectCalls | None = None,
+    ) -> None:
         self.fn = fn
         self.resource = resource
         self.is_async = inspect.iscoroutinefunction(fn)
+        self.direct = direct
 
     async def __call__(self, lanes: Lanes, job: Mapping[str, Any]) -> Any:
         """Run one job; a raised exception becomes the job's error (the SDK's shape)."""
         payload = {"id": job.get("id"), "input": job.get("input")}
         try:
+            if self.direct is not None:
+                return await self.direct(lanes, payload["input"])
             if self.is_async:
                 return await self.fn(payload)
             result = await lanes.run_user_sync(self.fn, payload)
@@ -167,6 +209,110 @@ class DeployedHandler:
                 "error": f"deployed handler of {self.resource!r} raised "
                 f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
             }
+
+
+class DirectCalls:
+    """What a concurrent (``async``) generated handler does, calling the user's code as what it
+    is: a coroutine function awaited on the loop, a plain ``def`` in a thread (the handler
+    would ``await`` its result, which fails every job).
+
+    The handler's contract is kept: kwargs from the job's input, ``__empty`` dropped; for a
+    class, ``method`` picks the method of the handler's one instance (needed when it has
+    several); the result as it is, or ``{"error", "traceback"}`` when the call raises.
+    """
+
+    def __init__(
+        self,
+        resource: str,
+        name: str,
+        function: Callable[..., Any] | None = None,
+        instance: Any = None,
+        methods: Mapping[str, str] | None = None,
+    ) -> None:
+        self.name = name  # the function's or class's
+        self.function = function
+        self.instance = instance
+        self.methods = dict(methods or {})
+        self.log = logging.getLogger(f"handler_{resource}")  # the handler module's logger
+
+    async def __call__(self, lanes: Lanes, job_input: Any) -> Any:
+        if job_input is None:
+            job_input = {}
+        if not isinstance(job_input, dict):
+            return {"error": f"Malformed input: expected dict, got {type(job_input).__name__}"}
+        job_input.pop("__empty", None)
+        where = self.name
+        try:
+            if self.function is not None:
+                target = self.function
+            else:
+                picked = self._method(job_input.pop("method", None))
+                if isinstance(picked, dict):
+                    return picked
+                where = f"{self.name}.{picked}"
+                target = getattr(self.instance, picked)
+            if inspect.iscoroutinefunction(target):
+                return await target(**job_input)
+            result = await lanes.run_user_sync(functools.partial(target, **job_input))
+            if inspect.isawaitable(result):  # a callable object whose __call__ is async
+                result = await result
+            return result
+        except Exception as exc:
+            self.log.error("Deployed handler error for %s: %s", where, exc, exc_info=True)
+            return {"error": str(exc), "traceback": traceback.format_exc()}
+
+    def _method(self, explicit: Any) -> str | dict[str, str]:
+        """The method a class job names (the only one, if there is one), or the error."""
+        if len(self.methods) == 1:
+            return next(iter(self.methods))
+        known = ", ".join(sorted(self.methods))
+        if explicit is None:
+            return {
+                "error": f"class {self.name} has multiple methods: {known}. include a "
+                '"method" key in the input.'
+            }
+        if explicit not in self.methods:
+            return {"error": f"unknown method '{explicit}' on {self.name}. available: {known}"}
+        return str(explicit)
+
+
+def _direct_calls(module: Any, app_dir: Path, resource: str) -> DirectCalls | None:
+    """Calls for an async generated handler that would ``await`` a plain ``def``.
+
+    The manifest names what the handler was generated for (the resource's first function or
+    class); the handler module holds the very objects it awaits: the function under its name,
+    a class's one instance and its methods (``_instance``, ``_METHODS``). ``None``: everything
+    it awaits is a coroutine function, or the manifest or module does not say.
+    """
+    try:
+        resources = load_manifest(app_dir).get("resources")
+    except DeployedAppUnavailable as exc:
+        log.debug("no manifest to check handler_%s.py against: %s", resource, exc)
+        return None
+    spec = resources.get(resource) if isinstance(resources, dict) else None
+    functions = spec.get("functions") if isinstance(spec, dict) else None
+    first = functions[0] if isinstance(functions, list) and functions else None
+    if not isinstance(first, dict) or not isinstance(first.get("name"), str):
+        return None
+    name: str = first["name"]
+    if first.get("is_class"):
+        instance = getattr(module, "_instance", None)
+        methods = getattr(module, "_METHODS", None)
+        if instance is None or not isinstance(methods, dict):
+            return None
+        awaited = [getattr(instance, m, None) for m in methods]
+        if all(inspect.iscoroutinefunction(m) for m in awaited if m is not None):
+            return None
+        return DirectCalls(resource, name, instance=instance, methods=methods)
+    target = getattr(module, name, None)
+    if (
+        target is None
+        or isinstance(target, type)
+        or not callable(target)
+        or inspect.iscoroutinefunction(target)
+    ):
+        return None
+    return DirectCalls(resource, name, function=target)
 
 
 def load_handler(app_dir: Path, resource: str) -> DeployedHandler:
@@ -203,7 +349,14 @@ def load_handler(app_dir: Path, resource: str) -> DeployedHandler:
         raise DeployedHandlerError(
             f"module {module_name!r} was imported from {where}, not from the app at {app_dir}"
         )
-    return DeployedHandler(fn, resource)
+    direct = _direct_calls(module, app_dir, resource) if inspect.iscoroutinefunction(fn) else None
+    if direct is not None:
+        log.info(
+            "%s would await a plain function of %s: plain ones are called in a thread instead",
+            path.name,
+            direct.name,
+        )
+    return DeployedHandler(fn, resource, direct)
 
 
 def handler_step(resource: str) -> str:

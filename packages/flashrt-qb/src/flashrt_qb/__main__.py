@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"flashrt-qb: bad setting: {exc}", file=sys.stderr)
         return 2
-    if qb.concurrency < 1:
+    if qb.concurrency is not None and qb.concurrency < 1:
         print("flashrt-qb: bad setting: FLASHRT_QB_CONCURRENCY must be at least 1", file=sys.stderr)
         return 2
     from flashrt_core.logs import configure_logging

@@ -60,8 +60,11 @@ class SlotJobScaler(rp_scale.JobScaler):  # type: ignore[misc]
         config: dict[str, Any],
         *,
         take_timeout_s: float | None = None,
+        on_start: Callable[[Callable[[], None]], None] | None = None,
     ) -> None:
         super().__init__(config)
+        #: Handed :meth:`window_changed` as the loop starts, for whoever may grow the window.
+        self.on_start = on_start
         if take_timeout_s is not None:
             self.jobs_fetcher_timeout = take_timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -77,6 +80,8 @@ class SlotJobScaler(rp_scale.JobScaler):  # type: ignore[misc]
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        if self.on_start is not None:
+            self.on_start(self.window_changed)
         async with AsyncClientSession() as session:
             stops = asyncio.create_task(self.monitor_stop_signals(session))
             try:
@@ -118,6 +123,12 @@ class SlotJobScaler(rp_scale.JobScaler):  # type: ignore[misc]
     def kill_worker(self) -> None:
         """Also wake the loop (a signal handler runs between bytecodes, not in a loop callback)."""
         super().kill_worker()
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._notify)
+
+    def window_changed(self) -> None:
+        """Any thread: read ``concurrency_modifier`` again now, not when a job finishes (a
+        deployed worker learns its window once start-up has read the manifest)."""
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._notify)
 
@@ -221,13 +232,14 @@ def start(
     take_timeout_s: float | None = None,
     loop: asyncio.AbstractEventLoop | None = None,
     on_started: Callable[[], None] | None = None,
+    on_start: Callable[[Callable[[], None]], None] | None = None,
 ) -> None:
     """``runpod.serverless.start`` with :class:`SlotJobScaler` as the production job loop.
 
     With ``loop`` (running in another thread) the production job loop runs there; local modes
     run on the SDK's own loop in this thread either way. ``on_started`` is called, in this
     thread, once the SDK has forked its heartbeat process (at once in local modes, which fork
-    none).
+    none); ``on_start`` with :meth:`SlotJobScaler.window_changed` as the production loop starts.
     """
     if not is_production(serverless, sys.argv, os.environ):
         if on_started is not None:
@@ -248,4 +260,4 @@ def start(
     sdk_worker.heartbeat.start_ping(mirror)
     if on_started is not None:
         on_started()
-    SlotJobScaler(config, take_timeout_s=take_timeout_s).start_on(loop)
+    SlotJobScaler(config, take_timeout_s=take_timeout_s, on_start=on_start).start_on(loop)

@@ -13,8 +13,12 @@ __all__ = ["QBSettings"]
 class QBSettings:
     """How many jobs run at once, how many wait in hand, how long start-up and a take may take."""
 
-    concurrency: int = setting(
-        "FLASHRT_QB_CONCURRENCY", 1, "Jobs the queue worker runs at once (at least 1)."
+    concurrency: int | None = setting(
+        "FLASHRT_QB_CONCURRENCY",
+        None,
+        "Jobs the queue worker runs at once (at least 1). Unset: a deployed worker runs its "
+        "resource's `max_concurrency` from flash_manifest.json (`Endpoint(max_concurrency=N)`), "
+        "a live one 1; set, it overrides the manifest.",
     )
     prefetch: int = setting(
         "FLASHRT_QB_PREFETCH",
@@ -58,15 +62,11 @@ class QBSettings:
 
     @property
     def slots(self) -> int:
-        """Jobs run at once."""
-        return max(1, self.concurrency)
+        """Jobs run at once, as far as the settings say (a deployed worker may take its
+        manifest's ``max_concurrency`` instead when :attr:`concurrency` is unset)."""
+        return 1 if self.concurrency is None else max(1, self.concurrency)
 
     @property
     def extra(self) -> int:
         """Jobs held beyond the running ones."""
         return max(0, self.prefetch)
-
-    @property
-    def window(self) -> int:
-        """Jobs the job loop may hold: running plus prefetched."""
-        return self.slots + self.extra

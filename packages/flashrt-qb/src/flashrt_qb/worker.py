@@ -17,11 +17,14 @@ Shape of the process:
   The deployed handler's import is itself bounded by ``FLASHRT_STARTUP_TIMEOUT_S``, where it
   runs: the executor (:func:`flashrt_core.deployment.load_handler_within`) or, in-process, here.
 
-Concurrency: ``FLASHRT_QB_CONCURRENCY`` jobs run at once (a semaphore on the runtime loop). The
+Concurrency: the worker runs a number of jobs at once (a semaphore on the runtime loop): the
+``max_concurrency`` that ``flash build`` wrote into the manifest for a deployed worker's resource
+(read once start-up has unpacked the app; until then one job), ``FLASHRT_QB_CONCURRENCY`` when it
+is set (it overrides the manifest), else 1. The ready line says which, and from where. The
 production job loop (:mod:`flashrt_qb.job_loop`) takes a job only when one of its slots is free
 and starts it at once; ``concurrency_modifier`` tells it how many it may hold, the jobs we run
 plus ``FLASHRT_QB_PREFETCH`` (default 0: a job we cannot run yet stays in the platform's queue,
-where another worker can take it).
+where another worker can take it), and it is woken to read that again when the window grows.
 
 Output: in live mode (and for FunctionRequests in deployed mode) the job output is the
 ``FunctionResponse`` as a dict without its empty fields. The SDK moves an ``error`` key from the
@@ -36,6 +39,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flashrt_core.logs import request_id
@@ -45,7 +49,7 @@ from .settings import QBSettings
 
 if TYPE_CHECKING:
     import concurrent.futures
-    from collections.abc import Coroutine, Mapping
+    from collections.abc import Callable, Coroutine, Mapping
 
     from flashrt_core.protocol import FunctionResponse
     from flashrt_core.runtime import Runtime
@@ -126,7 +130,15 @@ class QueueWorker:
         #: thread that never ends (so the process must exit without waiting for it).
         self.abandoned = False
         self._startup: asyncio.Task[None] | None = None
-        self._slots = asyncio.Semaphore(self.qb.slots)
+        #: Jobs run at once, and where that number came from (a deployed worker whose
+        #: FLASHRT_QB_CONCURRENCY is unset decides at start-up, from its manifest).
+        self.slots = self.qb.slots
+        self.slots_from = (
+            "FLASHRT_QB_CONCURRENCY" if self.qb.concurrency is not None else "the default"
+        )
+        self._slots = asyncio.Semaphore(self.slots)
+        #: The production job loop's wake-up: it reads the window again.
+        self._job_loop_wake: Callable[[], None] | None = None
         # Set while no import of the SDK is in progress. User code (the deployed handler's
         # module) imports runpod too, and two threads importing a package with import cycles
         # at once can deadlock (Python raises _DeadlockError), so that import waits for it.
@@ -169,11 +181,14 @@ class QueueWorker:
         else:
             self.phase = "ready"
             log.info(
-                "ready: %s mode, %d job(s) at once, %d prefetched",
+                "ready: %s mode, %d job(s) at once (%s), %d prefetched",
                 f"deployed ({self.settings.resource_name})" if self.deployed else "live",
-                self.qb.slots,
+                self.slots,
+                self.slots_from,
                 self.qb.extra,
             )
+            if self._job_loop_wake is not None:
+                self._job_loop_wake()
 
     def _fail(self, reason: str) -> None:
         self.phase = "failed"
@@ -209,6 +224,45 @@ class QueueWorker:
             raise _StartupFailed(runtime.startup_error)
         if self.deployed and not runtime.isolated:
             await self._load_deployed(runtime)
+        if self.deployed:
+            await self._take_deployed_window(runtime)
+
+    async def _take_deployed_window(self, runtime: Runtime) -> None:
+        """The resource's ``max_concurrency`` from the manifest, unless the setting overrides
+        it. Read before any job runs (jobs wait for start-up), so the semaphore is swapped
+        while no job holds it. An unreadable value is named, and the window stays 1."""
+        from flashrt_core.deployment import (
+            MANIFEST_FILE,
+            DeployedAppUnavailable,
+            executor_app_dir,
+            resource_max_concurrency,
+        )
+
+        resource = self.settings.resource_name or ""
+        app_dir = executor_app_dir(runtime)
+        found: int | None = None
+        problem: str | None = None
+        try:
+            if app_dir is None:
+                raise DeployedAppUnavailable("the deployed app has no directory")
+            found = await runtime.run_blocking(resource_max_concurrency, Path(app_dir), resource)
+        except (DeployedAppUnavailable, ValueError) as exc:
+            problem = str(exc)
+        if self.qb.concurrency is not None:
+            if found is not None and found != self.slots:
+                self.slots_from += f", over max_concurrency={found} in {MANIFEST_FILE}"
+            return
+        if problem is not None:
+            log.warning(
+                "max_concurrency of %r not taken (%s): one job at a time", resource, problem
+            )
+            self.slots_from = f"the default: {problem}"
+        elif found is None:
+            self.slots_from = f"the default: resource {resource!r} sets no max_concurrency"
+        else:
+            self.slots = found
+            self.slots_from = f"max_concurrency of resource {resource!r} in {MANIFEST_FILE}"
+            self._slots = asyncio.Semaphore(found)
 
     async def _load_deployed(self, runtime: Runtime) -> None:
         """In-process: load the generated handler now, so a broken one fails start-up."""
@@ -288,7 +342,11 @@ class QueueWorker:
     def concurrency_modifier(self, current: int) -> int:
         """The job loop's window: the jobs we run at once plus those we keep in hand."""
         del current
-        return self.qb.window
+        return self.slots + self.qb.extra
+
+    def job_loop_started(self, wake: Callable[[], None]) -> None:
+        """The production job loop gives its wake-up, called when the window grows."""
+        self._job_loop_wake = wake
 
     def sdk_config(self) -> dict[str, Any]:
         """The ``runpod.serverless.start`` configuration."""
@@ -303,17 +361,19 @@ class QueueWorker:
     async def handle(self, job: Mapping[str, Any]) -> Any:
         """Answer one job (runs on the runtime loop; usable directly from tests on that loop)."""
         job_input = job.get("input") if isinstance(job, dict) else None
+        if isinstance(job, dict) and job.get("id"):
+            request_id.set(str(job["id"]))
+        # Start-up first: it decides the window (a deployed worker's manifest) and the
+        # semaphore with it.
+        problem = await self._wait_ready()
+        if problem is not None:
+            return {"success": False, "error": problem}
         async with self._slots:
-            if isinstance(job, dict) and job.get("id"):
-                request_id.set(str(job["id"]))
-            problem = await self._wait_ready()
             if self.deployed:
                 from .deployed import is_function_request
 
                 if not is_function_request(job_input):
-                    return await self._plain(job, problem)
-            if problem is not None:
-                return {"success": False, "error": problem}
+                    return await self._plain(job)
             if not isinstance(job_input, dict):
                 return {
                     "success": False,
@@ -324,10 +384,8 @@ class QueueWorker:
             response = await self.runtime.execute(job_input)
             return response_output(response)
 
-    async def _plain(self, job: Mapping[str, Any], problem: str | None) -> Any:
+    async def _plain(self, job: Mapping[str, Any]) -> Any:
         """A deployed endpoint's plain-JSON job, through the generated handler."""
-        if problem is not None:
-            return {"success": False, "error": problem}
         assert self.runtime is not None
         # Where user code runs (the executor by default), under the time limit.
         return await self.runtime.run_deployed_job(job)
@@ -362,6 +420,7 @@ class QueueWorker:
                 take_timeout_s=self.qb.take_timeout_s,
                 loop=self.loop.loop,
                 on_started=self._sdk_forked.set,
+                on_start=self.job_loop_started,
             )
         finally:
             self._sdk_forked.set()
