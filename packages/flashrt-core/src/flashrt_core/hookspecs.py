@@ -7,6 +7,10 @@ re-implement them.
 
 Built-in implementations are registered ``trylast``: any third-party implementation of a
 ``firstresult`` hook is asked first, whatever the load order.
+
+A hook that needs the process gets ``context``, a :class:`~flashrt_core.context.PluginContext`
+(the executor hooks: ``call.context``), never the ``Runtime``: plugins run requests' stages,
+they do not start, serve or stop the worker.
 """
 
 from __future__ import annotations
