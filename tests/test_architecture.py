@@ -241,6 +241,39 @@ def test_every_test_the_invariants_name_exists() -> None:
     assert not missing, f"ARCHITECTURE.md names tests that do not exist: {missing}"
 
 
+# --- the plugins' context ------------------------------------------------------------------------
+
+#: The deployed app's outcome on the PluginContext has one writer per process: the artifact
+#: start-up plugin (worker, or in-process) and the executor's set-up (from what the worker
+#: unpacked). Assignments to ``self.artifact`` are an object's own field (the context starting
+#: it at ``None``, an unpacker's path), not a context's.
+ARTIFACT_WRITERS = {"flashrt_core.builtin.artifact_startup", "flashrt_core.executor.server"}
+
+
+def test_the_deployed_artifact_has_one_writer_per_process() -> None:
+    writers: dict[str, list[int]] = {}
+    for name, module in MODULES.items():
+        tree = ast.parse(module.path.read_text(), str(module.path))
+        for node in ast.walk(tree):
+            targets: list[ast.expr] = []
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+                targets = [node.target]
+            for target in targets:
+                if (
+                    isinstance(target, ast.Attribute)
+                    and target.attr == "artifact"
+                    and not (isinstance(target.value, ast.Name) and target.value.id == "self")
+                ):
+                    writers.setdefault(name, []).append(node.lineno)
+    assert set(writers) <= ARTIFACT_WRITERS, (
+        f"only {sorted(ARTIFACT_WRITERS)} set a context's artifact; also: "
+        f"{ {k: v for k, v in writers.items() if k not in ARTIFACT_WRITERS} }"
+    )
+    assert set(writers) == ARTIFACT_WRITERS, "a writer moved: update ARTIFACT_WRITERS"
+
+
 # --- the import graph -----------------------------------------------------------------------------
 
 
