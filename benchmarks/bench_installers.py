@@ -24,7 +24,8 @@ PACKAGE = "iniconfig==2.0.0"
 
 def _warm_us() -> dict[str, float]:
     from flashrt_core import Runtime, Settings
-    from flashrt_installers import python, system
+    from flashrt_installers.python import PythonInstallerPlugin
+    from flashrt_installers.system import SystemInstallerPlugin
 
     body = {
         "function_name": "f",
@@ -38,7 +39,10 @@ def _warm_us() -> dict[str, float]:
     }
 
     async def main() -> dict[str, float]:
-        runtime = Runtime(Settings(disable_plugin_autoload=True), extra_plugins=(python, system))
+        runtime = Runtime(
+            Settings(disable_plugin_autoload=True),
+            extra_plugins=(PythonInstallerPlugin(), SystemInstallerPlugin()),
+        )
         await runtime.start()
         best = {name: float("inf") for name in variants}
         for request in variants.values():
@@ -63,7 +67,7 @@ def _warm_us() -> dict[str, float]:
                         system=tuple(request.system_dependencies or ()),
                     )
                     runtime.pm.hook.flashrt_resolve_deps(
-                        request=request, plan=plan, runtime=runtime
+                        request=request, plan=plan, context=runtime.context
                     )
                     for step in plan.steps():
                         await step.run()

@@ -6,8 +6,9 @@ no package is imported.
 * every module the codemap names exists, and every module of every package's ``src/`` is named;
 * no module imports what its codemap line (or its package's line) says it never imports;
 * every test the invariants section names exists, and every invariant names one;
-* ``flashrt_core``'s run-time import graph (every import outside ``if TYPE_CHECKING:``, those
-  inside functions included: they run too) has no cycle.
+* ``flashrt_core``'s import graph has no cycle, counting every import: those inside functions
+  (they run too) and those under ``if TYPE_CHECKING:`` (a type name one layer needs from
+  another is a dependency all the same; a cycle of them is a knot a reader has to untie).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class Import:
     line: int
     module_level: bool
     text: str
+    type_only: bool = False  # under ``if TYPE_CHECKING:``
 
 
 def _is_type_checking(test: ast.expr) -> bool:
@@ -77,16 +79,21 @@ def _is_type_checking(test: ast.expr) -> bool:
 
 
 class _ImportCollector(ast.NodeVisitor):
-    """Run-time imports: everything but the bodies of ``if TYPE_CHECKING:``."""
+    """Every import, those in the bodies of ``if TYPE_CHECKING:`` marked type-only."""
 
     def __init__(self, module: Module, source: str) -> None:
         self.module = module
         self.lines = source.splitlines()
         self.depth = 0  # functions we are inside
+        self.type_only = 0  # ``if TYPE_CHECKING:`` bodies we are inside
         self.found: list[Import] = []
 
     def visit_If(self, node: ast.If) -> None:
         if _is_type_checking(node.test):
+            self.type_only += 1
+            for stmt in node.body:
+                self.visit(stmt)
+            self.type_only -= 1
             for stmt in node.orelse:
                 self.visit(stmt)
             return
@@ -103,7 +110,7 @@ class _ImportCollector(ast.NodeVisitor):
 
     def _add(self, node: ast.stmt, target: str) -> None:
         text = self.lines[node.lineno - 1].strip()
-        self.found.append(Import(target, node.lineno, self.depth == 0, text))
+        self.found.append(Import(target, node.lineno, self.depth == 0, text, self.type_only > 0))
 
     def visit_Import(self, node: ast.Import) -> None:
         for alias in node.names:
@@ -121,11 +128,12 @@ class _ImportCollector(ast.NodeVisitor):
             self._add(node, submodule if submodule in MODULES else source)
 
 
-def _imports(module: Module) -> list[Import]:
+def _imports(module: Module, *, type_only: bool = False) -> list[Import]:
+    """The module's run-time imports; with ``type_only`` those under ``TYPE_CHECKING`` too."""
     source = module.path.read_text()
     collector = _ImportCollector(module, source)
     collector.visit(ast.parse(source, str(module.path)))
-    return collector.found
+    return [imp for imp in collector.found if type_only or not imp.type_only]
 
 
 def _under(name: str, prefix: str) -> bool:
@@ -233,19 +241,52 @@ def test_every_test_the_invariants_name_exists() -> None:
     assert not missing, f"ARCHITECTURE.md names tests that do not exist: {missing}"
 
 
+# --- the plugins' context ------------------------------------------------------------------------
+
+#: The deployed app's outcome on the PluginContext has one writer per process: the artifact
+#: start-up plugin (worker, or in-process) and the executor's set-up (from what the worker
+#: unpacked). Assignments to ``self.artifact`` are an object's own field (the context starting
+#: it at ``None``, an unpacker's path), not a context's.
+ARTIFACT_WRITERS = {"flashrt_core.builtin.artifact_startup", "flashrt_core.executor.server"}
+
+
+def test_the_deployed_artifact_has_one_writer_per_process() -> None:
+    writers: dict[str, list[int]] = {}
+    for name, module in MODULES.items():
+        tree = ast.parse(module.path.read_text(), str(module.path))
+        for node in ast.walk(tree):
+            targets: list[ast.expr] = []
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+                targets = [node.target]
+            for target in targets:
+                if (
+                    isinstance(target, ast.Attribute)
+                    and target.attr == "artifact"
+                    and not (isinstance(target.value, ast.Name) and target.value.id == "self")
+                ):
+                    writers.setdefault(name, []).append(node.lineno)
+    assert set(writers) <= ARTIFACT_WRITERS, (
+        f"only {sorted(ARTIFACT_WRITERS)} set a context's artifact; also: "
+        f"{ {k: v for k, v in writers.items() if k not in ARTIFACT_WRITERS} }"
+    )
+    assert set(writers) == ARTIFACT_WRITERS, "a writer moved: update ARTIFACT_WRITERS"
+
+
 # --- the import graph -----------------------------------------------------------------------------
 
 
 def _core_graph() -> dict[str, list[Import]]:
-    """flashrt_core module -> its run-time imports (functions' too) of other flashrt_core
-    modules."""
+    """flashrt_core module -> its imports (functions' and type-only ones too) of other
+    flashrt_core modules."""
     graph: dict[str, list[Import]] = {}
     for name, module in MODULES.items():
         if not _under(name, "flashrt_core"):
             continue
         graph[name] = [
             imp
-            for imp in _imports(module)
+            for imp in _imports(module, type_only=True)
             if _under(imp.target, "flashrt_core") and imp.target != name
         ]
     return graph
@@ -285,10 +326,22 @@ def test_the_import_graph_is_found() -> None:
     graph = _core_graph()
     runtime_imports = {imp.target for imp in graph["flashrt_core.runtime"]}
     assert {"flashrt_core.protocol", "flashrt_core.capture"} <= runtime_imports
-    # A function-level import (runtime -> supervisor) is an edge: it runs; a type-only one
-    # (hookspecs -> runtime) is not.
+    # A function-level import (runtime -> supervisor) is an edge: it runs; so is a type-only
+    # one (hookspecs -> context), which the codemap's rules let pass but the graph counts.
     assert "flashrt_core.supervisor" in runtime_imports
-    assert "flashrt_core.runtime" not in {imp.target for imp in graph["flashrt_core.hookspecs"]}
+    hookspecs = {imp.target: imp for imp in graph["flashrt_core.hookspecs"]}
+    assert hookspecs["flashrt_core.context"].type_only
+    assert "flashrt_core.context" not in {
+        imp.target for imp in _imports(MODULES["flashrt_core.hookspecs"])
+    }
+
+
+def test_a_type_only_cycle_is_found() -> None:
+    """Two modules that need each other only for type hints are a cycle all the same."""
+    a = Import("b", 3, True, "from . import b", type_only=True)
+    b = Import("a", 5, True, "from . import a", type_only=False)
+    cycle = _find_cycle({"a": [a], "b": [b]})
+    assert cycle is not None and {importer for importer, _ in cycle} == {"a", "b"}
 
 
 def test_the_core_import_graph_has_no_cycle() -> None:
@@ -301,8 +354,9 @@ def test_the_core_import_graph_has_no_cycle() -> None:
     ]
     path = " -> ".join([*(importer for importer, _ in cycle), cycle[0][0]])
     raise AssertionError(
-        "flashrt_core's run-time import graph has a cycle (move one import under "
-        "`if TYPE_CHECKING:` or into the function that needs it):\n"
+        "flashrt_core's import graph has a cycle, counting imports under `if TYPE_CHECKING:` "
+        "(a module that needs a name from a higher layer gets it handed in, or the name moves "
+        "down a layer):\n"
         f"  {path}\n" + "\n".join(lines)
     )
 
@@ -352,3 +406,31 @@ def test_only_the_executor_changes_its_state() -> None:
     """Its fields change through its methods (assign, release, abandon, settle, holds, retire):
     no other module assigns them or reaches its private ones."""
     assert _writes_elsewhere(_executor_fields()) == []
+
+
+# --- the glossary names what exists -------------------------------------------------------------
+
+_GLOSSARY_NAME = re.compile(r"`([A-Z]\w*(?:\.\w+)?|\w+\.\w+)`")
+
+
+def _glossary_names() -> list[str]:
+    return sorted(set(_GLOSSARY_NAME.findall(_section("Glossary"))))
+
+
+def test_the_glossary_is_found() -> None:
+    assert {"PluginContext", "ExecutorProcess.retry_of", "MainThread"} <= set(_glossary_names())
+
+
+def test_every_name_the_glossary_uses_exists() -> None:
+    """A class, function, attribute or module the glossary names is defined in the packages."""
+    source = "\n".join(module.path.read_text() for module in MODULES.values())
+    missing = []
+    for name in _glossary_names():
+        if name.startswith("flashrt_"):
+            if name not in MODULES:
+                missing.append(name)
+            continue
+        last = name.rpartition(".")[2]
+        if not re.search(rf"(class|def) {last}\b|\b{last}\b\s*[:=(]|\.{last}\b", source):
+            missing.append(name)
+    assert missing == [], f"the glossary names what the code does not define: {missing}"

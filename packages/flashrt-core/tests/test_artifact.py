@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import os
 import sys
@@ -14,8 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from flashrt_core import Runtime, load_settings
 from flashrt_core.artifact import ArtifactOutcome, ArtifactUnpacker, add_app_dir_to_sys_path
-from flashrt_core.builtin.artifact_startup import STATE_KEY
-from flashrt_core.builtin.volume_settings import STATE_KEY as VOLUME_SETTINGS_KEY
+from flashrt_core.builtin.artifact_startup import ArtifactPlugin
 from flashrt_core.builtin.volume_settings import VolumeSettings
 from flashrt_core.safetar import (
     ArchiveLimitError,
@@ -319,11 +319,14 @@ def test_app_dir_goes_after_the_stdlib_and_before_site_packages(tmp_path: Path) 
 
 
 def run_runtime(settings: Settings, volume: VolumeSettings, body: Any = None) -> Runtime:
-    """Start a real Runtime (built-in plugins only) with these settings, then run ``body``."""
+    """Start a real Runtime (built-in plugins only, the artifact plugin made with ``volume``)
+    with these settings, then run ``body``."""
 
     async def main() -> Runtime:
-        runtime = Runtime(settings)
-        runtime.state[VOLUME_SETTINGS_KEY] = volume
+        runtime = Runtime(
+            dataclasses.replace(settings, blocked_plugins=("flashrt.artifact",)),
+            extra_plugins=(ArtifactPlugin(volume),),
+        )
         try:
             if body is None:
                 await runtime.start()
@@ -360,7 +363,8 @@ def test_startup_plugin_unpacks_and_puts_the_app_on_sys_path(space: dict[str, Pa
     saved = list(sys.path)
     try:
         runtime = run_runtime(settings, volume)
-        outcome = runtime.state[STATE_KEY]
+        outcome = runtime.context.artifact
+        assert outcome is not None
         assert runtime.ready, runtime.startup_error
         assert outcome.status == "ready" and outcome.app_dir == volume.app_dir
         assert str(volume.app_dir) in sys.path
@@ -379,13 +383,14 @@ def test_startup_plugin_reports_failure_without_blocking_the_loop(space: dict[st
         start = asyncio.ensure_future(runtime.start())
         while not start.done():
             ticks += 1
-            seen.append(getattr(runtime.state.get(STATE_KEY), "status", "absent"))
+            seen.append(getattr(runtime.context.artifact, "status", "absent"))
             await asyncio.sleep(0.05)
 
     runtime = run_runtime(settings, volume, body)
     assert not runtime.ready
     assert "did not appear within 1 s" in (runtime.startup_error or "")
-    assert runtime.state[STATE_KEY].status == "failed"
+    assert runtime.context.artifact is not None
+    assert runtime.context.artifact.status == "failed"
     assert "pending" in seen, "the outcome is visible as pending while unpacking"
     assert ticks >= 10, f"the event loop ran only {ticks} times during a 1 s unpack"
 
@@ -394,9 +399,17 @@ def test_startup_plugin_declines_outside_deployed_mode(space: dict[str, Path]) -
     settings = load_settings(Settings, {}, disable_plugin_autoload=True)
     _, volume = deployed(space)
     runtime = run_runtime(settings, volume)
-    assert runtime.ready and STATE_KEY not in runtime.state
+    assert runtime.ready and runtime.context.artifact is None
     disabled = load_settings(
         Settings, {}, disable_plugin_autoload=True, resource_name="calc", disable_unpack=True
     )
-    runtime = run_runtime(disabled, volume)
-    assert STATE_KEY not in runtime.state
+    saved = list(sys.path)
+    try:
+        runtime = run_runtime(disabled, volume)
+    finally:
+        sys.path[:] = saved
+    # Nothing unpacked: the app already in FLASHRT_APP_DIR is recorded as the one to serve.
+    assert runtime.context.artifact is not None
+    assert runtime.context.artifact.status == "ready"
+    assert runtime.context.artifact.app_dir == volume.app_dir
+    assert not volume.app_dir.exists()

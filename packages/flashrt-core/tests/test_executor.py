@@ -410,7 +410,7 @@ class _InstallsThenPersists:
         self.marker = marker
 
     @hookimpl
-    def flashrt_resolve_deps(self, request, plan, runtime):
+    def flashrt_resolve_deps(self, request, plan, context):
         import os as _os
 
         async def run() -> bool:
@@ -420,7 +420,7 @@ class _InstallsThenPersists:
         plan.claim("python", "test-installer", run)
 
     @hookimpl
-    def flashrt_sync_cache(self, phase, runtime):
+    def flashrt_sync_cache(self, phase, context):
         if phase == "persist":
             Path(self.marker).write_text(str(os.getpid()))
 

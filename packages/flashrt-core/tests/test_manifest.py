@@ -12,8 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from flashrt_core import Runtime, load_settings
-from flashrt_core.builtin.manifest import ManifestReconciler, StateManagerError, fetch_manifest
-from flashrt_core.builtin.volume_settings import STATE_KEY as VOLUME_SETTINGS_KEY
+from flashrt_core.builtin.manifest import (
+    ManifestPlugin,
+    ManifestReconciler,
+    StateManagerError,
+    fetch_manifest,
+)
 from flashrt_core.builtin.volume_settings import VolumeSettings
 from flashrt_core.settings import Settings
 
@@ -252,14 +256,20 @@ def test_default_url_follows_the_flash_client() -> None:
 
 
 def test_reconcile_hook_through_the_runtime(manifest_file: Path, sm: StateManager) -> None:
-    core = load_settings(Settings, {}, disable_plugin_autoload=True, api_key=API_KEY)
+    core = load_settings(
+        Settings,
+        {},
+        disable_plugin_autoload=True,
+        api_key=API_KEY,
+        blocked_plugins=("flashrt.manifest",),
+    )
+    volume = VolumeSettings(state_manager_url=sm.url, environment_id=ENV_ID, manifest_wait_s=2.0)
 
     async def main() -> Any:
-        runtime = Runtime(core)
-        runtime.state[VOLUME_SETTINGS_KEY] = VolumeSettings(
-            state_manager_url=sm.url, environment_id=ENV_ID, manifest_wait_s=2.0
+        runtime = Runtime(core, extra_plugins=(ManifestPlugin(volume),))
+        pending = runtime.pm.hook.flashrt_reconcile_manifest(
+            path=manifest_file, context=runtime.context
         )
-        pending = runtime.pm.hook.flashrt_reconcile_manifest(path=manifest_file, runtime=runtime)
         try:
             return await pending
         finally:

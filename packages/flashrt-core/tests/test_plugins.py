@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import types
 from pathlib import Path
@@ -187,7 +188,7 @@ class _Installer:
         self.ran: list[tuple[str, ...]] = []
 
     @hookimpl
-    def flashrt_resolve_deps(self, request, plan, runtime):
+    def flashrt_resolve_deps(self, request, plan, context):
         async def install() -> bool:
             print(f"installing {' '.join(plan.python)}")
             self.ran.append(plan.python)
@@ -198,7 +199,7 @@ class _Installer:
 
 class _BadResolver:
     @hookimpl
-    def flashrt_resolve_deps(self, request, plan, runtime):
+    def flashrt_resolve_deps(self, request, plan, context):
         raise ValueError(f"refusing {plan.python[0]!r}")
 
 
@@ -226,6 +227,112 @@ def test_resolver_failure_is_a_dependencies_stage_error(make_worker, wire):
     assert "failed during dependencies" in response.error
 
 
+# --- what a hook receives -------------------------------------------------------------------
+
+#: The whole of a PluginContext (docs/plugins.md, "Objects hooks receive").
+CONTEXT_API = {"artifact", "background", "pm", "run_blocking", "settings"}
+RUNTIME_ONLY = ("execute", "start", "shutdown", "peek", "state", "ready", "supervisor", "lanes")
+
+
+def _describe(context):
+    """What a plugin sees of its ``context``, in plain data (it may travel from an executor)."""
+    return {
+        "type": f"{type(context).__module__}.{type(context).__qualname__}",
+        "public": sorted(n for n in dir(context) if not n.startswith("_")),
+        "runtime_only": [n for n in RUNTIME_ONLY if hasattr(context, n)],
+    }
+
+
+class _ContextRecorder:
+    """Records the ``context`` of every hook; its executor hook answers with its own view."""
+
+    def __init__(self) -> None:
+        #: hook -> (the context's id, what the plugin sees of it); plain data, so the plugin
+        #: can still be pickled for an executor after start-up.
+        self.seen: dict[str, tuple[int, dict]] = {}
+
+    def _saw(self, hook, context):
+        self.seen[hook] = (id(context), _describe(context))
+
+    @hookimpl
+    def flashrt_startup(self, context):
+        self._saw("startup", context)
+
+    @hookimpl
+    def flashrt_sync_cache(self, phase, context):
+        self._saw(f"sync_cache:{phase}", context)
+
+    @hookimpl
+    def flashrt_request_started(self, request, context):
+        self._saw("request_started", context)
+
+    @hookimpl
+    def flashrt_shutdown(self, context):
+        self._saw("shutdown", context)
+
+    @hookimpl
+    def flashrt_resolve_deps(self, request, plan, context):
+        async def run() -> bool:
+            return False
+
+        plan.claim("python", "context-recorder", run)
+        self.deps_context = _describe(context)  # kept in the process that ran it
+
+    @hookimpl
+    def flashrt_execute_function(self, request, call, *_):
+        if request.function_name != "show_context":
+            return None
+        return self._answer(call)
+
+    async def _answer(self, call):
+        view = _describe(call.context)
+        view["same_as_deps"] = getattr(self, "deps_context", None) == view
+        view["settings_isolation"] = call.context.settings.isolation
+        view["blocking"] = await call.context.run_blocking(lambda: "ran in the pool")
+        return view
+
+
+def test_a_plugin_gets_the_context_and_nothing_else(wire):
+    from flashrt_core.context import PluginContext
+
+    recorder = _ContextRecorder()
+    isolation = os.environ.get("FLASHRT_ISOLATION", "process")
+    settings = _settings({}, disable_plugin_autoload=True, isolation=isolation)
+    runtime = Runtime(settings, extra_plugins=(recorder,))
+    request = wire.function("def show_context():\n    pass\n", "show_context")
+    request["dependencies"] = ["anything"]
+    response = _execute_once(runtime, request)  # start, the request, shutdown
+    # Where user code runs (the executor, or here in-process): a context, never a Runtime.
+    view = wire.dec(response)
+    assert view["type"] == "flashrt_core.context.PluginContext", view
+    assert set(view["public"]) == CONTEXT_API and view["runtime_only"] == []
+    assert view["same_as_deps"], "resolve_deps and the executor hook see one kind of object"
+    assert view["settings_isolation"] == "none"  # an executor's settings run code in place
+    assert view["blocking"] == "ran in the pool"
+    # Worker side: every lifecycle hook and observer got the Runtime's one context.
+    assert set(recorder.seen) == {"startup", "sync_cache:hydrate", "request_started", "shutdown"}
+    assert {seen[0] for seen in recorder.seen.values()} == {id(runtime.context)}
+    assert all(seen[1] == recorder.seen["startup"][1] for seen in recorder.seen.values())
+    context = runtime.context
+    assert type(context) is PluginContext and not isinstance(context, Runtime)
+    assert {n for n in dir(context) if not n.startswith("_")} == CONTEXT_API
+    with pytest.raises(AttributeError):
+        context.state = {}  # no scratch space: a plugin's state lives on the plugin
+
+
+def test_a_hook_still_asking_for_runtime_fails_at_load_naming_it():
+    class OldStyle:
+        @hookimpl
+        def flashrt_startup(self, runtime):
+            return None
+
+    settings = _settings({}, disable_plugin_autoload=True)
+    with pytest.raises(PluginError, match="flashrt_startup") as info:
+        get_plugin_manager(settings, extra_plugins=(OldStyle(),))
+    assert "{'runtime'}" in str(info.value)
+    assert "rename the argument" in str(info.value) and "'context'" in str(info.value)
+
+
 # --- tracing and loud failures --------------------------------------------------------------
 
 
@@ -247,7 +354,7 @@ def _bad_module(name: str) -> types.ModuleType:
     module = types.ModuleType(name)
 
     @hookimpl
-    def flashrt_nonexistent(runtime):
+    def flashrt_nonexistent(context):
         return None
 
     module.flashrt_nonexistent = flashrt_nonexistent

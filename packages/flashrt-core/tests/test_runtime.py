@@ -311,7 +311,7 @@ class _Lifecycle:
         self.events: list[str] = []
 
     @hookimpl
-    def flashrt_startup(self, runtime):
+    def flashrt_startup(self, context):
         async def go():
             self.events.append("startup")
             if self.fail:
@@ -320,20 +320,20 @@ class _Lifecycle:
         return go()
 
     @hookimpl
-    def flashrt_sync_cache(self, phase, runtime):
+    def flashrt_sync_cache(self, phase, context):
         self.events.append(f"cache:{phase}")
 
     @hookimpl
-    def flashrt_request_started(self, request, runtime):
+    def flashrt_request_started(self, request, context):
         self.events.append(f"started:{request.function_name}")
         raise RuntimeError("observers must not break requests")
 
     @hookimpl
-    def flashrt_request_finished(self, request, response, runtime):
+    def flashrt_request_finished(self, request, response, context):
         self.events.append(f"finished:{response.success}")
 
     @hookimpl
-    def flashrt_shutdown(self, runtime):
+    def flashrt_shutdown(self, context):
         async def go():
             self.events.append("shutdown")
 
@@ -438,7 +438,7 @@ class _RecordingInstaller:
         self.ran = False
 
     @hookimpl
-    def flashrt_resolve_deps(self, request, plan, runtime):
+    def flashrt_resolve_deps(self, request, plan, context):
         async def run() -> bool:
             self.ran = True
             return True

@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from flashrt_core import Runtime, load_settings
-from flashrt_core.builtin.volume_cache import STATE_KEY, VolumeCache, VolumeLock
-from flashrt_core.builtin.volume_settings import STATE_KEY as VOLUME_SETTINGS_KEY
+from flashrt_core.builtin.volume_cache import VolumeCache, VolumeCachePlugin, VolumeLock
 from flashrt_core.builtin.volume_settings import VolumeSettings
 from flashrt_core.settings import Settings
 
@@ -401,19 +400,18 @@ def test_runtime_hydrates_at_start_and_flushes_a_pending_persist_at_shutdown(
     write_files(seed.cache_dir, {"uv/wheels/a.whl": b"wheel"})
     seed.persist()
     vs = settings(tmp_path, "cache-rt", cache_persist_debounce_s=30.0)
-    core = load_settings(Settings, {}, disable_plugin_autoload=True, endpoint_id=ENDPOINT)
+    plugin = VolumeCachePlugin(vs)
 
     async def main() -> None:
-        runtime = Runtime(core)
-        runtime.state[VOLUME_SETTINGS_KEY] = vs
+        runtime = Runtime(core_settings(), extra_plugins=(plugin,))
         await runtime.start()
         assert runtime.ready, runtime.startup_error
         assert (vs.cache_dir / "uv/wheels/a.whl").read_bytes() == b"wheel"
         write_files(vs.cache_dir, {"pip/new": b"installed"})
-        for pending in runtime.pm.hook.flashrt_sync_cache(phase="persist", runtime=runtime):
+        for pending in runtime.pm.hook.flashrt_sync_cache(phase="persist", context=runtime.context):
             runtime.background(pending)
         await asyncio.sleep(0.05)
-        assert runtime.state[STATE_KEY].pending
+        assert plugin.cache is not None and plugin.cache.pending
         started = time.monotonic()
         await runtime.shutdown()
         assert time.monotonic() - started < 10, "shutdown flushes, it does not wait the debounce"
@@ -422,9 +420,18 @@ def test_runtime_hydrates_at_start_and_flushes_a_pending_persist_at_shutdown(
     assert set(members(seed.tarball)) == {"uv/wheels/a.whl", "pip/new"}
 
 
+def core_settings() -> Settings:
+    """The built-in volume cache blocked: each test registers one made with its own settings."""
+    return load_settings(
+        Settings,
+        {},
+        disable_plugin_autoload=True,
+        endpoint_id=ENDPOINT,
+        blocked_plugins=("flashrt.volume-cache",),
+    )
+
+
 def test_unknown_phase_is_a_clear_error(tmp_path: Path) -> None:
-    core = load_settings(Settings, {}, disable_plugin_autoload=True, endpoint_id=ENDPOINT)
-    runtime = Runtime(core)
-    runtime.state[VOLUME_SETTINGS_KEY] = settings(tmp_path)
+    runtime = Runtime(core_settings(), extra_plugins=(VolumeCachePlugin(settings(tmp_path)),))
     with pytest.raises(ValueError, match="unknown sync_cache phase 'restore'"):
-        runtime.pm.hook.flashrt_sync_cache(phase="restore", runtime=runtime)
+        runtime.pm.hook.flashrt_sync_cache(phase="restore", context=runtime.context)

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from flashrt_core import Runtime, Settings, load_settings
 from flashrt_installers import lockfile
-from flashrt_installers import python as python_plugin
-from flashrt_installers import system as system_plugin
-from flashrt_installers.settings import SETTINGS_STATE_KEY, InstallerSettings
+from flashrt_installers.python import PythonInstallerPlugin
+from flashrt_installers.settings import InstallerSettings
+from flashrt_installers.system import SystemInstallerPlugin
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -50,18 +50,21 @@ def body() -> Callable[..., dict[str, Any]]:
 
 @pytest.fixture
 def make_runtime() -> Iterator[Callable[..., Runtime]]:
-    """Build Runtimes with only the installers as extra plugins and the given installer settings."""
+    """Build Runtimes with only the installers (made with the given installer settings) as
+    extra plugins."""
     made: list[Runtime] = []
 
     def make(*plugins: object, **installer_settings: Any) -> Runtime:
+        settings = load_settings(InstallerSettings, {}, **installer_settings)
         runtime = Runtime(
-            # One interpreter: these tests hand the plugins fakes and settings through
-            # runtime.state and read them back; fixture 03 covers installs in an executor.
+            # One interpreter: these tests hand the plugins fakes and settings and read their
+            # installers back; fixture 03 covers installs in an executor.
             Settings(disable_plugin_autoload=True, isolation="none"),
-            extra_plugins=(*plugins, python_plugin, system_plugin),
-        )
-        runtime.state[SETTINGS_STATE_KEY] = load_settings(
-            InstallerSettings, {}, **installer_settings
+            extra_plugins=(
+                *plugins,
+                PythonInstallerPlugin(settings),
+                SystemInstallerPlugin(settings),
+            ),
         )
         made.append(runtime)
         return runtime

@@ -22,6 +22,7 @@ from flashrt_core import get_plugin_manager, hookimpl
 from flashrt_core.runtime import Runtime
 from flashrt_installers import proc
 from flashrt_installers import python as python_plugin
+from flashrt_installers.python import PythonInstaller, PythonInstallerPlugin
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -44,11 +45,28 @@ def uv_log(tmp_path: Path) -> Path:
     return tmp_path / "uv.log"
 
 
+def _plugin(runtime: Runtime) -> PythonInstallerPlugin:
+    """The runtime's Python installer plugin (each runtime has an instance of its own)."""
+    found = [p for p in runtime.pm.get_plugins() if isinstance(p, PythonInstallerPlugin)]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _installer(runtime: Runtime) -> PythonInstaller:
+    return _plugin(runtime).installer_for(runtime.context)
+
+
 def test_entry_points_register_both_installers() -> None:
+    from flashrt_installers.system import SystemInstallerPlugin
+
     pm = get_plugin_manager()
     names = dict(pm.list_name_plugin())
-    assert names["python-installer"] is python_plugin
-    assert names["system-installer"].__name__ == "flashrt_installers.system"
+    assert isinstance(names["python-installer"], PythonInstallerPlugin)
+    assert isinstance(names["system-installer"], SystemInstallerPlugin)
+    # The entry points name the classes: each manager (each runtime, each executor) gets
+    # instances of its own, which own their installers.
+    again = dict(get_plugin_manager().list_name_plugin())
+    assert again["python-installer"] is not names["python-installer"]
 
 
 @pytest.mark.parametrize(
@@ -124,7 +142,7 @@ class CondaLike:
         self.seen: list[tuple[str, ...]] = []
 
     @hookimpl
-    def flashrt_resolve_deps(self, request: Any, plan: Any, runtime: Any) -> None:
+    def flashrt_resolve_deps(self, request: Any, plan: Any, context: Any) -> None:
         if not plan.python:
             return
         packages = plan.python
@@ -140,7 +158,7 @@ class CondaLike:
 def test_a_third_party_plugin_replaces_the_python_installer_only(
     fake_bin: Callable[[str, str], Path], body: Body, tmp_path: Path
 ) -> None:
-    from flashrt_installers import system as system_plugin
+    from flashrt_installers.system import SystemInstallerPlugin
 
     sentinel = tmp_path / "an-installer-ran"
     fake_bin("uv", f"touch {sentinel}\n")
@@ -150,7 +168,7 @@ def test_a_third_party_plugin_replaces_the_python_installer_only(
 
     pm = get_plugin_manager(
         Settings(disable_plugin_autoload=True),
-        extra_plugins=(python_plugin, system_plugin, conda),
+        extra_plugins=(PythonInstallerPlugin(), SystemInstallerPlugin(), conda),
     )
     # One interpreter: the plugin object records what it saw, and this test reads it back.
     runtime = Runtime(Settings(disable_plugin_autoload=True, isolation="none"), plugin_manager=pm)
@@ -178,7 +196,7 @@ def test_concurrent_requests_share_one_install_and_other_work_proceeds(
     release = uv_log.with_suffix(".go")
     uv = _fake_uv(fake_bin, uv_log, f"while [ ! -e {release} ]; do sleep 0.02; done")
     runtime = make_runtime(uv_path=str(uv), python_installer="uv")
-    installer = python_plugin.python_installer(runtime)
+    installer = _installer(runtime)
     request = body(dependencies=["flashrt-new-dep-xyz==1.0"])
 
     async def main() -> tuple[Any, Any, Any]:
@@ -293,7 +311,7 @@ def test_a_build_without_a_compiler_gets_build_essential_once_and_a_retry(
         "echo \"error: command 'gcc' failed: No such file or directory\"; false",
     )
     runtime = make_runtime(uv_path=str(uv), python_installer="uv")
-    installer = python_plugin.python_installer(runtime)
+    installer = _installer(runtime)
     response = asyncio.run(runtime.execute(body(dependencies=["flashrt-needs-cc-xyz"])))
     assert response.success, response.error
     assert installer.installs == 2
@@ -314,7 +332,7 @@ def test_python_validation_happens_in_the_hook_before_any_claim(
 
     plan = DependencyPlan(python=("ok-pkg", "-e ."))
     with pytest.raises(ValueError, match=re.escape("'-e .'")):
-        python_plugin.flashrt_resolve_deps(request=None, plan=plan, runtime=runtime)
+        _plugin(runtime).flashrt_resolve_deps(request=None, plan=plan, context=runtime.context)
     assert not plan.is_claimed("python")
 
 
@@ -368,7 +386,7 @@ def test_a_set_another_process_installed_while_this_one_waited_is_reported_not_i
 ) -> None:
     uv = _fake_uv(fake_bin, uv_log)
     runtime = make_runtime(uv_path=str(uv), python_installer="uv")
-    installer = python_plugin.python_installer(runtime)
+    installer = _installer(runtime)
     invalidated: list[float] = []
     real_invalidate = python_plugin.importlib.invalidate_caches
     monkeypatch.setattr(
@@ -416,7 +434,7 @@ def test_another_process_s_install_makes_the_remembered_sets_be_checked_again(
 ) -> None:
     fake_env.installed.add("flashrt-present-xyz")
     runtime = make_runtime()
-    installer = python_plugin.python_installer(runtime)
+    installer = _installer(runtime)
     request = body(dependencies=["flashrt-present-xyz"])
 
     async def main() -> list[Any]:
@@ -445,7 +463,7 @@ def test_waiting_past_the_install_limit_for_another_process_fails_naming_the_loc
 ) -> None:
     uv = _fake_uv(fake_bin, uv_log)
     runtime = make_runtime(uv_path=str(uv), python_installer="uv", install_timeout_s=0.3)
-    lock = python_plugin.python_installer(runtime).install_lock
+    lock = _installer(runtime).install_lock
     lock.path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock.path, os.O_RDWR | os.O_CREAT, 0o600)
     try:

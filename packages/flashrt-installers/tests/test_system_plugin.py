@@ -85,6 +85,15 @@ echo end >> {fake.events}
     return fake
 
 
+def _installer(runtime: Runtime) -> system_plugin.SystemInstaller:
+    """The runtime's system installer, owned by its plugin (one per runtime)."""
+    found = [
+        p for p in runtime.pm.get_plugins() if isinstance(p, system_plugin.SystemInstallerPlugin)
+    ]
+    assert len(found) == 1, found
+    return found[0].installer_for(runtime.context)
+
+
 def _runtime(make_runtime: Callable[..., Runtime], fake: FakeApt, **settings: Any) -> Runtime:
     return make_runtime(dpkg_status_path=str(fake.status), **settings)
 
@@ -250,7 +259,7 @@ def test_a_package_another_process_installed_while_this_one_waited_is_reported_n
 ) -> None:
     (fake_apt.lists / "deb_dists_x_Packages").touch()
     runtime = _runtime(make_runtime, fake_apt)
-    lock = system_plugin.system_installer(runtime).install_lock
+    lock = _installer(runtime).install_lock
     lock.path.parent.mkdir(parents=True, exist_ok=True)
 
     async def main() -> Any:

@@ -29,7 +29,8 @@ async def main(scenario: dict[str, Any]) -> list[list[dict[str, Any]]]:
     rounds = []
     for bodies in scenario["rounds"]:
         responses = await asyncio.gather(*(runtime.execute(b) for b in bodies))
-        installer = runtime.state.get(python.STATE_KEY)
+        plugin = runtime.pm.get_plugin("python-installer")
+        installer = plugin.installer if isinstance(plugin, python.PythonInstallerPlugin) else None
         out = []
         for r in responses:
             value = r.json_result

@@ -253,7 +253,7 @@ class _Observer:
         self.seen: list[str | None] = []
 
     @hookimpl
-    def flashrt_request_started(self, request: Any, runtime: Any) -> None:
+    def flashrt_request_started(self, request: Any, context: Any) -> None:
         self.seen.append(request.function_name)
 
 

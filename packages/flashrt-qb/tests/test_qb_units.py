@@ -24,6 +24,8 @@ from flashrt_qb.worker import QueueWorker, response_output
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from flashrt_core.context import PluginContext
+
 ADD = {
     "function_name": "add",
     "function_code": "def add(a, b):\n    print('adding')\n    return a + b\n",
@@ -137,7 +139,7 @@ class _SlowStartup:
         self.release = asyncio.Event()
 
     @hookimpl
-    def flashrt_startup(self, runtime: Runtime) -> Any:
+    def flashrt_startup(self, context: PluginContext) -> Any:
         return self.release.wait()
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from .context import PluginContext
     from .deps import DependencyPlan
     from .errors import StageError
     from .hookspecs import hookimpl, hookspec
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from .settings import Settings, load_settings
 
 _EXPORTS = {
+    "PluginContext": "context",
     "DependencyPlan": "deps",
     "StageError": "errors",
     "hookimpl": "hookspecs",
@@ -44,6 +46,7 @@ __all__ = [
     "FunctionResponse",
     "InstanceRegistry",
     "Invocation",
+    "PluginContext",
     "Runtime",
     "Settings",
     "StageError",

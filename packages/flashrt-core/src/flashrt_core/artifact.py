@@ -51,7 +51,7 @@ class ArtifactError(RuntimeError):
 class ArtifactOutcome:
     """Where unpacking stands: what the shells report while booting and on ``/ping``.
 
-    ``runtime.state["artifact"]`` holds one of these in deployed mode.
+    In deployed mode the plugins' context holds one (``PluginContext.artifact``).
     """
 
     status: Status

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
     from pathlib import Path
 
-    from .runtime import Runtime
+    from .context import PluginContext
     from .startup import StartupBound
 
 __all__ = ["MAX_MODULES", "MissingPackage", "import_installing", "install_with_plugins"]
@@ -47,13 +47,13 @@ class MissingPackage(RuntimeError):
     the distribution tried and why it failed."""
 
 
-async def install_with_plugins(runtime: Runtime, distribution: str) -> bool:
+async def install_with_plugins(context: PluginContext, distribution: str) -> bool:
     """Install ``distribution`` through the installer plugins; ``True`` if that changed the
     environment. Raises :class:`MissingPackage` with the installer's error."""
     plan = DependencyPlan(python=(distribution,))
     request = FunctionRequest(function_name=STARTUP_FUNCTION, dependencies=[distribution])
     try:
-        runtime.pm.hook.flashrt_resolve_deps(request=request, plan=plan, runtime=runtime)
+        context.pm.hook.flashrt_resolve_deps(request=request, plan=plan, context=context)
     except Exception as exc:
         raise MissingPackage(f"{type(exc).__name__}: {exc}") from exc
     steps = plan.steps()

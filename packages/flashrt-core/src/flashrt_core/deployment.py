@@ -37,8 +37,8 @@ from .startup import StartupBound, StartupTimeout
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
 
+    from .context import PluginContext
     from .lanes import Lanes
-    from .runtime import Runtime
     from .settings import Settings
 
 __all__ = [
@@ -70,33 +70,24 @@ class DeployedAppUnavailable(RuntimeError):
     """Deployed mode, but the app directory cannot be used; the message says why."""
 
 
-def deployed_app_dir(runtime: Runtime) -> Path | None:
+def deployed_app_dir(context: PluginContext) -> Path | None:
     """The unpacked app's directory, ``None`` when this worker is not deployed.
 
     Raises :class:`DeployedAppUnavailable` with the reason when unpacking failed or has not run.
-    With ``FLASH_DISABLE_UNPACK`` the app is expected, already unpacked, in ``FLASHRT_APP_DIR``
-    (put on ``sys.path`` here, the way the artifact step does after unpacking).
+    The directory is the context's artifact outcome, recorded by ``flashrt.artifact`` (which,
+    with ``FLASH_DISABLE_UNPACK``, records the app already unpacked in ``FLASHRT_APP_DIR``) or,
+    in an executor, by its set-up.
     """
-    settings = runtime.settings
-    if not settings.resource_name:
+    if not context.settings.resource_name:
         return None
-    if settings.disable_unpack:
-        from .artifact import add_app_dir_to_sys_path
-        from .builtin.volume_settings import volume_settings
-
-        app_dir = Path(volume_settings(runtime).app_dir)
-        add_app_dir_to_sys_path(app_dir)
-        return app_dir
-    outcome = runtime.state.get("artifact")
-    status = getattr(outcome, "status", None)
-    unpacked = getattr(outcome, "app_dir", None)
-    if status == "ready" and unpacked is not None:
-        return Path(unpacked)
+    outcome = context.artifact
     if outcome is None:
         raise DeployedAppUnavailable(
             "the artifact has not been unpacked (start-up did not run or was blocked)"
         )
-    reason = getattr(outcome, "reason", None) or f"unpacking is {status}"
+    if outcome.status == "ready" and outcome.app_dir is not None:
+        return Path(outcome.app_dir)
+    reason = outcome.reason or f"unpacking is {outcome.status}"
     raise DeployedAppUnavailable(f"the artifact could not be unpacked: {reason}")
 
 
@@ -462,19 +453,13 @@ class HandlerHere:
             }
 
 
-def executor_app_dir(runtime: Runtime) -> str | None:
-    """The app directory an executor process is handed: what start-up unpacked, or with
-    ``FLASH_DISABLE_UNPACK`` the one already in ``FLASHRT_APP_DIR``."""
-    state = runtime.state.get("artifact")
-    app_dir = getattr(state, "app_dir", None) if getattr(state, "ready", False) else None
-    if app_dir:
-        return str(app_dir)
-    settings = runtime.settings
-    if not (settings.resource_name and settings.disable_unpack):
+def executor_app_dir(context: PluginContext) -> str | None:
+    """The app directory an executor process is handed: what start-up unpacked (or, with
+    ``FLASH_DISABLE_UNPACK``, found already unpacked); ``None`` when there is none."""
+    outcome = context.artifact
+    if outcome is None or not outcome.ready or outcome.app_dir is None:
         return None
-    from .builtin.volume_settings import volume_settings
-
-    return str(volume_settings(runtime).app_dir)
+    return str(outcome.app_dir)
 
 
 async def run_deployed_job(handler: DeployedHandler | None, lanes: Lanes, job: Any) -> Any:

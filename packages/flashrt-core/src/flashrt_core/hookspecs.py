@@ -7,6 +7,10 @@ re-implement them.
 
 Built-in implementations are registered ``trylast``: any third-party implementation of a
 ``firstresult`` hook is asked first, whatever the load order.
+
+A hook that needs the process gets ``context``, a :class:`~flashrt_core.context.PluginContext`
+(the executor hooks: ``call.context``), never the ``Runtime``: plugins run requests' stages,
+they do not start, serve or stop the worker.
 """
 
 from __future__ import annotations
@@ -19,11 +23,11 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Mapping
     from pathlib import Path
 
+    from .context import PluginContext
     from .deps import DependencyPlan
     from .instances import InstanceRegistry
     from .invocation import Invocation
     from .protocol import FunctionRequest, FunctionResponse
-    from .runtime import Runtime
     from .settings import Settings
 
 PROJECT_NAME = "flashrt"
@@ -60,23 +64,23 @@ def flashrt_configure(settings: Settings) -> None:
 
 
 @hookspec
-def flashrt_startup(runtime: Runtime) -> Awaitable[None] | None:
+def flashrt_startup(context: PluginContext) -> Awaitable[None] | None:
     """Do start-up work before the first request (unpack, warm caches, connect).
 
     Collected: every plugin gets a turn; awaitables returned are awaited concurrently. The shells
     report the worker ready only once all of them finished; an exception marks start-up failed.
 
-    :param runtime: the process's :class:`~flashrt_core.runtime.Runtime`.
+    :param context: the process's :class:`~flashrt_core.context.PluginContext`.
     """
 
 
 @hookspec
-def flashrt_shutdown(runtime: Runtime) -> Awaitable[None] | None:
+def flashrt_shutdown(context: PluginContext) -> Awaitable[None] | None:
     """Release what start-up acquired; called once when the worker stops.
 
     Collected; exceptions are logged and do not stop other plugins' shutdown.
 
-    :param runtime: the process's :class:`~flashrt_core.runtime.Runtime`.
+    :param context: the process's :class:`~flashrt_core.context.PluginContext`.
     """
 
 
@@ -84,20 +88,20 @@ def flashrt_shutdown(runtime: Runtime) -> Awaitable[None] | None:
 
 
 @hookspec
-def flashrt_request_started(request: FunctionRequest, runtime: Runtime) -> None:
+def flashrt_request_started(request: FunctionRequest, context: PluginContext) -> None:
     """Observe a decoded request before anything runs (metrics, audit logging).
 
     Collected and synchronous: keep it cheap, it is on every request's path. Exceptions are
     logged and ignored.
 
     :param request: the decoded request.
-    :param runtime: the process's runtime.
+    :param context: the process's :class:`~flashrt_core.context.PluginContext`.
     """
 
 
 @hookspec
 def flashrt_request_finished(
-    request: FunctionRequest, response: FunctionResponse, runtime: Runtime
+    request: FunctionRequest, response: FunctionResponse, context: PluginContext
 ) -> None:
     """Observe the response before it leaves the runtime.
 
@@ -105,7 +109,7 @@ def flashrt_request_finished(
 
     :param request: the decoded request (``None`` when it could not be decoded).
     :param response: the response about to be returned.
-    :param runtime: the process's runtime.
+    :param context: the process's :class:`~flashrt_core.context.PluginContext`.
     """
 
 
@@ -113,7 +117,9 @@ def flashrt_request_finished(
 
 
 @hookspec
-def flashrt_resolve_deps(request: FunctionRequest, plan: DependencyPlan, runtime: Runtime) -> None:
+def flashrt_resolve_deps(
+    request: FunctionRequest, plan: DependencyPlan, context: PluginContext
+) -> None:
     """Claim the dependency kinds this plugin installs and add a step for them to ``plan``.
 
     Collected, because independent installers (Python packages, system packages) must all get a
@@ -125,7 +131,7 @@ def flashrt_resolve_deps(request: FunctionRequest, plan: DependencyPlan, runtime
 
     :param request: the decoded request.
     :param plan: the plan for this request: requested packages, claims, steps.
-    :param runtime: the process's runtime.
+    :param context: the process's :class:`~flashrt_core.context.PluginContext`.
     """
 
 
@@ -164,7 +170,7 @@ def flashrt_execute_class(
 
 
 @hookspec
-def flashrt_sync_cache(phase: str, runtime: Runtime) -> Awaitable[None] | None:
+def flashrt_sync_cache(phase: str, context: PluginContext) -> Awaitable[None] | None:
     """Move package caches between the network volume and the local disk.
 
     Collected: each cache backend gets a turn. ``phase`` is ``"hydrate"`` (once, at start-up,
@@ -172,13 +178,13 @@ def flashrt_sync_cache(phase: str, runtime: Runtime) -> Awaitable[None] | None:
     runtime schedules it in the background, never on a request's path).
 
     :param phase: ``"hydrate"`` or ``"persist"``.
-    :param runtime: the process's runtime.
+    :param context: the process's :class:`~flashrt_core.context.PluginContext`.
     """
 
 
 @hookspec(firstresult=True)
 def flashrt_reconcile_manifest(
-    path: Path, runtime: Runtime
+    path: Path, context: PluginContext
 ) -> Awaitable[Mapping[str, Any] | None] | None:
     """Bring the deployed app's ``flash_manifest.json`` up to date and return its content.
 
@@ -186,5 +192,5 @@ def flashrt_reconcile_manifest(
     (refreshed or kept) or ``None`` when there is none; callers bound how long they wait.
 
     :param path: the local manifest file.
-    :param runtime: the process's runtime.
+    :param context: the process's :class:`~flashrt_core.context.PluginContext`.
     """

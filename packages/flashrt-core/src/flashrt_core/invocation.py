@@ -18,9 +18,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from types import CodeType
 
+    from .context import PluginContext
     from .lanes import Lanes
     from .protocol import FunctionRequest
-    from .runtime import Runtime
     from .timing import Timings
 
 __all__ = ["Invocation", "UserBaseException", "load_code"]
@@ -134,18 +134,18 @@ async def _drain(agen: Any) -> list[Any]:
 class Invocation:
     """The ``call`` argument of the executor hooks.
 
-    ``lanes`` is where its code runs; ``runtime`` is the process's :class:`Runtime`, for plugins
-    that read its settings or state (the same object the other hooks receive).
+    ``lanes`` is where its code runs; ``context`` is the process's
+    :class:`~flashrt_core.context.PluginContext`, the object the other hooks receive.
     """
 
     __slots__ = (
         "args",
         "constructor_args",
         "constructor_kwargs",
+        "context",
         "kwargs",
         "lanes",
         "request",
-        "runtime",
         "timings",
     )
 
@@ -158,7 +158,7 @@ class Invocation:
         constructor_args: list[Any] | None = None,
         constructor_kwargs: dict[str, Any] | None = None,
         *,
-        runtime: Runtime,
+        context: PluginContext,
         timings: Timings | None = None,
     ) -> None:
         self.request = request
@@ -167,7 +167,7 @@ class Invocation:
         self.kwargs = kwargs
         self.constructor_args = constructor_args or []
         self.constructor_kwargs = constructor_kwargs or {}
-        self.runtime = runtime
+        self.context = context
         self.timings = timings
 
     def load_code(self, source: str, name: str) -> dict[str, Any]:

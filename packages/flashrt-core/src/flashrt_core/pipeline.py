@@ -30,11 +30,9 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
 
     from .capture import Listener
+    from .context import PluginContext
     from .instances import InstanceRegistry
     from .lanes import Lanes
-    from .plugins import FlashrtPluginManager
-    from .runtime import Runtime
-    from .settings import Settings
 
 __all__ = ["Observers", "Pipeline", "contain_user_tasks", "current_request"]
 
@@ -58,29 +56,28 @@ class Observers(Protocol):
 class Pipeline:
     """One process's way from a request to its response.
 
-    ``hook_runtime`` is the object hooks receive as ``runtime``; ``time_limits`` is false in an
-    executor, where the supervisor applies them; ``on_phase`` hears ``install``/``call`` around
-    installs, ``on_installed`` that an install changed the environment.
+    ``context`` is what hooks receive (its settings and plugin manager are the pipeline's);
+    ``time_limits`` is false in an executor, where the supervisor applies them; ``on_phase``
+    hears ``install``/``call`` around installs, ``on_installed`` that an install changed the
+    environment.
     """
 
     def __init__(
         self,
-        settings: Settings,
-        pm: FlashrtPluginManager,
+        context: PluginContext,
         instances: InstanceRegistry,
         lanes: Lanes,
-        hook_runtime: Runtime,
         *,
         time_limits: bool = True,
         observers: Observers | None = None,
         on_phase: Callable[[str], None] | None = None,
         on_installed: Callable[[], None] | None = None,
     ) -> None:
-        self.settings = settings
-        self.pm = pm
+        self.context = context
+        self.settings = context.settings
+        self.pm = context.pm
         self.instances = instances
         self.lanes = lanes
-        self.hook_runtime = hook_runtime
         self.time_limits = time_limits
         self.observers = observers
         self.on_phase = on_phase
@@ -224,7 +221,7 @@ class Pipeline:
             accelerate_downloads=request.accelerate_downloads,
         )
         try:
-            self.pm.hook.flashrt_resolve_deps(request=request, plan=plan, runtime=self.hook_runtime)
+            self.pm.hook.flashrt_resolve_deps(request=request, plan=plan, context=self.context)
         except Exception as exc:
             raise StageError("dependencies", str(exc)) from _plugin_bug(exc)
         for kind, packages in plan.unclaimed().items():
@@ -262,7 +259,7 @@ class Pipeline:
             kwargs,
             ctor_args,
             ctor_kwargs,
-            runtime=self.hook_runtime,
+            context=self.context,
             timings=timings,
         )
 

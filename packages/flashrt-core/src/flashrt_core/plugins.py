@@ -13,8 +13,8 @@ from . import hookspecs
 from .hookspecs import PROJECT_NAME
 
 if TYPE_CHECKING:
+    from .context import PluginContext
     from .protocol import FunctionRequest, FunctionResponse
-    from .runtime import Runtime
     from .settings import Settings
 
 __all__ = [
@@ -33,15 +33,16 @@ log = logging.getLogger("flashrt.plugins")
 
 ENTRY_POINT_GROUP = "flashrt"
 
-#: name -> module of the plugins that ship with flashrt-core. Their implementations are
+#: name -> where the plugins that ship with flashrt-core live: a module, or ``module:Class`` for
+#: one that owns state (a fresh instance per plugin manager). Their implementations are
 #: ``trylast``; block one by name with ``FLASHRT_BLOCKED_PLUGINS`` to drop it entirely.
 BUILTIN_PLUGINS: dict[str, str] = {
     "flashrt.executors": "flashrt_core.builtin.executors",
     # After the executors: pluggy asks later registrations first; it declines requests with code.
-    "flashrt.deployed": "flashrt_core.builtin.deployed",
-    "flashrt.artifact": "flashrt_core.builtin.artifact_startup",
-    "flashrt.volume-cache": "flashrt_core.builtin.volume_cache",
-    "flashrt.manifest": "flashrt_core.builtin.manifest",
+    "flashrt.deployed": "flashrt_core.builtin.deployed:DeployedPlugin",
+    "flashrt.artifact": "flashrt_core.builtin.artifact_startup:ArtifactPlugin",
+    "flashrt.volume-cache": "flashrt_core.builtin.volume_cache:VolumeCachePlugin",
+    "flashrt.manifest": "flashrt_core.builtin.manifest:ManifestPlugin",
 }
 
 
@@ -72,9 +73,9 @@ def get_plugin_manager(
     pm.add_hookspecs(hookspecs)
     for name in settings.blocked_plugins:
         pm.set_blocked(name)
-    for name, module_name in BUILTIN_PLUGINS.items():
+    for name, where in BUILTIN_PLUGINS.items():
         if not pm.is_blocked(name):
-            _register(pm, _import(name, module_name, "built-in"), name)
+            _register(pm, _import(name, where, "built-in"), name)
             pm.origins[name] = "built-in (flashrt-core)"
     if not settings.disable_plugin_autoload:
         _load_entry_points(pm)
@@ -102,7 +103,7 @@ def _load_entry_points(pm: FlashrtPluginManager) -> None:
         dist = getattr(ep, "dist", None)
         origin = f"{dist.name} {dist.version}" if dist is not None else ep.value
         try:
-            plugin = ep.load()
+            plugin = _instance(ep.load())
         except Exception as exc:
             raise PluginError(
                 f"plugin {ep.name!r} from {origin} failed to load ({ep.value}): "
@@ -112,11 +113,20 @@ def _load_entry_points(pm: FlashrtPluginManager) -> None:
         pm.origins[ep.name] = f"entry point {ep.name} = {ep.value} ({origin})"
 
 
-def _import(name: str, module_name: str, origin: str) -> Any:
+def _import(name: str, where: str, origin: str) -> Any:
+    module_name, _, attr = where.partition(":")
     try:
-        return importlib.import_module(module_name)
+        module = importlib.import_module(module_name)
+        return _instance(getattr(module, attr)) if attr else module
     except Exception as exc:
         raise PluginError(f"{origin} plugin {name!r} failed to load: {exc}") from exc
+
+
+def _instance(plugin: Any) -> Any:
+    """A plugin named by its class is made here, once per plugin manager (so per runtime and
+    per executor): the object then owns its state, which no other runtime in the process
+    shares. A module or an instance is registered as it is."""
+    return plugin() if isinstance(plugin, type) else plugin
 
 
 def _register(pm: pluggy.PluginManager, plugin: object, name: str | None) -> None:
@@ -125,7 +135,13 @@ def _register(pm: pluggy.PluginManager, plugin: object, name: str | None) -> Non
     except ValueError as exc:
         raise PluginError(f"plugin {name or plugin!r} could not be registered: {exc}") from exc
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {name or plugin!r} is invalid: {exc}") from exc
+        hint = ""
+        if "{'runtime'}" in str(exc):
+            hint = (
+                " (hooks receive the PluginContext as 'context', no longer the Runtime as "
+                "'runtime': rename the argument; see docs/plugins.md)"
+            )
+        raise PluginError(f"plugin {name or plugin!r} is invalid: {exc}{hint}") from exc
 
 
 def describe_plugins(pm: FlashrtPluginManager) -> list[dict[str, Any]]:
@@ -138,7 +154,8 @@ def describe_plugins(pm: FlashrtPluginManager) -> list[dict[str, Any]]:
         rows.append(
             {
                 "name": name,
-                "module": getattr(plugin, "__name__", type(plugin).__name__),
+                "module": getattr(plugin, "__name__", None)
+                or f"{type(plugin).__module__}.{type(plugin).__qualname__}",
                 "origin": pm.origins.get(name, "registered in code"),
                 "hooks": hooks,
             }
@@ -149,22 +166,22 @@ def describe_plugins(pm: FlashrtPluginManager) -> list[dict[str, Any]]:
 class RequestObservers:
     """The worker-side ``flashrt_request_started`` / ``_finished`` hooks; a failure is logged."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+    def __init__(self, context: PluginContext) -> None:
+        self.context = context
 
     def started(self, request: FunctionRequest) -> None:
-        started = self.runtime.pm.hook.flashrt_request_started
+        started = self.context.pm.hook.flashrt_request_started
         if started.get_hookimpls():
             try:
-                started(request=request, runtime=self.runtime)
+                started(request=request, context=self.context)
             except Exception:
                 log.exception("a request_started hook failed")
 
     def finished(self, request: FunctionRequest, response: FunctionResponse) -> None:
-        finished = self.runtime.pm.hook.flashrt_request_finished
+        finished = self.context.pm.hook.flashrt_request_finished
         if finished.get_hookimpls():
             try:
-                finished(request=request, response=response, runtime=self.runtime)
+                finished(request=request, response=response, context=self.context)
             except Exception:
                 log.exception("a request_finished hook failed")
 

@@ -3,8 +3,8 @@
 ``await execute(request)`` returns a :class:`FunctionResponse` for anything it is given. With
 ``FLASHRT_ISOLATION=process`` (the default) it hands the request to the supervisor
 (:mod:`flashrt_core.supervisor`), which runs it in an executor process; with ``none`` it runs the
-pipeline (:mod:`flashrt_core.pipeline`) here. Either way it owns the process's lifecycle hooks,
-the observers, and the objects plugins receive.
+pipeline (:mod:`flashrt_core.pipeline`) here. Either way it owns the process's lifecycle hooks
+and the observers, and builds the :class:`~flashrt_core.context.PluginContext` hooks receive.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import capture
 from .background import Background
+from .context import PluginContext
 from .instances import InstanceRegistry
 from .lanes import Lanes
 from .plugins import (
@@ -32,7 +33,6 @@ from .timing import timings_for
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
-    from concurrent.futures import ThreadPoolExecutor
     from typing import TextIO
 
     from .deployment import DeployedHandler, HandlerHere
@@ -50,7 +50,8 @@ ISOLATIONS = ("process", "none")
 
 
 class Runtime:
-    """Holds the settings, the plugin manager, the instance registry, the lanes and the state."""
+    """Holds the settings, the plugin manager, the instance registry, the lanes and the plugins'
+    context; starts, serves and stops the worker."""
 
     def __init__(
         self,
@@ -82,8 +83,10 @@ class Runtime:
         self.extra_plugins = registered_in_code(self.pm)
         self.instances = InstanceRegistry(self.settings.max_instances, self.settings.instance_ttl_s)
         self.lanes = lanes or Lanes(self.settings.max_threads)
-        #: Scratch space plugins share; keys are documented in docs/plugins.md.
-        self.state: dict[str, Any] = {}
+        self._background = Background()
+        #: What hooks receive (never this facade): settings, plugin manager, thread pool,
+        #: background tasks, the deployed app's outcome.
+        self.context = PluginContext(self.settings, self.pm, self.lanes, self._background)
         self.ready = False
         self.startup_error: str | None = None
         #: Where the live echo writes (1: stdout, 2: stderr); the CLI keeps stdout for its JSON.
@@ -95,7 +98,6 @@ class Runtime:
         self._pipeline: Pipeline | None = None
         self._deployed: HandlerHere | None = None  # in-process, deployed: its handler
         self._started: asyncio.Future[None] | None = None
-        self._background = Background()
         self.pm.hook.flashrt_configure.call_historic(kwargs={"settings": self.settings})
 
     @property
@@ -132,8 +134,10 @@ class Runtime:
                     echo_streams=self.echo_streams,
                 )
                 self.supervisor.spawn()
-            await self._gather(self.pm.hook.flashrt_startup(runtime=self))
-            await self._gather(self.pm.hook.flashrt_sync_cache(phase="hydrate", runtime=self))
+            await self._gather(self.pm.hook.flashrt_startup(context=self.context))
+            await self._gather(
+                self.pm.hook.flashrt_sync_cache(phase="hydrate", context=self.context)
+            )
             if self.supervisor is not None:
                 await self.supervisor.start()
             else:
@@ -151,32 +155,22 @@ class Runtime:
         from .pipeline import contain_user_tasks
 
         contain_user_tasks(loop)
-        self._pipeline = self.pipeline()
+        self._pipeline = self._make_pipeline()
         # Pay cloudpickle's import before the first request, not during it; the codecs hold it
         # from now on, whatever a request does to sys.modules.
         await self.run_blocking(preload)
 
-    def pipeline(
-        self,
-        *,
-        in_executor: bool = False,
-        on_phase: Callable[[str], None] | None = None,
-        on_installed: Callable[[], None] | None = None,
-    ) -> Pipeline:
-        """A pipeline over this runtime's plugins, instances and lanes. An executor's has no
-        time limits and no observers: the supervisor and the worker's runtime have those."""
+    def _make_pipeline(self) -> Pipeline:
+        """The in-process pipeline over this runtime's context, instances and lanes, with the
+        time limits and observers (an executor's has neither: the worker applies them)."""
         from .pipeline import Pipeline
 
         return Pipeline(
-            self.settings,
-            self.pm,
+            self.context,
             self.instances,
             self.lanes,
-            self,
-            time_limits=not in_executor,
-            observers=None if in_executor or not observed(self.pm) else RequestObservers(self),
-            on_phase=on_phase,
-            on_installed=on_installed or self.persist_caches,
+            observers=RequestObservers(self.context) if observed(self.pm) else None,
+            on_installed=self.persist_caches,
         )
 
     async def load_deployed_handler(self) -> DeployedHandler:
@@ -195,7 +189,7 @@ class Runtime:
             self._deployed = HandlerHere(
                 self.settings,
                 self.lanes,
-                lambda: (deployed_app_dir(self), self.deployed_handler_resource),
+                lambda: (deployed_app_dir(self.context), self.deployed_handler_resource),
                 self.install_distribution,
             )
         return self._deployed
@@ -207,7 +201,7 @@ class Runtime:
         :class:`~flashrt_core.autoinstall.MissingPackage` with the installer's error."""
         from .autoinstall import install_with_plugins
 
-        changed = await install_with_plugins(self, distribution)
+        changed = await install_with_plugins(self.context, distribution)
         if changed:
             self.persist_caches()
         return changed
@@ -217,11 +211,13 @@ class Runtime:
         from .supervisor import ExecutorSetup
 
         plugins = pickled_for_executors(self.pm, self.extra_plugins)
-        return ExecutorSetup(plugins, executor_app_dir(self), self.deployed_handler_resource)
+        return ExecutorSetup(
+            plugins, executor_app_dir(self.context), self.deployed_handler_resource
+        )
 
     async def shutdown(self) -> None:
         """Let plugins release resources, finish background work (bounded), stop the pool."""
-        for result in self.pm.hook.flashrt_shutdown(runtime=self):
+        for result in self.pm.hook.flashrt_shutdown(context=self.context):
             if inspect.isawaitable(result):
                 try:
                     await result
@@ -237,24 +233,20 @@ class Runtime:
         if pending:
             await asyncio.gather(*pending)
 
-    # --- helpers for plugins ---------------------------------------------------------------
-
-    @property
-    def pool(self) -> ThreadPoolExecutor:
-        return self.lanes.pool
+    # --- helpers for shells (plugins have the same on their context) ----------------------
 
     async def run_blocking(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` in the runtime's thread pool, in a copy of the caller's context."""
-        return await self.lanes.run_blocking(fn, *args, **kwargs)
+        return await self.context.run_blocking(fn, *args, **kwargs)
 
     def background(self, awaitable: Awaitable[Any]) -> asyncio.Task[Any]:
         """Run work off the request path; kept referenced and its failures logged."""
-        return self._background.spawn(awaitable)
+        return self.context.background(awaitable)
 
     def persist_caches(self) -> None:
         """Installs changed the environment: persist the caches, off every request's path."""
         self.background(
-            self._gather(self.pm.hook.flashrt_sync_cache(phase="persist", runtime=self))
+            self._gather(self.pm.hook.flashrt_sync_cache(phase="persist", context=self.context))
         )
 
     # --- requests ----------------------------------------------------------------------------
@@ -301,7 +293,7 @@ class Runtime:
         decoded: FunctionRequest | None = None
         with contextlib.suppress(RequestError):
             decoded = decode_request(request.body if isinstance(request, Peeked) else request)
-        observers = RequestObservers(self)
+        observers = RequestObservers(self.context)
         if decoded is not None:
             observers.started(decoded)
         response = await supervisor.execute(request)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flashrt_core.hookspecs import hookimpl
+from flashrt_core.settings import load_settings
 
 from . import proc
 from .lockfile import InstallLock
@@ -44,23 +45,21 @@ from .requirements import (
     parse_python_requirements,
     unsatisfied_python_requirements,
 )
-from .settings import InstallerSettings, settings_for
+from .settings import InstallerSettings
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
 
+    from flashrt_core.context import PluginContext
     from flashrt_core.deps import DependencyPlan
     from flashrt_core.protocol import FunctionRequest
-    from flashrt_core.runtime import Runtime
 
-__all__ = ["OWNER", "STATE_KEY", "PythonInstaller", "flashrt_resolve_deps", "python_installer"]
+__all__ = ["OWNER", "PythonInstaller", "PythonInstallerPlugin"]
 
 T = TypeVar("T")
 
 #: The owner name this plugin claims ``"python"`` under.
 OWNER = "flashrt-installers python (uv/pip)"
-#: ``runtime.state`` key of the runtime's :class:`PythonInstaller`.
-STATE_KEY = "flashrt_installers.python"
 
 _COMPILER_MISSING = re.compile(
     r"(?:\b|/)(?:x86_64-linux-gnu-|aarch64-linux-gnu-)?(?:gcc|g\+\+|cc|c\+\+)['\"]?:? "
@@ -366,32 +365,47 @@ class PythonInstaller:
             setattr(constants, "HF_HUB_ENABLE_HF_TRANSFER", True)  # noqa: B010
 
 
-def python_installer(runtime: Runtime) -> PythonInstaller:
-    """The runtime's Python installer (created on first use, kept in ``runtime.state``)."""
-    found = runtime.state.get(STATE_KEY)
-    if isinstance(found, PythonInstaller):
-        return found
-    from .system import system_installer
+class PythonInstallerPlugin:
+    """``python-installer``: claims ``"python"``. One per plugin manager (the entry point names
+    the class), owning its :class:`PythonInstaller`; ``settings`` default to the environment's.
+    """
 
-    installer = PythonInstaller(
-        settings_for(runtime.state),
-        run_blocking=runtime.run_blocking,
-        system=system_installer(runtime),
-    )
-    runtime.state[STATE_KEY] = installer
-    return installer
+    def __init__(self, settings: InstallerSettings | None = None) -> None:
+        self._settings = settings
+        #: Made on the first request with Python dependencies (``None`` until then).
+        self.installer: PythonInstaller | None = None
 
+    @property
+    def settings(self) -> InstallerSettings:
+        if self._settings is None:
+            self._settings = load_settings(InstallerSettings)
+        return self._settings
 
-@hookimpl(trylast=True)
-def flashrt_resolve_deps(request: FunctionRequest, plan: DependencyPlan, runtime: Runtime) -> None:
-    """Claim ``"python"`` unless a plugin asked earlier did; validate every string first."""
-    if not plan.python or plan.is_claimed("python"):
-        return
-    reqs = parse_python_requirements(plan.python)
-    installer = python_installer(runtime)
-    accelerate = plan.accelerate_downloads
+    def installer_for(self, context: PluginContext) -> PythonInstaller:
+        """The plugin's installer, made on first use with the context's thread pool."""
+        if self.installer is None:
+            from .system import SystemInstaller
 
-    async def run() -> bool:
-        return await installer.ensure(reqs, accelerate)
+            run_blocking = context.run_blocking
+            self.installer = PythonInstaller(
+                self.settings,
+                run_blocking=run_blocking,
+                system=SystemInstaller(self.settings, run_blocking=run_blocking),
+            )
+        return self.installer
 
-    plan.claim("python", OWNER, run, packages=tuple(r.normalized for r in reqs))
+    @hookimpl(trylast=True)
+    def flashrt_resolve_deps(
+        self, request: FunctionRequest, plan: DependencyPlan, context: PluginContext
+    ) -> None:
+        """Claim ``"python"`` unless a plugin asked earlier did; validate every string first."""
+        if not plan.python or plan.is_claimed("python"):
+            return
+        reqs = parse_python_requirements(plan.python)
+        installer = self.installer_for(context)
+        accelerate = plan.accelerate_downloads
+
+        async def run() -> bool:
+            return await installer.ensure(reqs, accelerate)
+
+        plan.claim("python", OWNER, run, packages=tuple(r.normalized for r in reqs))

@@ -1,13 +1,13 @@
-"""Settings of the installers, read once per runtime through ``flashrt_core.load_settings``."""
+"""Settings of the installers: each installer plugin is made with its own, or reads them from
+the environment (``flashrt_core.load_settings``) on first use."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
-from flashrt_core.settings import load_settings, setting
+from flashrt_core.settings import setting
 
-__all__ = ["SETTINGS_STATE_KEY", "InstallerSettings", "settings_for"]
+__all__ = ["InstallerSettings"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,17 +74,3 @@ class InstallerSettings:
         "/var/lib/dpkg/status",
         "dpkg's status database, read (not executed) to skip installed Debian packages.",
     )
-
-
-#: ``runtime.state`` key holding the :class:`InstallerSettings` in force (tests put their own).
-SETTINGS_STATE_KEY = "flashrt_installers.settings"
-
-
-def settings_for(state: dict[str, Any]) -> InstallerSettings:
-    """The installers' settings of one runtime, read from the environment on first use."""
-    found = state.get(SETTINGS_STATE_KEY)
-    if isinstance(found, InstallerSettings):
-        return found
-    loaded = load_settings(InstallerSettings)
-    state[SETTINGS_STATE_KEY] = loaded
-    return loaded

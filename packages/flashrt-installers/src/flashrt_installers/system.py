@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flashrt_core.hookspecs import hookimpl
+from flashrt_core.settings import load_settings
 
 from . import proc
 from .lockfile import InstallLock
@@ -37,23 +38,21 @@ from .requirements import (
     missing_debian_packages,
     parse_debian_packages,
 )
-from .settings import InstallerSettings, settings_for
+from .settings import InstallerSettings
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping, Sequence
 
+    from flashrt_core.context import PluginContext
     from flashrt_core.deps import DependencyPlan
     from flashrt_core.protocol import FunctionRequest
-    from flashrt_core.runtime import Runtime
 
-__all__ = ["OWNER", "STATE_KEY", "SystemInstaller", "flashrt_resolve_deps", "system_installer"]
+__all__ = ["OWNER", "SystemInstaller", "SystemInstallerPlugin"]
 
 T = TypeVar("T")
 
 #: The owner name this plugin claims ``"system"`` under.
 OWNER = "flashrt-installers system (apt-get/nala)"
-#: ``runtime.state`` key of the runtime's :class:`SystemInstaller`.
-STATE_KEY = "flashrt_installers.system"
 #: Where apt keeps its package lists.
 APT_LISTS = Path("/var/lib/apt/lists")
 
@@ -329,26 +328,40 @@ def _installed_versions(pkg: DebianPackage, installed: Mapping[tuple[str, str], 
     ]
 
 
-def system_installer(runtime: Runtime) -> SystemInstaller:
-    """The runtime's system installer (created on first use, kept in ``runtime.state``)."""
-    found = runtime.state.get(STATE_KEY)
-    if isinstance(found, SystemInstaller):
-        return found
-    installer = SystemInstaller(settings_for(runtime.state), run_blocking=runtime.run_blocking)
-    runtime.state[STATE_KEY] = installer
-    return installer
+class SystemInstallerPlugin:
+    """``system-installer``: claims ``"system"``. One per plugin manager (the entry point names
+    the class), owning its :class:`SystemInstaller`; ``settings`` default to the environment's.
+    """
 
+    def __init__(self, settings: InstallerSettings | None = None) -> None:
+        self._settings = settings
+        #: Made on the first request with system dependencies (``None`` until then).
+        self.installer: SystemInstaller | None = None
 
-@hookimpl(trylast=True)
-def flashrt_resolve_deps(request: FunctionRequest, plan: DependencyPlan, runtime: Runtime) -> None:
-    """Claim ``"system"`` unless a plugin asked earlier did; validate every name first."""
-    if not plan.system or plan.is_claimed("system"):
-        return
-    pkgs = parse_debian_packages(plan.system)
-    installer = system_installer(runtime)
-    accelerate = plan.accelerate_downloads
+    @property
+    def settings(self) -> InstallerSettings:
+        if self._settings is None:
+            self._settings = load_settings(InstallerSettings)
+        return self._settings
 
-    async def run() -> bool:
-        return await installer.ensure(pkgs, accelerate)
+    def installer_for(self, context: PluginContext) -> SystemInstaller:
+        """The plugin's installer, made on first use with the context's thread pool."""
+        if self.installer is None:
+            self.installer = SystemInstaller(self.settings, run_blocking=context.run_blocking)
+        return self.installer
 
-    plan.claim("system", OWNER, run, packages=tuple(p.spec for p in pkgs))
+    @hookimpl(trylast=True)
+    def flashrt_resolve_deps(
+        self, request: FunctionRequest, plan: DependencyPlan, context: PluginContext
+    ) -> None:
+        """Claim ``"system"`` unless a plugin asked earlier did; validate every name first."""
+        if not plan.system or plan.is_claimed("system"):
+            return
+        pkgs = parse_debian_packages(plan.system)
+        installer = self.installer_for(context)
+        accelerate = plan.accelerate_downloads
+
+        async def run() -> bool:
+            return await installer.ensure(pkgs, accelerate)
+
+        plan.claim("system", OWNER, run, packages=tuple(p.spec for p in pkgs))

@@ -207,13 +207,13 @@ class Worker:
         mothership app without it is unpacked here through the same helper.
         """
         from flashrt_core.artifact import add_app_dir_to_sys_path
-        from flashrt_core.builtin.artifact_startup import STATE_KEY, ensure_artifact
+        from flashrt_core.builtin.artifact_startup import ensure_artifact
         from flashrt_core.builtin.volume_settings import VolumeSettings
         from flashrt_core.deployment import DeployedAppUnavailable, deployed_app_dir
 
         if self.settings.resource_name:
             try:
-                app_dir = deployed_app_dir(runtime)
+                app_dir = deployed_app_dir(runtime.context)
             except DeployedAppUnavailable as exc:
                 raise AppLoadError(str(exc)) from None
             assert app_dir is not None
@@ -223,11 +223,11 @@ class Worker:
             add_app_dir_to_sys_path(unpacked)
             return unpacked
         with contextlib.suppress(Exception):  # the outcome it records carries the reason
-            await ensure_artifact(runtime)
-        outcome = runtime.state.get(STATE_KEY)
-        unpacked_dir = getattr(outcome, "app_dir", None)
-        if getattr(outcome, "status", None) != "ready" or unpacked_dir is None:
-            reason = getattr(outcome, "reason", None) or "unpacking did not run"
+            await ensure_artifact(runtime.context)
+        outcome = runtime.context.artifact
+        unpacked_dir = None if outcome is None else outcome.app_dir
+        if outcome is None or outcome.status != "ready" or unpacked_dir is None:
+            reason = (outcome and outcome.reason) or "unpacking did not run"
             raise AppLoadError(f"the artifact could not be unpacked: {reason}")
         return Path(unpacked_dir)
 

@@ -239,7 +239,7 @@ class QueueWorker:
         )
 
         resource = self.settings.resource_name or ""
-        app_dir = executor_app_dir(runtime)
+        app_dir = executor_app_dir(runtime.context)
         found: int | None = None
         problem: str | None = None
         try:

@@ -27,38 +27,35 @@ from ..deployment import (
 )
 from ..errors import StageError
 from ..hookspecs import hookimpl
+from .volume_settings import VolumeSettingsOwner
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Mapping
     from pathlib import Path
 
+    from ..context import PluginContext
     from ..instances import InstanceRegistry
     from ..invocation import Invocation
     from ..protocol import FunctionRequest
-    from ..runtime import Runtime
 
 __all__ = [
     "MANIFEST_FILE",
     "DeployedAppUnavailable",
+    "DeployedPlugin",
     "deployed_app_dir",
-    "flashrt_execute_class",
-    "flashrt_execute_function",
     "load_manifest",
 ]
 
 
-async def _manifest(runtime: Runtime, app_dir: Path) -> Mapping[str, Any]:
+async def _manifest(context: PluginContext, app_dir: Path, wait_s: float) -> Mapping[str, Any]:
     """The manifest, refreshed through ``flashrt_reconcile_manifest`` when a plugin offers to.
 
-    The wait for a refresh is bounded; on a timeout, a failure or no answer, the local copy
-    counts.
+    The wait for a refresh is bounded (``wait_s``, and a second more); on a timeout, a failure
+    or no answer, the local copy counts.
     """
     path = app_dir / MANIFEST_FILE
-    pending = runtime.pm.hook.flashrt_reconcile_manifest(path=path, runtime=runtime)
+    pending = context.pm.hook.flashrt_reconcile_manifest(path=path, context=context)
     if pending is not None:
-        from .volume_settings import volume_settings
-
-        wait_s = volume_settings(runtime).manifest_wait_s
         try:
             fresh = await asyncio.wait_for(pending, timeout=max(wait_s, 0.01) + 1.0)
         except Exception:  # a refresh problem must not fail the request: use the local copy
@@ -66,7 +63,7 @@ async def _manifest(runtime: Runtime, app_dir: Path) -> Mapping[str, Any]:
         if isinstance(fresh, dict):
             return fresh
     try:
-        return await runtime.run_blocking(load_manifest, app_dir)
+        return await context.run_blocking(load_manifest, app_dir)
     except DeployedAppUnavailable as exc:
         raise StageError("load code", str(exc)) from None
 
@@ -115,14 +112,16 @@ def _import_attr(module_name: str, attr: str) -> Any:
         ) from None
 
 
-async def _resolve(call: Invocation, name: str, kind: str) -> tuple[Any, dict[str, Any]]:
-    runtime = call.runtime
+async def _resolve(
+    call: Invocation, name: str, kind: str, wait_s: float
+) -> tuple[Any, dict[str, Any]]:
+    context = call.context
     try:
-        app_dir = deployed_app_dir(runtime)
+        app_dir = deployed_app_dir(context)
     except DeployedAppUnavailable as exc:
         raise StageError("load code", f"the deployed app is unavailable: {exc}") from None
     assert app_dir is not None
-    manifest = await _manifest(runtime, app_dir)
+    manifest = await _manifest(context, app_dir, wait_s)
     entry = _entry(manifest, name, kind)
     is_class = bool(entry.get("is_class"))
     if is_class != (kind == "class"):
@@ -132,47 +131,51 @@ async def _resolve(call: Invocation, name: str, kind: str) -> tuple[Any, dict[st
             f"{name!r} is a deployed {actual}; the request asked for a {kind} "
             f"(execution_type {kind!r})",
         )
-    target = await runtime.run_blocking(_import_attr, entry["module"], name)
+    target = await context.run_blocking(_import_attr, entry["module"], name)
     return target, entry
 
 
-def _is_deployed_codeless(code: str | None, runtime: Runtime) -> bool:
-    return code is None and bool(runtime.settings.resource_name)
+def _is_deployed_codeless(code: str | None, context: PluginContext) -> bool:
+    return code is None and bool(context.settings.resource_name)
 
 
-@hookimpl(trylast=True)
-def flashrt_execute_function(request: FunctionRequest, call: Invocation) -> Awaitable[Any] | None:
-    """Call a deployed function named by a code-less request; decline otherwise."""
-    if not _is_deployed_codeless(request.function_code, call.runtime):
-        return None
-    return _run_function(request, call)
+class DeployedPlugin(VolumeSettingsOwner):
+    """``flashrt.deployed``; ``volume`` bounds its wait for a manifest refresh."""
+
+    @hookimpl(trylast=True)
+    def flashrt_execute_function(
+        self, request: FunctionRequest, call: Invocation
+    ) -> Awaitable[Any] | None:
+        """Call a deployed function named by a code-less request; decline otherwise."""
+        if not _is_deployed_codeless(request.function_code, call.context):
+            return None
+        return _run_function(request, call, self.volume.manifest_wait_s)
+
+    @hookimpl(trylast=True)
+    def flashrt_execute_class(
+        self, request: FunctionRequest, call: Invocation, instances: InstanceRegistry
+    ) -> Awaitable[Any] | None:
+        """Call a method of a deployed class's instance named by a code-less request."""
+        if not _is_deployed_codeless(request.class_code, call.context):
+            return None
+        return _run_method(request, call, instances, self.volume.manifest_wait_s)
 
 
-async def _run_function(request: FunctionRequest, call: Invocation) -> Any:
+async def _run_function(request: FunctionRequest, call: Invocation, wait_s: float) -> Any:
     name = request.function_name or ""
-    fn, _ = await _resolve(call, name, "function")
+    fn, _ = await _resolve(call, name, "function", wait_s)
     if isinstance(fn, type) or not callable(fn):
         raise StageError("load code", f"deployed {name!r} is not a function")
     return await call.call(fn, *call.args, **call.kwargs)
 
 
-@hookimpl(trylast=True)
-def flashrt_execute_class(
-    request: FunctionRequest, call: Invocation, instances: InstanceRegistry
-) -> Awaitable[Any] | None:
-    """Call a method of a deployed class's instance named by a code-less request."""
-    if not _is_deployed_codeless(request.class_code, call.runtime):
-        return None
-    return _run_method(request, call, instances)
-
-
 async def _run_method(
-    request: FunctionRequest, call: Invocation, instances: InstanceRegistry
+    request: FunctionRequest, call: Invocation, instances: InstanceRegistry, wait_s: float
 ) -> Any:
     from .executors import call_on_instance
 
     class_name = request.class_name or ""
-    cls, _ = await _resolve(call, class_name, "class")
+    cls, _ = await _resolve(call, class_name, "class", wait_s)
     if not isinstance(cls, type):
         raise StageError("load code", f"deployed {class_name!r} is not a class")
 

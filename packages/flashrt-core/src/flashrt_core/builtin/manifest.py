@@ -29,26 +29,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..hookspecs import hookimpl
+from .volume_settings import VolumeSettingsOwner
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Mapping
 
-    from ..runtime import Runtime
+    from ..context import PluginContext
     from .volume_settings import VolumeSettings
 
-__all__ = [
-    "STATE_KEY",
-    "ManifestReconciler",
-    "StateManagerError",
-    "fetch_manifest",
-    "flashrt_reconcile_manifest",
-    "reconciler_for",
-]
+__all__ = ["ManifestPlugin", "ManifestReconciler", "StateManagerError", "fetch_manifest"]
 
 logger = logging.getLogger("flashrt.manifest")
-
-#: ``runtime.state`` key of the runtime's reconcilers (one per manifest path).
-STATE_KEY = "flashrt.manifest"
 
 _ENVIRONMENT_QUERY = """
 query getFlashEnvironment($flashEnvironmentId: String!) {
@@ -325,24 +316,28 @@ class ManifestReconciler:
 # --- the plugin ------------------------------------------------------------------------------
 
 
-def reconciler_for(runtime: Runtime, path: Path) -> ManifestReconciler:
-    """The runtime's reconciler for ``path``, made on first use from its volume settings."""
-    reconcilers = runtime.state.setdefault(STATE_KEY, {})
-    key = str(Path(path).absolute())
-    reconciler = reconcilers.get(key)
-    if not isinstance(reconciler, ManifestReconciler):
-        from .volume_settings import volume_settings
+class ManifestPlugin(VolumeSettingsOwner):
+    """``flashrt.manifest``; owns one :class:`ManifestReconciler` per manifest path, made on
+    first use from ``volume`` (the environment's settings when none are given)."""
 
-        reconciler = ManifestReconciler.from_settings(
-            Path(key), volume_settings(runtime), runtime.settings.api_key
-        )
-        reconcilers[key] = reconciler
-    return reconciler
+    def __init__(self, volume: VolumeSettings | None = None) -> None:
+        super().__init__(volume)
+        self._reconcilers: dict[str, ManifestReconciler] = {}
 
+    def reconciler(self, context: PluginContext, path: Path) -> ManifestReconciler:
+        """The reconciler for ``path``."""
+        key = str(Path(path).absolute())
+        reconciler = self._reconcilers.get(key)
+        if reconciler is None:
+            reconciler = ManifestReconciler.from_settings(
+                Path(key), self.volume, context.settings.api_key
+            )
+            self._reconcilers[key] = reconciler
+        return reconciler
 
-@hookimpl(trylast=True)
-def flashrt_reconcile_manifest(
-    path: Path, runtime: Runtime
-) -> Coroutine[Any, Any, dict[str, Any] | None]:
-    """The manifest at ``path``, refreshed from the State Manager when older than the TTL."""
-    return reconciler_for(runtime, path).get()
+    @hookimpl(trylast=True)
+    def flashrt_reconcile_manifest(
+        self, path: Path, context: PluginContext
+    ) -> Coroutine[Any, Any, dict[str, Any] | None]:
+        """The manifest at ``path``, refreshed from the State Manager when older than the TTL."""
+        return self.reconciler(context, path).get()

@@ -20,59 +20,56 @@ from typing import TYPE_CHECKING, Any
 from ..hookspecs import hookimpl
 from .cache_sync import SyncResult, VolumeCache
 from .volume_lock import VolumeLock
+from .volume_settings import VolumeSettingsOwner
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
 
-    from ..runtime import Runtime
+    from ..context import PluginContext
+    from .volume_settings import VolumeSettings
 
-__all__ = [
-    "STATE_KEY",
-    "SyncResult",
-    "VolumeCache",
-    "VolumeLock",
-    "flashrt_shutdown",
-    "flashrt_sync_cache",
-]
-
-#: ``runtime.state`` key of the runtime's :class:`VolumeCache`.
-STATE_KEY = "flashrt.volume_cache"
+__all__ = ["SyncResult", "VolumeCache", "VolumeCachePlugin", "VolumeLock"]
 
 
-def cache_for(runtime: Runtime) -> VolumeCache:
-    """The runtime's :class:`VolumeCache`, made on first use from its volume settings."""
-    cache = runtime.state.get(STATE_KEY)
-    if not isinstance(cache, VolumeCache):
-        from .volume_settings import volume_settings
+class VolumeCachePlugin(VolumeSettingsOwner):
+    """``flashrt.volume-cache``; owns its :class:`VolumeCache` (``cache``, made on first use
+    from ``volume``, the environment's settings when none are given)."""
 
-        cache = VolumeCache(volume_settings(runtime), runtime.settings.endpoint_id)
-        runtime.state[STATE_KEY] = cache
-    return cache
+    def __init__(self, volume: VolumeSettings | None = None) -> None:
+        super().__init__(volume)
+        self.cache: VolumeCache | None = None
+
+    def _cache(self, context: PluginContext) -> VolumeCache:
+        if self.cache is None:
+            self.cache = VolumeCache(self.volume, context.settings.endpoint_id)
+        return self.cache
+
+    @hookimpl(trylast=True)
+    def flashrt_sync_cache(
+        self, phase: str, context: PluginContext
+    ) -> Coroutine[Any, Any, None] | None:
+        """``hydrate``: restore from the volume; ``persist``: debounced merge back to it."""
+        if phase not in ("hydrate", "persist"):
+            raise ValueError(
+                f"unknown sync_cache phase {phase!r} (expected 'hydrate' or 'persist')"
+            )
+        cache = self._cache(context)
+        if cache.unavailable() is not None:
+            return None
+        if phase == "hydrate":
+            return _hydrate(cache, context)
+        return cache.persist_soon(context.run_blocking)
+
+    @hookimpl(trylast=True)
+    def flashrt_shutdown(self, context: PluginContext) -> Coroutine[Any, Any, None] | None:
+        """Flush a debounced persist that has not run yet, waiting briefly for the volume lock."""
+        cache = self.cache
+        if cache is None or not cache.pending:
+            return None
+        return cache.flush(
+            context.run_blocking, lock_wait_s=min(10.0, cache.settings.cache_lock_wait_s)
+        )
 
 
-async def _hydrate(cache: VolumeCache, runtime: Runtime) -> None:
-    await runtime.run_blocking(cache.hydrate)
-
-
-@hookimpl(trylast=True)
-def flashrt_sync_cache(phase: str, runtime: Runtime) -> Coroutine[Any, Any, None] | None:
-    """``hydrate``: restore from the volume; ``persist``: debounced merge back to it."""
-    if phase not in ("hydrate", "persist"):
-        raise ValueError(f"unknown sync_cache phase {phase!r} (expected 'hydrate' or 'persist')")
-    cache = cache_for(runtime)
-    if cache.unavailable() is not None:
-        return None
-    if phase == "hydrate":
-        return _hydrate(cache, runtime)
-    return cache.persist_soon(runtime.run_blocking)
-
-
-@hookimpl(trylast=True)
-def flashrt_shutdown(runtime: Runtime) -> Coroutine[Any, Any, None] | None:
-    """Flush a debounced persist that has not run yet, waiting briefly for the volume lock."""
-    cache = runtime.state.get(STATE_KEY)
-    if not isinstance(cache, VolumeCache) or not cache.pending:
-        return None
-    return cache.flush(
-        runtime.run_blocking, lock_wait_s=min(10.0, cache.settings.cache_lock_wait_s)
-    )
+async def _hydrate(cache: VolumeCache, context: PluginContext) -> None:
+    await context.run_blocking(cache.hydrate)

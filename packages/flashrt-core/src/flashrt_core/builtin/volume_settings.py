@@ -1,25 +1,19 @@
 """Settings of the deployed-mode built-ins: volume cache, manifest reconciliation, artifact.
 
 Read with ``load_settings(VolumeSettings)``; every path and bound is settable so tests (and odd
-platforms) can point them at temporary directories and small numbers.
+platforms) can point them at temporary directories and small numbers. Each of those plugins
+takes its own (``VolumeCachePlugin(volume=...)`` and so on; from the environment when none is
+given), so a test or an embedder registers an instance made with its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..settings import load_settings, setting
 
-if TYPE_CHECKING:
-    from ..runtime import Runtime
-
-__all__ = ["DEFAULT_API_BASE_URL", "STATE_KEY", "VolumeSettings", "volume_settings"]
-
-#: ``runtime.state`` key holding the runtime's :class:`VolumeSettings`; a shell or a test that
-#: builds settings from its own mapping stores them here before start-up.
-STATE_KEY = "flashrt.volume_settings"
+__all__ = ["DEFAULT_API_BASE_URL", "VolumeSettings", "VolumeSettingsOwner"]
 
 DEFAULT_API_BASE_URL = "https://api.runpod.io"
 
@@ -140,10 +134,16 @@ class VolumeSettings:
         return self.api_base_url.rstrip("/") + "/graphql"
 
 
-def volume_settings(runtime: Runtime) -> VolumeSettings:
-    """The runtime's volume settings: ``runtime.state[STATE_KEY]``, else from the environment."""
-    settings = runtime.state.get(STATE_KEY)
-    if not isinstance(settings, VolumeSettings):
-        settings = load_settings(VolumeSettings)
-        runtime.state[STATE_KEY] = settings
-    return settings
+class VolumeSettingsOwner:
+    """Base of the deployed-mode plugins: the :class:`VolumeSettings` they were made with, or
+    the environment's, read on first use (a plugin is made when its manager is, before any
+    hook needs them)."""
+
+    def __init__(self, volume: VolumeSettings | None = None) -> None:
+        self._volume = volume
+
+    @property
+    def volume(self) -> VolumeSettings:
+        if self._volume is None:
+            self._volume = load_settings(VolumeSettings)
+        return self._volume

@@ -96,9 +96,12 @@ class ExecutorServer:
 
     async def _make_pipeline(self, loop: asyncio.AbstractEventLoop) -> Any:
         from .. import capture
+        from ..background import Background
         from ..codecs import preload
-        from ..pipeline import contain_user_tasks
-        from ..runtime import Runtime
+        from ..context import PluginContext
+        from ..instances import InstanceRegistry
+        from ..pipeline import Pipeline, contain_user_tasks
+        from ..plugins import get_plugin_manager
         from ..settings import Settings, settings_from_dict
 
         setup = self.setup
@@ -114,19 +117,26 @@ class ExecutorServer:
             plugins = tuple(cloudpickle.loads(blob) for blob in setup.plugins)
         lanes = self.lanes = Lanes(settings.max_threads)
         lanes.main_lane = SyncCalls(self.chan, self.lane, lanes, self._loop_intact)
-        # The object hooks receive as ``runtime``; its start-up hooks ran in the worker.
-        runtime = await asyncio.to_thread(Runtime, settings, extra_plugins=plugins, lanes=lanes)
+        # What hooks receive; the start-up hooks ran in the worker, which hands over the app.
+        pm = await asyncio.to_thread(get_plugin_manager, settings, extra_plugins=plugins)
+        pm.hook.flashrt_configure.call_historic(kwargs={"settings": settings})
+        context = PluginContext(settings, pm, lanes, Background())
         if setup.app_dir:
             from ..artifact import ArtifactOutcome, add_app_dir_to_sys_path
 
             app_dir = Path(setup.app_dir)
-            runtime.state["artifact"] = ArtifactOutcome(
+            context.artifact = ArtifactOutcome(
                 status="ready", app_dir=app_dir, artifact=settings.artifact_path
             )
             add_app_dir_to_sys_path(app_dir)
-        runtime.ready = True
-        self.pipeline = runtime.pipeline(
-            in_executor=True, on_phase=self._on_phase, on_installed=self._on_installed
+        instances = InstanceRegistry(settings.max_instances, settings.instance_ttl_s)
+        self.pipeline = Pipeline(
+            context,
+            instances,
+            lanes,
+            time_limits=False,
+            on_phase=self._on_phase,
+            on_installed=self._on_installed,
         )
         contain_user_tasks(loop)
         # Pay cloudpickle's import now; the codecs hold it whatever a request does to sys.modules.
@@ -138,7 +148,7 @@ class ExecutorServer:
             async def install(distribution: str) -> bool:
                 # A module the handler misses goes into this environment; Hello tells the
                 # supervisor, which persists the caches.
-                changed = await install_with_plugins(runtime, distribution)
+                changed = await install_with_plugins(context, distribution)
                 self.installed = self.installed or changed
                 return changed
 

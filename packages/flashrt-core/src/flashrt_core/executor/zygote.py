@@ -40,7 +40,7 @@ _PR_SET_CHILD_SUBREAPER = 36
 #: What every executor imports before it can answer: done once here, inherited by each fork.
 _EXECUTOR_MODULES = (
     "flashrt_core.executor.server",
-    "flashrt_core.runtime",
+    "flashrt_core.context",
     "flashrt_core.pipeline",
     "flashrt_core.plugins",
     "flashrt_core.capture",

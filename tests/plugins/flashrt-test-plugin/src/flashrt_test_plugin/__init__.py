@@ -1,7 +1,10 @@
 """A third-party flashrt plugin used by the tests: it proves the entry-point path.
 
 It claims function requests whose ``function_name`` starts with ``plugin_`` (ignoring their
-code) and declines every other request, so the built-in executor still serves those.
+code) and declines every other request, so the built-in executor still serves those. It uses
+only what ``docs/plugins.md`` documents: the hook's arguments, ``call.args``/``call.kwargs`` and
+the plugin context's ``run_blocking`` (its line is printed from the thread pool, and still lands
+in the request's output).
 """
 
 from __future__ import annotations
@@ -29,5 +32,5 @@ def flashrt_execute_function(request: FunctionRequest, call: Invocation) -> Awai
 
 
 async def _answer(name: str, call: Invocation) -> dict[str, Any]:
-    print(f"{EXECUTOR} ran {name}")
+    await call.context.run_blocking(print, f"{EXECUTOR} ran {name}")
     return {"executor": EXECUTOR, "function": name, "args": call.args, "kwargs": call.kwargs}
