@@ -102,7 +102,8 @@ def client_functions() -> ModuleType:
 
 @pytest.fixture(scope="session")
 def deployed_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real ``flash build`` of ``tests/deployed_app``: resources sync_worker and calc_worker."""
+    """A real ``flash build`` of ``tests/deployed_app``: resources sync_worker, calc_worker and
+    the generators' stream_worker and astream_worker."""
     return flash_build(TESTS / "deployed_app", tmp_path_factory.mktemp("flash-build"))
 
 

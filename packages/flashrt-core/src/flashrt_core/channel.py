@@ -46,6 +46,7 @@ __all__ = [
     "RunDeployed",
     "Settled",
     "Setup",
+    "StreamItem",
     "ZygoteFrame",
     "decode_zygote",
     "encode_zygote",
@@ -83,11 +84,15 @@ class Execute(msgspec.Struct, tag=True):
 
 
 class RunDeployed(msgspec.Struct, tag=True):
-    """Run the deployed QB handler on one plain-JSON job (``job`` is its JSON)."""
+    """Run the deployed QB handler on one plain-JSON job (``job`` is its JSON). With
+    ``stream``, a generator's items go back one ``StreamItem`` each as they are yielded (each
+    at most ``max_item_bytes``), else they are gathered into the output."""
 
     id: int
     job: bytes
     request_id: str | None = None
+    stream: bool = False
+    max_item_bytes: int | None = None
 
 
 class Cancel(msgspec.Struct, tag=True):
@@ -130,6 +135,14 @@ class Output(msgspec.Struct, tag=True):
     id: int
     stream: int
     text: str
+
+
+class StreamItem(msgspec.Struct, tag=True):
+    """One item a deployed generator yielded (its JSON), sent as it is yielded; the request's
+    ``Result`` follows its last item."""
+
+    id: int
+    data: bytes
 
 
 class Phase(msgspec.Struct, tag=True):
@@ -177,6 +190,7 @@ Frame = (
     | Preload
     | Hello
     | Output
+    | StreamItem
     | Phase
     | Result
     | Settled
