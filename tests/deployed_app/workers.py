@@ -24,9 +24,12 @@ class Counter:
 
 
 @Endpoint(name="stream_worker", cpu="cpu3c-1-2")
-def stream_items(n: int = 3, pause: float = 0.5, fail_at: int = -1, big_at: int = -1):
+def stream_items(
+    n: int = 3, pause: float = 0.5, fail_at: int = -1, big_at: int = -1, stamp: bool = False
+):
     """A token stream: n items pause s apart; raises instead of item fail_at, and item big_at
-    is 21 MB (over the platform's 20 MB limit for one item)."""
+    is 21 MB (over the platform's 20 MB limit for one item). With stamp, each item says when
+    it was yielded (time.monotonic: one clock for every process of the machine)."""
     import time
 
     for i in range(n):
@@ -34,7 +37,10 @@ def stream_items(n: int = 3, pause: float = 0.5, fail_at: int = -1, big_at: int 
             time.sleep(pause)
         if i == fail_at:
             raise RuntimeError(f"failed after {i} items")
-        yield {"i": i, "pad": "x" * 21_000_000} if i == big_at else {"i": i}
+        if stamp:
+            yield {"i": i, "t": time.monotonic()}
+        else:
+            yield {"i": i, "pad": "x" * 21_000_000} if i == big_at else {"i": i}
 
 
 @Endpoint(name="astream_worker", cpu="cpu3c-1-2")
