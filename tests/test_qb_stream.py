@@ -120,3 +120,24 @@ def test_a_generator_that_yields_nothing_completes_empty(
 ) -> None:
     status, job = _job(streams["sync"], {"n": 0})
     assert (status["status"], status["output"], job.stream) == ("COMPLETED", [], [])
+
+
+def test_an_aggregate_over_the_platform_limit_fails_the_job_after_streaming_every_item(
+    streams: dict[str, RunningWorker],
+) -> None:
+    status, job = _job(streams["sync"], {"n": 2, "pause": 0, "pad": 11_000_000})
+    assert status["status"] == "FAILED"
+    error = status["error"]
+    assert "the stream's 2 items together are 22.0 MB" in error and "limit of 20 MB" in error
+    assert [item["i"] for item in job.stream] == [0, 1]  # each streamed, each under the limit
+
+
+def test_an_executor_dying_mid_stream_fails_the_job_without_running_it_again(
+    streams: dict[str, RunningWorker],
+) -> None:
+    status, job = _job(streams["sync"], {"n": 3, "pause": 0.1, "die_at": 1})
+    assert status["status"] == "FAILED", status
+    assert "executor process running this request" in status["error"], status
+    assert job.stream == [{"i": 0}]  # streamed once: a second run would repeat it
+    again, _ = _job(streams["sync"], {"n": 2, "pause": 0})
+    assert (again["status"], again["output"]) == ("COMPLETED", [{"i": 0}, {"i": 1}])

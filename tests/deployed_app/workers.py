@@ -25,11 +25,19 @@ class Counter:
 
 @Endpoint(name="stream_worker", cpu="cpu3c-1-2")
 def stream_items(
-    n: int = 3, pause: float = 0.5, fail_at: int = -1, big_at: int = -1, stamp: bool = False
+    n: int = 3,
+    pause: float = 0.5,
+    fail_at: int = -1,
+    die_at: int = -1,
+    big_at: int = -1,
+    pad: int = 0,
+    stamp: bool = False,
 ):
-    """A token stream: n items pause s apart; raises instead of item fail_at, and item big_at
-    is 21 MB (over the platform's 20 MB limit for one item). With stamp, each item says when
-    it was yielded (time.monotonic: one clock for every process of the machine)."""
+    """A token stream: n items pause s apart. Instead of item fail_at it raises, instead of
+    item die_at its process dies; item big_at is 21 MB (over the platform's 20 MB limit for one
+    item), every item carries pad bytes of padding, and with stamp says when it was yielded
+    (time.monotonic: one clock for every process of the machine)."""
+    import os
     import time
 
     for i in range(n):
@@ -37,10 +45,14 @@ def stream_items(
             time.sleep(pause)
         if i == fail_at:
             raise RuntimeError(f"failed after {i} items")
+        if i == die_at:
+            os._exit(3)
+        item: dict = {"i": i}
         if stamp:
-            yield {"i": i, "t": time.monotonic()}
-        else:
-            yield {"i": i, "pad": "x" * 21_000_000} if i == big_at else {"i": i}
+            item["t"] = time.monotonic()
+        if pad or i == big_at:
+            item["pad"] = "x" * (21_000_000 if i == big_at else pad)
+        yield item
 
 
 @Endpoint(name="astream_worker", cpu="cpu3c-1-2")
