@@ -9,11 +9,14 @@ arrived.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
-from e2e_support import start_qb_worker, stop_all
+from e2e_support import clean_env, start_qb_worker, stop_all
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -141,3 +144,27 @@ def test_an_executor_dying_mid_stream_fails_the_job_without_running_it_again(
     assert job.stream == [{"i": 0}]  # streamed once: a second run would repeat it
     again, _ = _job(streams["sync"], {"n": 2, "pause": 0})
     assert (again["status"], again["output"]) == ("COMPLETED", [{"i": 0}, {"i": 1}])
+
+
+def test_test_input_shows_a_generators_items_as_one_list(
+    deployed_artifact: Path, tmp_path: Path
+) -> None:
+    # The SDK's local mode has no stream to post to: the items come back as the output.
+    env = clean_env(
+        RUNPOD_ENDPOINT_ID="local-preview",
+        FLASH_RESOURCE_NAME="stream_worker",
+        FLASH_BUILD_ARTIFACT_PATH=str(deployed_artifact),
+        FLASHRT_APP_DIR=str(tmp_path / "app"),
+        FLASHRT_VOLUME_DIR=str(tmp_path / "no-volume"),
+    )
+    job = json.dumps({"input": {"n": 2, "pause": 0}})
+    done = subprocess.run(
+        [sys.executable, "-m", "flashrt_qb", "--test_input", job],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Job result: {'output': [{'i': 0}, {'i': 1}]}" in done.stdout
