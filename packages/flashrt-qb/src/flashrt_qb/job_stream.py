@@ -69,8 +69,8 @@ class JobStream:
         self.count = 0
         self.items: list[bytes] = []
         self._pending: deque[bytes] = deque()
-        self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        #: Made at the first item: most jobs never stream, and cost nothing more here.
         self._poster: asyncio.Task[None] | None = None
         #: Set by :meth:`end`: the job streamed, and why it ended early (or ``None``).
         self.ended = False
@@ -88,7 +88,7 @@ class JobStream:
             self.items.append(data)
         self._pending.append(_HEAD + data + _TAIL)
         if self._poster is None:
-            self._poster = self._loop.create_task(self._post_items())
+            self._poster = asyncio.get_running_loop().create_task(self._post_items())
         else:
             self._wake.set()
 
