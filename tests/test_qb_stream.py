@@ -78,8 +78,8 @@ def test_each_item_reaches_the_stream_as_it_is_yielded(
     assert status["output"] == items  # job-done carried the aggregate
     assert job.done_at is not None and len(job.stream_at) == 3
     # Items 0.5 s apart arrive apart, the first well before the job ends (~1 s later).
-    assert job.stream_at[1] - job.stream_at[0] > 0.3
-    assert job.done_at - job.stream_at[0] > 0.7
+    assert job.stream_at[1] - job.stream_at[0] > 0.25
+    assert job.done_at - job.stream_at[0] > 0.5
 
 
 def test_runsync_answers_with_every_item(
