@@ -9,9 +9,9 @@ returns the plain result, or ``{"success": False, "error", "traceback"}``. That 
 synchronous (it runs coroutines with ``asyncio.run`` itself), so it is called off the event loop;
 an ``async def handler`` of a later build is awaited instead. For a generator function it
 returns the generator itself: its items are streamed to the caller as they are yielded
-(:mod:`flashrt_core.stream`). Both run where user code runs: the
-executor process by default. Its import (a model load, often) is bounded by the start-up limit
-(:func:`load_handler_within`), so one that never finishes is reported instead of awaited forever.
+(:mod:`flashrt_core.stream`). Both run where user code runs: the executor process by default.
+Its import (a model load, often) is bounded by the start-up limit (:func:`load_handler_within`),
+so one that never finishes is reported instead of awaited forever.
 """
 
 from __future__ import annotations
