@@ -102,8 +102,9 @@ def client_functions() -> ModuleType:
 
 @pytest.fixture(scope="session")
 def deployed_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real ``flash build`` of ``tests/deployed_app``: resources sync_worker, calc_worker, and
-    nap_async, nap_sync and nap_class (max_concurrency=4)."""
+    """A real ``flash build`` of ``tests/deployed_app``: resources sync_worker, calc_worker, the
+    generators' stream_worker and astream_worker, and nap_async, nap_sync and nap_class
+    (max_concurrency=4)."""
     return flash_build(TESTS / "deployed_app", tmp_path_factory.mktemp("flash-build"))
 
 

@@ -8,8 +8,9 @@ worker side (under ``/v2/{endpoint}/``, reached through the ``RUNPOD_WEBHOOK_*``
     ``GET job-take/{worker}`` (one job or 204), ``GET job-take-batch/{worker}?batch_size=N`` (a
     list or 204), ``GET job-stop/{worker}`` (``{"jobsToStop": [...]}`` or 204), ``POST
     job-done/{worker}/{job}`` (the body is JSON sent with a form content type), ``POST
-    job-stream/{worker}/{job}``, ``GET ping/{worker}``. Takes and stop polls are long polls held
-    up to ``hold_s``, like the platform's, so an idle SDK loop does not spin.
+    job-stream/{worker}/{job}`` (each item's arrival time is recorded), ``GET ping/{worker}``.
+    Takes and stop polls are long polls held up to ``hold_s``, like the platform's, so an idle
+    SDK loop does not spin.
 
 client side (under :attr:`FakeRunPod.api_base`, which is what ``RUNPOD_ENDPOINT_BASE_URL`` /
 ``runpod.endpoint_url_base`` must point at; the ``/v2`` prefix is optional)
@@ -66,6 +67,8 @@ class FakeJob:
     started: float | None = None
     finished: float | None = None
     stream: list[Any] = field(default_factory=list)
+    #: When each stream item's post arrived (monotonic), in order.
+    stream_at: list[float] = field(default_factory=list)
     done_posts: int = 0
     #: The size in bytes of the last job-done body that came for it.
     done_bytes: int = 0
@@ -371,6 +374,7 @@ class FakeRunPod:
             job = self.jobs.get(job_id)
             if job is not None and isinstance(body, dict):
                 job.stream.append(body.get("output"))
+                job.stream_at.append(time.monotonic())
             self.cond.notify_all()
 
     def _stop_poll(self, worker: str) -> list[str]:

@@ -52,6 +52,36 @@ PROJECT = textwrap.dedent(
     @api.get("/hello")
     async def hello() -> dict:
         return {"hello": "world"}
+
+
+    @api.get("/stream")
+    async def stream():
+        import asyncio
+
+        from fastapi.responses import StreamingResponse
+
+        async def chunks():
+            for i in range(3):
+                if i:
+                    await asyncio.sleep(0.5)
+                yield f"chunk {i}\\n"
+
+        return StreamingResponse(chunks(), media_type="text/plain")
+
+
+    @api.get("/events")
+    def events():
+        import time
+
+        from fastapi.responses import StreamingResponse
+
+        def sse():
+            for i in range(3):
+                if i:
+                    time.sleep(0.5)
+                yield f"event: tick\\ndata: {i}\\n\\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
     """
 )
 
@@ -160,3 +190,35 @@ def test_user_routes_run_concurrently(worker: WorkerProcess) -> None:
 
     responses = asyncio.run(burst())
     assert [r.json()["sum"] for r in responses] == [2 * i for i in range(50)]
+
+
+@pytest.mark.parametrize(
+    ("path", "marks", "kind"),
+    [
+        ("/stream", [f"chunk {i}" for i in range(3)], "text/plain"),
+        ("/events", [f"data: {i}" for i in range(3)], "text/event-stream"),
+    ],
+)
+def test_a_streaming_response_reaches_the_client_chunk_by_chunk(
+    worker: WorkerProcess, path: str, marks: list[str], kind: str
+) -> None:
+    """Three chunks 0.5 s apart (an async generator, and server-sent events from a sync one):
+    each arrives as it is made, unbuffered."""
+    import time
+
+    arrived: dict[str, float] = {}
+    text = ""
+    with (
+        httpx.Client(base_url=worker.base_url, timeout=30) as client,
+        client.stream("GET", path) as response,
+    ):
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith(kind)
+        for piece in response.iter_text():
+            text += piece
+            for mark in marks:
+                if mark in text and mark not in arrived:
+                    arrived[mark] = time.monotonic()
+    assert list(arrived) == marks, text
+    assert arrived[marks[-1]] - arrived[marks[0]] > 0.7  # about 1 s: not held to the end
+    assert arrived[marks[1]] - arrived[marks[0]] > 0.3

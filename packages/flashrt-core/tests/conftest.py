@@ -19,7 +19,7 @@ import pytest
 from flashrt_core import FunctionResponse, Runtime, Settings, encode_response, load_settings
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine, Iterator
+    from collections.abc import Callable, Coroutine, Iterator
 
 #: The suite runs under each isolation: ``process`` by default, ``none`` in ``nox -s inprocess``.
 ISOLATION = os.environ.get("FLASHRT_ISOLATION", "process")
@@ -62,16 +62,24 @@ def make_settings(*, autoload: bool = False, **overrides: Any) -> Settings:
 
 @pytest.fixture
 def make_worker() -> Iterator[Any]:
-    """``make_worker(autoload=False, extra_plugins=(), **settings) -> Worker``."""
+    """``make_worker(autoload=False, extra_plugins=(), prepare=None, **settings) -> Worker``;
+    ``prepare(runtime)`` runs before it starts (what a shell sets up first)."""
     workers: list[Worker] = []
 
     def factory(
-        *, autoload: bool = False, extra_plugins: tuple[object, ...] = (), **overrides: Any
+        *,
+        autoload: bool = False,
+        extra_plugins: tuple[object, ...] = (),
+        prepare: Callable[[Runtime], None] | None = None,
+        **overrides: Any,
     ) -> Worker:
         if autoload:
             overrides.setdefault("blocked_plugins", OTHER_PLUGINS)
         settings = make_settings(autoload=autoload, **overrides)
-        worker = Worker(Runtime(settings, extra_plugins=extra_plugins))
+        runtime = Runtime(settings, extra_plugins=extra_plugins)
+        if prepare is not None:
+            prepare(runtime)
+        worker = Worker(runtime)
         workers.append(worker)
         return worker
 

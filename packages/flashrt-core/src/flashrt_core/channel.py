@@ -44,6 +44,7 @@ __all__ = [
     "RunDeployed",
     "Settled",
     "Setup",
+    "StreamItem",
     "ZygoteFrame",
     "decode_zygote",
     "encode_zygote",
@@ -80,11 +81,15 @@ class Execute(msgspec.Struct, tag=True):
 
 
 class RunDeployed(msgspec.Struct, tag=True):
-    """Run the deployed QB handler on one plain-JSON job (``job`` is its JSON)."""
+    """Run the deployed QB handler on one plain-JSON job (``job`` is its JSON). With
+    ``stream``, a generator's items go back one ``StreamItem`` each as they are yielded (each
+    at most ``max_item_bytes``), else they are gathered into the output."""
 
     id: int
     job: bytes
     request_id: str | None = None
+    stream: bool = False
+    max_item_bytes: int | None = None
 
 
 class Cancel(msgspec.Struct, tag=True):
@@ -118,6 +123,14 @@ class Output(msgspec.Struct, tag=True):
     id: int
     stream: int
     text: str
+
+
+class StreamItem(msgspec.Struct, tag=True):
+    """One item a deployed generator yielded (its JSON), sent as it is yielded; the request's
+    ``Result`` follows its last item."""
+
+    id: int
+    data: bytes
 
 
 class Phase(msgspec.Struct, tag=True):
@@ -164,6 +177,7 @@ Frame = (
     | Preload
     | Hello
     | Output
+    | StreamItem
     | Phase
     | Result
     | Settled

@@ -324,13 +324,26 @@ class Runtime:
         timings.log(response)
         return response
 
-    async def run_deployed_job(self, job: Mapping[str, Any]) -> Any:
+    async def run_deployed_job(
+        self,
+        job: Mapping[str, Any],
+        on_item: Callable[[bytes], None] | None = None,
+        *,
+        max_item_bytes: int | None = None,
+    ) -> Any:
         """A deployed endpoint's plain-JSON job through its generated handler, where user code
-        runs (see :mod:`flashrt_core.deployment`)."""
+        runs (see :mod:`flashrt_core.deployment`).
+
+        When the handler yields, each item (its JSON) is passed to ``on_item`` on this loop as
+        soon as it is yielded, in order, and the answer is a
+        :class:`~flashrt_core.stream.Streamed`; an item over ``max_item_bytes`` stops the
+        stream with an error naming its size. Without ``on_item`` the items are gathered into
+        a list, which is the output.
+        """
         if self._started is None or not self._started.done():
             await self.start()
-        if self.supervisor is not None:
-            return await self.supervisor.run_deployed(job)
-        if self.startup_error:
+        if self.startup_error:  # no handler to run it on, in either isolation
             return {"success": False, "error": self.startup_error}
-        return await self._handler_here().run(job)
+        if self.supervisor is not None:
+            return await self.supervisor.run_deployed(job, on_item, max_item_bytes)
+        return await self._handler_here().run(job, on_item, max_item_bytes)

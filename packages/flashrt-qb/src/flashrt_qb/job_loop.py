@@ -176,7 +176,9 @@ class SlotJobScaler(rp_scale.JobScaler):  # type: ignore[misc]
         batch_token = _set_batch_id(job.get("batchId"))
         try:
             if self._plain:
-                await finish_job(session, self.config, job, rp_http.JOB_DONE_URL)
+                await finish_job(
+                    session, self.config, job, rp_http.JOB_DONE_URL, rp_http.JOB_STREAM_URL
+                )
             else:
                 await self.jobs_handler(session, self.config, job)
             if self.config.get("refresh_worker", False):

@@ -20,7 +20,9 @@ sooner. The same contract is kept:
   retried on a connection error or a 5xx, three attempts in all, 1 s then 2 s apart;
 * "Started." and "Finished." are logged at INFO with the job id, as the SDK does.
 
-Generator handlers and ``--rp_debugger`` keep the SDK's own path (:func:`sdk_handles`).
+A deployed generator streams through this path too (:mod:`flashrt_qb.job_stream`, the SDK's
+stream contract). Generator handlers and ``--rp_debugger`` keep the SDK's own path
+(:func:`sdk_handles`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import traceback
 from typing import TYPE_CHECKING, Any
 
 from runpod.serverless.modules.rp_logger import RunPodLogger
+
+from .job_stream import JobStream, current_stream
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -176,14 +180,33 @@ async def post_result(
 
 
 async def finish_job(
-    session: ClientSession, config: dict[str, Any], job: dict[str, Any], url_template: str
+    session: ClientSession,
+    config: dict[str, Any],
+    job: dict[str, Any],
+    url_template: str,
+    stream_url: str | None = None,
 ) -> None:
-    """Run ``job`` through the config's handler and send its result (a plain handler's job)."""
+    """Run ``job`` through the config's handler and send its result (a plain handler's job).
+
+    With ``stream_url`` the handler may stream instead (:mod:`flashrt_qb.job_stream`): its
+    items go there as they come, and job-done closes the stream.
+    """
+    stream = None
+    if stream_url is not None:
+        aggregate = bool(config.get("return_aggregate_stream", False))
+        stream = JobStream(session, stream_url, job, aggregate=aggregate, limit=JOB_DONE_MAX_BYTES)
+    token = current_stream.set(stream)
     try:
         result = await job_result(config["handler"], job)
         if config.get("refresh_worker", False):
             log.info("refresh_worker flag set, stopping pod after job.", job["id"])
             result["stopPod"] = True
-        await post_result(session, url_template, job, result)
+        if stream is not None and stream.ended:
+            await stream.finish(url_template, stop_pod=bool(result.get("stopPod")))
+        else:
+            await post_result(session, url_template, job, result)
     finally:
+        current_stream.reset(token)
+        if stream is not None:
+            stream.close()
         log.info("Finished.", job["id"])

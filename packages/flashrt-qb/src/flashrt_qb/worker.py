@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from flashrt_core.logs import request_id
 from flashrt_core.settings import Settings, load_settings
+from flashrt_core.stream import Streamed
 
 from .settings import QBSettings
 
@@ -353,7 +354,8 @@ class QueueWorker:
         return {
             "handler": self.handler,
             "concurrency_modifier": self.concurrency_modifier,
-            "return_aggregate_stream": False,
+            # A deployed generator's job-done carries every item (flashrt_qb.job_stream).
+            "return_aggregate_stream": True,
         }
 
     # --- one job, on the runtime loop -----------------------------------------------------
@@ -388,7 +390,24 @@ class QueueWorker:
         """A deployed endpoint's plain-JSON job, through the generated handler."""
         assert self.runtime is not None
         # Where user code runs (the executor by default), under the time limit.
-        return await self.runtime.run_deployed_job(job)
+        from .job_stream import current_stream
+
+        stream = current_stream.get()
+        if stream is None:  # a local mode: a generator's items come back as one list
+            return await self.runtime.run_deployed_job(job)
+        answer = await self.runtime.run_deployed_job(
+            job, stream.item, max_item_bytes=stream.max_item_bytes
+        )
+        if isinstance(answer, Streamed):
+            stream.end(answer.error)
+        elif stream.count:
+            # Items went out, then the job failed around its generator (its executor died,
+            # its time ran out): the stream ends with that error.
+            error = answer.get("error") if isinstance(answer, dict) else None
+            stream.end(str(error or f"the stream ended without its end: {answer!r}"))
+        else:
+            return answer
+        return None
 
     # --- the process ----------------------------------------------------------------------
 

@@ -218,19 +218,34 @@ class ExecutorServer:
     async def _deployed(self, frame: ch.RunDeployed) -> None:
         assert self.lanes is not None and self.answers is not None
         from ..deployment import run_deployed_job
+        from ..stream import Streamed, encode_end
 
         state = RequestState(frame.id)
         current_state.set(state)
         request_id.set(frame.request_id)
+        on_item = None
+        if frame.stream:
+            chan, rid = self.chan, frame.id
+
+            def on_item(data: bytes) -> None:  # each item leaves as it is yielded
+                chan.send(ch.StreamItem(rid, data))
+
         try:
             output = await run_deployed_job(
-                self._handler, self.lanes, msgspec.json.decode(frame.job)
+                self._handler,
+                self.lanes,
+                msgspec.json.decode(frame.job),
+                on_item,
+                frame.max_item_bytes,
             )
         except asyncio.CancelledError:
             self._cancelled(state)
             return
         finally:
             self.tasks.pop(frame.id, None)
+        if isinstance(output, Streamed):
+            self.answers.send_deployed(frame.id, encode_end(output))
+            return
         try:
             body = msgspec.msgpack.encode(output)
         except (TypeError, UnicodeEncodeError, msgspec.EncodeError) as exc:

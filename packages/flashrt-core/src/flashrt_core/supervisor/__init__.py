@@ -225,13 +225,22 @@ class Supervisor:
         assert isinstance(result, FunctionResponse)
         return result
 
-    async def run_deployed(self, job: Mapping[str, Any]) -> Any:
-        """Run the deployed QB handler on one plain job, in an executor."""
+    async def run_deployed(
+        self,
+        job: Mapping[str, Any],
+        on_item: Callable[[bytes], None] | None = None,
+        max_item_bytes: int | None = None,
+    ) -> Any:
+        """Run the deployed QB handler on one plain job, in an executor; a generator's items
+        come back as ``StreamItem`` frames, each passed to ``on_item`` as it arrives."""
         try:
             body = msgspec.json.encode({"id": job.get("id"), "input": job.get("input")})
         except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
             return {"success": False, "error": f"the job cannot be encoded: {exc}"}
-        return await self._submit(Request(body, "json", self.settings.time_limit(), deployed=True))
+        request = Request(body, "json", self.settings.time_limit(), deployed=True)
+        request.on_item = on_item
+        request.max_item_bytes = max_item_bytes
+        return await self._submit(request)
 
     async def _submit(self, request: Request) -> Any:
         rid = self.inflight.add(request)
@@ -280,6 +289,8 @@ class Supervisor:
         inflight = self.inflight
         if isinstance(frame, ch.Output):
             inflight.output(frame.id, frame.stream, frame.text)
+        elif isinstance(frame, ch.StreamItem):
+            inflight.stream_item(frame.id, frame.data)
         elif isinstance(frame, ch.Result):
             if frame.exiting and executor.exit_reason is None:
                 self._retiring(executor, frame.exiting)

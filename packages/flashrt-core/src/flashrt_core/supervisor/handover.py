@@ -56,7 +56,13 @@ class Handover:
         executor.assign(rid)
         chan = executor.chan
         if request.deployed:
-            frame: ch.Frame = ch.RunDeployed(rid, request.body, request.request_id)
+            frame: ch.Frame = ch.RunDeployed(
+                rid,
+                request.body,
+                request.request_id,
+                request.on_item is not None,
+                request.max_item_bytes,
+            )
         else:
             frame = ch.Execute(rid, request.body, request.form, request.request_id)
         try:

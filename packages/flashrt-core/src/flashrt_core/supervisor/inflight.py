@@ -19,6 +19,7 @@ import msgspec
 from ..failures import stage_failure
 from ..logs import request_id
 from ..protocol import FunctionResponse
+from ..stream import END_MARK, decode_end
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -50,9 +51,12 @@ class Request:
         "form",
         "future",
         "instance",
+        "max_item_bytes",
+        "on_item",
         "output",
         "output_size",
         "request_id",
+        "streamed",
         "timeout",
     )
 
@@ -81,6 +85,12 @@ class Request:
         self.request_id = request_id.get()
         #: The executor it was handed to, while it is there.
         self.executor: ExecutorProcess | None = None
+        #: A deployed job's stream: where each item goes as it comes, the largest item the
+        #: caller takes, and how many went (a request that streamed anything is never retried:
+        #: its items would go twice).
+        self.on_item: Callable[[bytes], None] | None = None
+        self.max_item_bytes: int | None = None
+        self.streamed = 0
 
     def death_message(self, what: str, lost: list[str]) -> str:
         """Why it failed: its executor died (``what`` says how), and which instances went."""
@@ -98,6 +108,8 @@ class Request:
     def answer_from(self, body: bytes) -> Any:
         """Its caller's answer from the executor's ``Result`` body; an invalid one is said so."""
         if self.deployed:
+            if body[:1] == END_MARK:
+                return decode_end(body)
             try:
                 return msgspec.msgpack.decode(body)
             except msgspec.DecodeError as exc:
@@ -221,6 +233,17 @@ class InFlight:
             request.output.append(text)
             request.output_size += len(text)
 
+    def stream_item(self, rid: int, data: bytes) -> None:
+        """An item the request's generator yielded: to its caller now, in order."""
+        request = self._requests.get(rid)
+        if request is None or request.on_item is None:
+            return  # given up on, or answered: its caller takes no more items
+        request.streamed += 1
+        try:
+            request.on_item(data)
+        except Exception:  # the caller's callback: never the supervisor's frame loop
+            log.exception("a stream item's callback failed (request %s)", request.request_id)
+
     # --- endings ------------------------------------------------------------------------------
 
     def answer(self, rid: int, value: Any) -> None:
@@ -254,7 +277,7 @@ class InFlight:
     def retry(self, request: Request) -> bool:
         """Whether a request whose executor died runs again (once); notes it in its output."""
         request.deadline = None
-        if not self.settings.retry_on_executor_death or request.attempts >= 2:
+        if not self.settings.retry_on_executor_death or request.attempts >= 2 or request.streamed:
             return False
         request.output.append(RETRIED_NOTE)
         request.output_size = sum(len(t) for t in request.output)
