@@ -327,6 +327,10 @@ class ExecutorProcess:
     def terminate_group(self) -> None:
         """SIGTERM its process group: the polite first step of a shutdown."""
         self._signal_group(signal.SIGTERM)
+        if self.proc.poll() is None:
+            # A fork may not have made its own group yet (setsid): it must hear it too.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGTERM)
 
     def _signal_group(self, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
