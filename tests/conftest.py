@@ -28,6 +28,7 @@ from e2e_support import (  # noqa: E402
     flash_build,
     load_client_functions,
     make_layered_venv,
+    once_per_run,
     start_qb_worker,
     stop_all,
 )
@@ -102,8 +103,11 @@ def client_functions() -> ModuleType:
 
 @pytest.fixture(scope="session")
 def deployed_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real ``flash build`` of ``tests/deployed_app``: resources sync_worker and calc_worker."""
-    return flash_build(TESTS / "deployed_app", tmp_path_factory.mktemp("flash-build"))
+    """A real ``flash build`` of ``tests/deployed_app``: resources sync_worker and calc_worker
+    (built once for all the run's test processes; read only)."""
+    return once_per_run(
+        tmp_path_factory, "deployed-app", lambda where: flash_build(TESTS / "deployed_app", where)
+    )
 
 
 @pytest.fixture(scope="session")
