@@ -3,7 +3,7 @@
 * ``fake_runpod``: one :class:`fake_runpod.FakeRunPod` control plane for the session.
 * ``spawn_worker``: starts worker subprocesses and always stops them before the fake goes away.
 * ``layered_python``: a throwaway venv over the workspace's, for workers that install packages.
-* ``flash_client``: the real runpod-flash client pointed at the fake (REFERENCE §9).
+* ``flash_client``: the real runpod-flash client pointed at the fake (docs/contracts.md).
 * ``client_functions``: ``tests/client_app/functions.py``, the user code of fixtures 01-07.
 * ``deployed_artifact``: a real ``flash build`` of ``tests/deployed_app``.
 * ``qb_live_worker``: one live-mode ``flashrt-qb`` worker shared by the session's tests.

@@ -5,7 +5,8 @@
 * :func:`make_layered_venv`: a throwaway venv over the workspace's, so a worker that installs
   packages (fixture 03's numpy) installs them there, never into the workspace.
 * :class:`FlashClient`: the real runpod-flash client pointed at the fake control plane, with its
-  resource cache pre-seeded so nothing is provisioned (REFERENCE §9).
+  resource cache pre-seeded so nothing is provisioned (docs/contracts.md, "Driving the real
+  client offline").
 * :class:`RunningWorker` / :func:`start_qb_worker`: a ``flashrt-qb`` worker of one endpoint.
 * :func:`once_per_run`: a costly session fixture (a ``flash build``) made once for all the
   parallel test processes of one run.

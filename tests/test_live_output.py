@@ -2,7 +2,7 @@
 
 Through both shells (``flashrt-lb`` under real uvicorn, ``flashrt-qb`` in the runpod SDK's job
 loop against the fake control plane) and ``flashrt exec``; the real runpod-flash client's log
-poll loop (REFERENCE §10) against the fake's HAPI endpoint; hostile output (lone surrogates, a
+poll loop (docs/contracts.md, "Live output") against the fake's HAPI endpoint; hostile output (lone surrogates, a
 replaced, closed or missing ``sys.stdout``, bytes written to it), each followed by a normal request
 whose own output comes back intact; and ``FLASHRT_ECHO=0``.
 

@@ -8,7 +8,8 @@ and lifespan start-up share one limit (``FLASHRT_STARTUP_TIMEOUT_S``, :mod:`flas
 so one that never finishes becomes a 503 naming the step rather than a 204 forever.
 
 ``/ping`` and ``/execute`` are ours; every other path is forwarded to the deployed app, whose
-own ``/ping`` and ``/execute`` are therefore never reachable (they are reserved, REFERENCE §4).
+own ``/ping`` and ``/execute`` are therefore never reachable (they are reserved:
+docs/contracts.md, "HTTP").
 """
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ class ExecutorUnavailable(RuntimeError):
 
 
 def describe_exit(returncode: int | None) -> str:
-    """How a process ended, in the words the issue asks for."""
+    """How a process ended, as a failed request names it: its exit status or its signal."""
     if returncode is None:
         return "stopped answering"
     if returncode >= 0:
