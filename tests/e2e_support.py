@@ -321,9 +321,7 @@ def skip_unless_flash_builds_for(version: str) -> None:
         )
 
 
-def once_per_run(
-    factory: pytest.TempPathFactory, name: str, make: Callable[[Path], Path]
-) -> Path:
+def once_per_run(factory: pytest.TempPathFactory, name: str, make: Callable[[Path], Path]) -> Path:
     """``make(directory)`` once per test run, its result shared by every test process.
 
     Under pytest-xdist each worker process has a session of its own, so a session fixture runs
