@@ -13,7 +13,8 @@ Shape of the process:
   (``--test_input``, ...) run on its own loop in the main thread and hop to the runtime loop.
   When the SDK cancels a job (its stop channel), the cancellation reaches the job's request.
 * Every job waits for start-up (bounded by ``FLASHRT_QB_STARTUP_TIMEOUT_S``; a job that stops
-  waiting is told what is still starting); if start-up failed, every job answers with the reason.
+  waiting is told what is still starting); if start-up failed, every job answers with the reason
+  (the worker's :class:`~flashrt_core.readiness.Readiness`).
   The deployed handler's import is itself bounded by ``FLASHRT_STARTUP_TIMEOUT_S``, where it
   runs: the executor (:func:`flashrt_core.deployment.load_handler_within`) or, in-process, here.
 
@@ -33,12 +34,12 @@ failed: <error>")``. In deployed mode plain-JSON jobs get what the generated han
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flashrt_core.logs import request_id
+from flashrt_core.readiness import Readiness, StartupFailed
 from flashrt_core.settings import Settings, load_settings
 
 from .settings import QBSettings
@@ -117,15 +118,8 @@ class QueueWorker:
         self.qb = qb or load_settings(QBSettings, environ)
         self.runtime = runtime
         self.loop = RuntimeLoop()
-        #: "starting", "ready" or "failed".
-        self.phase = "starting"
-        self.startup_error: str | None = None
-        #: While starting: what start-up is doing now, for a job that gives up waiting.
-        self.starting = "creating the runtime (plugin discovery)"
-        #: Whether start-up left the deployed handler's import running past the limit, in a
-        #: thread that never ends (so the process must exit without waiting for it).
-        self.abandoned = False
-        self._startup: asyncio.Task[None] | None = None
+        #: Starting, ready, or failed with the reason every job then answers.
+        self.readiness = Readiness(log, doing="creating the runtime (plugin discovery)")
         self._slots = asyncio.Semaphore(self.qb.slots)
         # Set while no import of the SDK is in progress. User code (the deployed handler's
         # module) imports runpod too, and two threads importing a package with import cycles
@@ -146,36 +140,10 @@ class QueueWorker:
         self.loop.loop.call_soon_threadsafe(self._ensure_startup)
 
     def _ensure_startup(self) -> asyncio.Task[None]:
-        if self._startup is None:
-            self._startup = asyncio.ensure_future(self._start())
-        return self._startup
+        return self.readiness.begin(self._start)
 
-    async def _start(self) -> None:
-        try:
-            await self._start_steps()
-        except asyncio.CancelledError:
-            self._fail("start-up was cancelled (the worker is stopping)")
-            raise
-        except _StartupFailed as exc:
-            self._fail(str(exc))
-        except Exception as exc:
-            log.exception("start-up failed")
-            self._fail(f"start-up failed: {type(exc).__name__}: {exc}")
-        else:
-            self.phase = "ready"
-            log.info(
-                "ready: %s mode, %d job(s) at once, %d prefetched",
-                f"deployed ({self.settings.resource_name})" if self.deployed else "live",
-                self.qb.slots,
-                self.qb.extra,
-            )
-
-    def _fail(self, reason: str) -> None:
-        self.phase = "failed"
-        self.startup_error = reason
-        log.error("not ready: %s", reason)
-
-    async def _start_steps(self) -> None:
+    async def _start(self) -> str:
+        """The start-up steps; what the ``ready:`` line says."""
         if self.runtime is None:
             from flashrt_core.runtime import Runtime
 
@@ -193,17 +161,19 @@ class QueueWorker:
                 from .deployed import handler_step
 
                 parts += f" {handler_step(self.settings.resource_name or '')}"
-        self.starting = f"starting the runtime ({parts})"
+        self.readiness.doing(f"starting the runtime ({parts})")
         await runtime.start()
         if runtime.startup_error:
             if self.deployed:
                 resource = self.settings.resource_name
-                raise _StartupFailed(
+                raise StartupFailed(
                     f"deployed app {resource!r} unavailable: {runtime.startup_error}"
                 )
-            raise _StartupFailed(runtime.startup_error)
+            raise StartupFailed(runtime.startup_error)
         if self.deployed and not runtime.isolated:
             await self._load_deployed(runtime)
+        mode = f"deployed ({self.settings.resource_name})" if self.deployed else "live"
+        return f"{mode} mode, {self.qb.slots} job(s) at once, {self.qb.extra} prefetched"
 
     async def _load_deployed(self, runtime: Runtime) -> None:
         """In-process: load the generated handler now, so a broken one fails start-up."""
@@ -223,29 +193,21 @@ class QueueWorker:
             )
         try:
             # The handler imports runpod too: never alongside the main thread's import.
-            self.starting = "waiting for the runpod SDK's import to finish"
+            self.readiness.doing("waiting for the runpod SDK's import to finish")
             await runtime.run_blocking(self._sdk_import_done.wait)
-            self.starting = handler_step(resource)
+            self.readiness.doing(handler_step(resource))
             await runtime.load_deployed_handler()  # bounded by the start-up limit
         except (DeployedAppUnavailable, DeployedHandlerError) as exc:
-            # A timeout leaves the import running in a thread of this process.
-            self.abandoned = isinstance(exc, DeployedHandlerTimeout)
-            raise _StartupFailed(f"deployed app {resource!r} unavailable: {exc}") from None
+            raise StartupFailed(
+                f"deployed app {resource!r} unavailable: {exc}",
+                # A timeout leaves the import running in a thread of this process.
+                abandoned=isinstance(exc, DeployedHandlerTimeout),
+            ) from None
 
     async def _wait_ready(self) -> str | None:
-        """On the runtime loop: wait (bounded) for start-up; the reason it failed, if it did."""
-        task = self._ensure_startup()
-        if not task.done():
-            timeout = self.qb.startup_timeout_s
-            try:
-                await asyncio.wait_for(asyncio.shield(task), timeout)
-            except asyncio.TimeoutError:
-                return (
-                    f"worker start-up has not finished after {timeout:g} s: still {self.starting}"
-                )
-            except Exception:  # _start records its own failures
-                pass
-        return self.startup_error if self.phase == "failed" else None
+        """On the runtime loop: wait (bounded) for start-up; why it is not ready, if not."""
+        self._ensure_startup()
+        return await self.readiness.wait(self.qb.startup_timeout_s)
 
     def close(self, timeout: float = 15.0) -> None:
         """Shut the runtime down (bounded) and stop its thread."""
@@ -258,10 +220,7 @@ class QueueWorker:
         self.loop.stop()
 
     async def _shutdown(self) -> None:
-        if self._startup is not None and not self._startup.done():
-            self._startup.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._startup  # cancelled: _start records it
+        await self.readiness.stop()
         if self.runtime is not None:
             await self.runtime.shutdown()
 
@@ -359,10 +318,3 @@ class QueueWorker:
             )
         finally:
             self.close()
-
-
-class _StartupFailed(Exception):
-    """Start-up ended with a reason that is already the whole message."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
