@@ -24,8 +24,10 @@ TEST_ENV = {"UV_PROJECT_ENVIRONMENT": str(Path(".nox") / "tests-env")}
 #: The suite in parallel processes (pytest-xdist), one per CPU up to four: most tests wait on
 #: other processes (executors, shells, the fake control plane), so two cores run two at once
 #: well. ``loadfile`` keeps a file's tests in one process, so a module's shared workers start
-#: once. Arguments given to a session replace these (``nox -s tests -- -k name``).
-PARALLEL = ("-n", "auto", "--maxprocesses", "4", "--dist", "loadfile")
+#: once; files go out in collection order (pyproject's ``testpaths``: the long end-to-end files
+#: first), not most tests first. Arguments given to a session replace these
+#: (``nox -s tests -- -k name``).
+PARALLEL = ("-n", "auto", "--maxprocesses", "4", "--dist", "loadfile", "--no-loadscope-reorder")
 
 
 @nox.session
