@@ -4,8 +4,7 @@ The SDK's ``rp_job.handle_job`` formats the whole output into two DEBUG messages
 level (a repr of a many-megabyte result, twice, per job), builds a retrying client per job, and
 sets the job's ``X-Request-ID`` on the session every job shares (so concurrent jobs can post
 under each other's id). Most of that work comes after the result is sent, so without it the
-next job-take leaves sooner. The same contract is kept
-(``docs/contracts.md``, "The queue"):
+next job-take leaves sooner. The same contract is kept (docs/contracts.md, "The queue"):
 
 * the job result is ``{"output": out}``; a dict output's ``error`` moves to the result (the job
   FAILS), its ``refresh_worker`` becomes ``stopPod``, and an empty dict output is left out;
