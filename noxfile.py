@@ -21,19 +21,26 @@ UV_RUN = ("uv", "run", "--locked", "--")
 #: group), kept apart from ``.venv`` so ``uv run flashrt plugins`` lists only what ships.
 TEST_RUN = ("uv", "run", "--locked", "--group", "test-plugins", "--")
 TEST_ENV = {"UV_PROJECT_ENVIRONMENT": str(Path(".nox") / "tests-env")}
+#: The suite in parallel processes (pytest-xdist), one per CPU up to four: most tests wait on
+#: other processes (executors, shells, the fake control plane), so two cores run two at once
+#: well. ``loadfile`` keeps a file's tests in one process, so a module's shared workers start
+#: once; files go out in collection order (pyproject's ``testpaths``: the long end-to-end files
+#: first), not most tests first. Arguments given to a session replace these
+#: (``nox -s tests -- -k name``).
+PARALLEL = ("-n", "auto", "--maxprocesses", "4", "--dist", "loadfile", "--no-loadscope-reorder")
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """The whole test suite (unit, contract, e2e with the real client and shells)."""
-    args = session.posargs or ["-q"]
+    args = session.posargs or ["-q", *PARALLEL]
     session.run(*TEST_RUN, "pytest", *args, env=TEST_ENV)
 
 
 @nox.session
 def inprocess(session: nox.Session) -> None:
     """The suite with ``FLASHRT_ISOLATION=none``: user code in the worker's own process."""
-    args = session.posargs or ["-q", "-p", "no:randomly"]
+    args = session.posargs or ["-q", "-p", "no:randomly", *PARALLEL]
     session.run(*TEST_RUN, "pytest", *args, env={**TEST_ENV, "FLASHRT_ISOLATION": "none"})
 
 
@@ -129,7 +136,7 @@ def compat(session: nox.Session, python_version: str) -> None:
     if interpreter is None:
         session.skip(f"no Python {python_version} on this machine")
     env = {"UV_PROJECT_ENVIRONMENT": str(Path(".nox") / f"compat-{python_version}")}
-    args = session.posargs or ["-q", "-p", "no:cacheprovider"]
+    args = session.posargs or ["-q", "-p", "no:cacheprovider", *PARALLEL]
     session.run(
         "uv",
         "run",

@@ -19,7 +19,7 @@ from procs import SmokeError
 
 IMAGES = Path(__file__).resolve().parent
 BAKE_FILE = IMAGES / "docker-bake.hcl"
-#: kind -> (repository, Dockerfile target, ACCELERATOR), as REFERENCE.md section 7 names them.
+#: kind -> (repository, Dockerfile target, ACCELERATOR), as docs/contracts.md names them.
 KINDS = {
     "gpu": ("runpod/flash", "qb", "gpu"),
     "cpu": ("runpod/flash-cpu", "qb", "cpu"),

@@ -125,7 +125,7 @@ def check_lb(port: int, process: subprocess.Popen[bytes]) -> list[int]:
     """
     statuses = collapse(ping_until_ready(port, process))
     # Start-up runs in the background after uvicorn listens, so the first answers are 204
-    # (initializing) and then 200; nothing else is allowed (REFERENCE.md section 4).
+    # (initializing) and then 200; nothing else is allowed (docs/contracts.md, "HTTP").
     if statuses != [204, 200]:
         raise SmokeError(f"/ping answered {statuses}, expected 204 then 200")
     status, payload = request(port, "POST", "/execute", json.dumps(fixture("08")).encode())

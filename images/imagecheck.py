@@ -262,7 +262,7 @@ class ImageCheck(Timings):
 
 
 class _Client:
-    """The real runpod-flash client in this process, aimed at the fake (REFERENCE.md section 9)."""
+    """The real runpod-flash client in this process, aimed at the fake (docs/contracts.md)."""
 
     def __init__(self, fake: FakeRunPod, workdir: Path) -> None:
         from e2e_support import FlashClient, load_client_functions

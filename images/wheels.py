@@ -18,7 +18,7 @@ from procs import SmokeError, run
 IMAGES = Path(__file__).resolve().parent
 ROOT = IMAGES.parent
 WHEELS = ("flashrt_core", "flashrt_installers", "flashrt_lb", "flashrt_qb")
-#: What deployed artifacts import without bundling it (REFERENCE.md section 5), plus our own.
+#: What deployed artifacts import without bundling it (docs/contracts.md), plus our own.
 PROVIDED_MODULES = (
     "runpod",
     "cloudpickle",

@@ -3,7 +3,7 @@
 * ``fake_runpod``: one :class:`fake_runpod.FakeRunPod` control plane for the session.
 * ``spawn_worker``: starts worker subprocesses and always stops them before the fake goes away.
 * ``layered_python``: a throwaway venv over the workspace's, for workers that install packages.
-* ``flash_client``: the real runpod-flash client pointed at the fake (REFERENCE §9).
+* ``flash_client``: the real runpod-flash client pointed at the fake (docs/contracts.md).
 * ``client_functions``: ``tests/client_app/functions.py``, the user code of fixtures 01-07.
 * ``deployed_artifact``: a real ``flash build`` of ``tests/deployed_app``.
 * ``qb_live_worker``: one live-mode ``flashrt-qb`` worker shared by the session's tests.
@@ -28,6 +28,7 @@ from e2e_support import (  # noqa: E402
     flash_build,
     load_client_functions,
     make_layered_venv,
+    once_per_run,
     start_qb_worker,
     stop_all,
 )
@@ -104,8 +105,10 @@ def client_functions() -> ModuleType:
 def deployed_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real ``flash build`` of ``tests/deployed_app``: resources sync_worker, calc_worker, the
     generators' stream_worker and astream_worker, and nap_async, nap_sync and nap_class
-    (max_concurrency=4)."""
-    return flash_build(TESTS / "deployed_app", tmp_path_factory.mktemp("flash-build"))
+    (max_concurrency=4); built once for all the run's test processes, read only."""
+    return once_per_run(
+        tmp_path_factory, "deployed-app", lambda where: flash_build(TESTS / "deployed_app", where)
+    )
 
 
 @pytest.fixture(scope="session")

@@ -5,13 +5,17 @@
 * :func:`make_layered_venv`: a throwaway venv over the workspace's, so a worker that installs
   packages (fixture 03's numpy) installs them there, never into the workspace.
 * :class:`FlashClient`: the real runpod-flash client pointed at the fake control plane, with its
-  resource cache pre-seeded so nothing is provisioned (REFERENCE §9).
+  resource cache pre-seeded so nothing is provisioned (docs/contracts.md, "Driving the real
+  client offline").
 * :class:`RunningWorker` / :func:`start_qb_worker`: a ``flashrt-qb`` worker of one endpoint.
+* :func:`once_per_run`: a costly session fixture (a ``flash build``) made once for all the
+  parallel test processes of one run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
 import json
 import os
@@ -315,6 +319,28 @@ def skip_unless_flash_builds_for(version: str) -> None:
             f"runpod-flash {installed('runpod-flash')} does not support Python {version}:"
             f" `flash build` accepts {', '.join(SUPPORTED_PYTHON_VERSIONS)} only"
         )
+
+
+def once_per_run(factory: pytest.TempPathFactory, name: str, make: Callable[[Path], Path]) -> Path:
+    """``make(directory)`` once per test run, its result shared by every test process.
+
+    Under pytest-xdist each worker process has a session of its own, so a session fixture runs
+    once per process; their temporary directories share a parent that is the run's own, so the
+    first process to get there makes the thing while the others wait on a lock, then all read
+    it. Without xdist the session's own directory serves.
+    """
+    base = factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    directory = root / f"once-{name}"
+    made = root / f"once-{name}.path"
+    with open(root / f"once-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if made.is_file():
+            return Path(made.read_text())
+        directory.mkdir(exist_ok=True)
+        result = make(directory)
+        made.write_text(str(result))
+        return result
 
 
 def flash_build(project: Path, workdir: Path, **env: str) -> Path:

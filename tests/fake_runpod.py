@@ -1,7 +1,7 @@
 """A fake RunPod control plane on 127.0.0.1, for driving real workers and the real client.
 
 It serves both sides of a queue endpoint, the way ``runpod`` 1.12 and ``runpod-flash`` 1.21 talk
-to the real one (REFERENCE §3 and §9):
+to the real one (docs/contracts.md, "The queue" and "Driving the real client offline"):
 
 worker side (under ``/v2/{endpoint}/``, reached through the ``RUNPOD_WEBHOOK_*`` variables that
 :meth:`FakeRunPod.worker_env` returns)

@@ -99,3 +99,18 @@ def test_each_hook_says_which_process_runs_it(name: str) -> None:
 
 def test_every_hook_has_a_side() -> None:
     assert set(hookspecs.SIDES) == {name for name, _ in _hookspecs()}
+
+
+def test_every_test_docs_contracts_names_exists() -> None:
+    """docs/contracts.md names the tests that guard each contract and each defect of the replaced
+    worker: a renamed or deleted test must take its mention along."""
+    text = (ROOT / "docs" / "contracts.md").read_text()
+    refs = re.findall(r"`((?:packages/[\w.-]+/)?tests/[\w/]+\.py)::(\w+)`", text)
+    assert len(refs) >= 12, refs
+    missing = [
+        f"{path}::{name}"
+        for path, name in refs
+        if not (ROOT / path).is_file()
+        or not re.search(rf"^(?:async )?def {name}\(", (ROOT / path).read_text(), re.M)
+    ]
+    assert not missing, f"docs/contracts.md names tests that do not exist: {missing}"

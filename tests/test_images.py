@@ -1,4 +1,4 @@
-"""The image recipe says what the client expects (REFERENCE.md section 7), without building it.
+"""The image recipe says what the client expects (docs/contracts.md), without building it.
 
 ``nox -s smoke`` proves the CPU images' Python side by running it; these fast checks cover what
 that does not run: the GPU stage's environment, the bake file's matrix, the pin files, the

@@ -1,10 +1,10 @@
 """Live output (issue 11): each line user code writes reaches the worker's real stdout as written.
 
-Through both shells (``flashrt-lb`` under real uvicorn, ``flashrt-qb`` in the runpod SDK's job
-loop against the fake control plane) and ``flashrt exec``; the real runpod-flash client's log
-poll loop (REFERENCE §10) against the fake's HAPI endpoint; hostile output (lone surrogates, a
-replaced, closed or missing ``sys.stdout``, bytes written to it), each followed by a normal request
-whose own output comes back intact; and ``FLASHRT_ECHO=0``.
+Through both shells (``flashrt-lb`` under real uvicorn, ``flashrt-qb`` in the runpod SDK's job loop
+against the fake control plane) and ``flashrt exec``; the real runpod-flash client's log poll loop
+(docs/contracts.md, "Live output") against the fake's HAPI endpoint; hostile output (lone
+surrogates, a replaced, closed or missing ``sys.stdout``, bytes written to it), each followed by a
+normal request whose own output comes back intact; and ``FLASHRT_ECHO=0``.
 
 Timing checks compare timestamps taken on one machine's monotonic clock (the user code's, the
 test's line readers', the fake's), never durations against constants.

@@ -94,6 +94,17 @@ def worker(make_worker: Any) -> Worker:
     return make_worker()  # type: ignore[no-any-return]
 
 
+@pytest.fixture(scope="module")
+def module_worker() -> Iterator[Worker]:
+    """One default Runtime for a whole module, for modules whose tests only send requests and
+    read the answers (no settings, plugins or executor state of their own): each Runtime costs
+    an executor start, and such a module would pay one per test. A module opts in by
+    overriding ``worker`` with it."""
+    worker = Worker(Runtime(make_settings()))
+    yield worker
+    worker.close()
+
+
 class Wire:
     """Build requests the way the client does and read responses the way it does."""
 

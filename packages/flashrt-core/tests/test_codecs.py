@@ -9,6 +9,7 @@ import fractions
 import json
 import math
 import sys
+from typing import Any
 
 import cloudpickle
 import msgspec
@@ -20,6 +21,12 @@ from hypothesis import strategies as st
 
 IDENTITY = "def ident(*args, **kwargs):\n    return [list(args), kwargs]\n"
 ECHO = "def echo(x):\n    return x\n"
+
+
+@pytest.fixture
+def worker(module_worker: Any) -> Any:
+    """One runtime for the module: its tests only send requests and read the answers."""
+    return module_worker
 
 
 def _b64(raw: bytes) -> str:

@@ -10,10 +10,17 @@ from __future__ import annotations
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 SHARED = Path(__file__).resolve().parents[3].parent / "shared" / "fixtures" / "client-requests"
+
+
+@pytest.fixture
+def worker(module_worker: Any) -> Any:
+    """One runtime for the module: its tests only send requests and read the answers."""
+    return module_worker
 
 
 def test_01_sync_function_with_args_and_kwargs(worker, fixture_bodies, client):

@@ -24,6 +24,12 @@ HYPOTHESIS = settings(
 )
 
 
+@pytest.fixture
+def worker(module_worker: Any) -> Any:
+    """One runtime for the module: its tests only send requests and read the answers."""
+    return module_worker
+
+
 def _normalise(kind: Any) -> Any:
     """``Optional[List[str]]`` and ``list[str] | None`` compare equal."""
     origin = typing.get_origin(kind)

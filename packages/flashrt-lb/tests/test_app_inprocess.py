@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 from flashrt_core import hookimpl
+from flashrt_core.runtime import Runtime
 from flashrt_core.settings import Settings, SettingsError, load_settings
 from flashrt_lb.app import Worker, create_app, create_served_app
 from flashrt_lb.settings import LBSettings
@@ -77,6 +78,65 @@ def test_live_mode_can_switch_execute_off() -> None:
         return ping.status_code, execute.status_code
 
     assert asyncio.run(scenario()) == (200, 404)
+
+
+class _StartUp:
+    """A start-up hook that waits to be released, or fails with ``error``."""
+
+    def __init__(self, error: str | None = None) -> None:
+        self.release = asyncio.Event()
+        self.error = error
+
+    @hookimpl
+    def flashrt_startup(self, runtime: Runtime) -> Any:
+        async def start() -> None:
+            if self.error:
+                raise RuntimeError(self.error)
+            await self.release.wait()
+
+        return start()
+
+
+def test_ping_is_204_while_starting_then_200_once_ready() -> None:
+    plugin = _StartUp()
+
+    async def scenario() -> list[tuple[int, bytes]]:
+        settings = _settings()
+        worker = Worker(settings, runtime=Runtime(settings, extra_plugins=(plugin,)))
+        worker.begin()
+        app = create_served_app(worker)
+        transport = httpx.ASGITransport(app=app)
+        answers = []
+        async with httpx.AsyncClient(transport=transport, base_url="http://worker") as client:
+            ping = await client.get("/ping")
+            answers.append((ping.status_code, ping.content))
+            plugin.release.set()
+            await worker.wait_started()
+            ping = await client.get("/ping")
+            answers.append((ping.status_code, ping.content))
+        await worker.stop()
+        return answers
+
+    assert asyncio.run(scenario()) == [(204, b""), (200, b'{"status":"ready"}')]
+
+
+def test_a_failed_start_up_is_a_503_naming_the_reason_on_ping_and_execute() -> None:
+    plugin = _StartUp(error="no GPU is visible")
+
+    async def scenario() -> tuple[httpx.Response, httpx.Response]:
+        settings = _settings()
+        worker = Worker(settings, runtime=Runtime(settings, extra_plugins=(plugin,)))
+        async with await _started(worker) as client:
+            ping = await client.get("/ping")
+            execute = await client.post("/execute", json={"function_name": "f"})
+        await worker.stop()
+        return ping, execute
+
+    ping, execute = asyncio.run(scenario())
+    reason = "start-up failed: RuntimeError: no GPU is visible"
+    assert (ping.status_code, ping.json()) == (503, {"status": "failed", "reason": reason})
+    assert execute.status_code == 503
+    assert execute.json() == {"error": "worker start-up failed", "reason": reason}
 
 
 def test_the_served_app_answers_execute_as_the_fastapi_app_does() -> None:

@@ -158,7 +158,7 @@ def test_a_job_waits_for_start_up_only_as_long_as_the_bound_then_jobs_are_served
         }
         worker.loop.loop.call_soon_threadsafe(plugin.release.set)
         for _ in range(600):  # start-up goes on past the bound (the executor still starts)
-            if worker.phase != "starting":
+            if worker.readiness.phase != "starting":
                 break
             time.sleep(0.05)
         later = asyncio.run(worker.handler({"id": "2", "input": ADD}))
@@ -166,6 +166,43 @@ def test_a_job_waits_for_start_up_only_as_long_as_the_bound_then_jobs_are_served
         assert later["stdout"] == "adding\n"
     finally:
         worker.close()
+
+
+class _FailingStartup:
+    @hookimpl
+    def flashrt_startup(self, runtime: Runtime) -> Any:
+        raise RuntimeError("no GPU is visible")
+
+
+def test_a_failed_start_up_fails_every_job_with_the_reason() -> None:
+    settings = Settings(disable_plugin_autoload=True)
+    runtime = Runtime(settings, extra_plugins=(_FailingStartup(),))
+    worker = QueueWorker(settings, QBSettings(), runtime=runtime)
+    worker.begin()
+    try:
+        answers = [
+            worker.loop.submit(worker.handle({"id": str(n), "input": ADD})).result(30)
+            for n in range(2)
+        ]
+        reason = "start-up failed: RuntimeError: no GPU is visible"
+        assert answers == [{"success": False, "error": reason}] * 2
+        assert (worker.readiness.phase, worker.readiness.reason) == ("failed", reason)
+    finally:
+        worker.close()
+
+
+def test_a_worker_stopped_while_starting_reads_failed() -> None:
+    plugin = _SlowStartup()
+    settings = Settings(disable_plugin_autoload=True)
+    worker = QueueWorker(settings, QBSettings(), runtime=Runtime(settings, extra_plugins=(plugin,)))
+    worker.begin()
+    deadline = time.monotonic() + 30
+    while "starting the runtime" not in worker.readiness.now_doing:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    worker.close()
+    assert worker.readiness.phase == "failed"
+    assert worker.readiness.reason == "start-up was cancelled (the worker is stopping)"
 
 
 STUCK_HANDLER = """
@@ -213,8 +250,8 @@ def test_a_deployed_handler_still_loading_at_the_limit_fails_jobs_naming_it(
     worker.begin()
     try:
         deadline = time.monotonic() + 30
-        while handler_file not in worker.starting:
-            assert time.monotonic() < deadline, worker.starting
+        while handler_file not in worker.readiness.now_doing:
+            assert time.monotonic() < deadline, worker.readiness.now_doing
             time.sleep(0.01)
         # A job that stops waiting before start-up ends hears what is still starting.
         early = job(1).result(30)
@@ -224,7 +261,7 @@ def test_a_deployed_handler_still_loading_at_the_limit_fails_jobs_naming_it(
         # One that waits longer, and one sent after the limit, hear the limit and the step.
         worker.qb = dataclasses.replace(worker.qb, startup_timeout_s=60.0)
         waiting = job(2).result(60)
-        assert worker.phase == "failed"
+        assert worker.readiness.phase == "failed"
         after = job(3).result(30)
         for answer in (waiting, after):
             assert answer["success"] is False
@@ -232,7 +269,8 @@ def test_a_deployed_handler_still_loading_at_the_limit_fails_jobs_naming_it(
                 "start-up did not finish within 3 s (FLASHRT_STARTUP_TIMEOUT_S)" in answer["error"]
             )
             assert f"still importing the deployed handler {handler_file}" in answer["error"]
-        assert worker.abandoned is (isolation == "none")  # an executor's import ends with it
+        # An executor's import ends with the executor; one in this process is left behind.
+        assert worker.readiness.left_running is (isolation == "none")
     finally:
         release.touch()
         worker.close()

@@ -1,7 +1,8 @@
 """Unpack a deployed app's ``flash build`` artifact, safely, with a bounded wait.
 
 The reference worker blocked boot for about 90 s on a missing artifact, then crashed, and set
-its "unpacked" flag before success so later calls silently did nothing (REFERENCE §8.10). Here:
+its "unpacked" flag before success so later calls silently did nothing (docs/contracts.md,
+defect 10). Here:
 
 * :class:`ArtifactUnpacker` retries with back-off while the artifact has not appeared yet (or is
   still being written: unreadable, and its size or mtime changed within the last second), within

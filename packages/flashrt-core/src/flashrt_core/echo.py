@@ -1,10 +1,11 @@
 """Live echo: a request's output copied to the worker's own stdout/stderr, line by line.
 
 The container log is what the platform shows (and what runpod-flash streams to the user's console
-while a job runs, REFERENCE §10). Each line goes out exactly as the user wrote it, which is what
-lets the client drop the lines it already showed from the final ``stdout``. Lines are written
-whole, one ``write`` each under one process-wide lock, so concurrent requests interleave by line,
-never mid-line. A partial line is held until its newline, a short delay, or the request's end.
+while a job runs: docs/contracts.md, "Live output"). Each line goes out exactly as the user wrote
+it, which is what lets the client drop the lines it already showed from the final ``stdout``. Lines
+are written whole, one ``write`` each under one process-wide lock, so concurrent requests interleave
+by line, never mid-line. A partial line is held until its newline, a short delay, or the request's
+end.
 """
 
 from __future__ import annotations

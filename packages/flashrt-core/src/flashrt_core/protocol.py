@@ -33,7 +33,7 @@ class RequestError(ValueError):
 
 
 class FunctionRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
-    """What the client asks the worker to run (REFERENCE §2).
+    """What the client asks the worker to run (docs/contracts.md, "The wire format").
 
     ``timeout_s`` is flashrt's only extension: unknown to the client, ignored by it, and optional.
     """

@@ -41,7 +41,10 @@ _json_fields = msgspec.json.Decoder(_Envelope)
 
 
 class _Shape(msgspec.Struct, kw_only=True):
-    """A FunctionRequest's fields with the client's types; the bulky ones stay raw JSON."""
+    """A FunctionRequest's fields with the client's types; the bulky ones stay raw JSON.
+
+    ``packages/flashrt-core/tests/test_request_peek.py`` holds it (and ``_Fields``) equal to
+    ``FunctionRequest``: a field added there must be added here."""
 
     function_name: str | None = None
     function_code: str | None = None

@@ -1,7 +1,7 @@
 """Tar extraction that cannot write outside its target.
 
-The reference worker extracted the volume cache into ``/`` and let artifact symlink members
-redirect later members anywhere (REFERENCE §8.9). Here every archive is read as a stream into a
+The reference worker extracted the volume cache into ``/`` and let artifact symlink members redirect
+later members anywhere (docs/contracts.md, defect 9). Here every archive is read as a stream into a
 *fresh* directory, member by member, under rules checked before anything touches the disk:
 
 * names are relative and never contain ``..`` (absolute names and traversal are refused);

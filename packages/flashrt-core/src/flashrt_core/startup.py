@@ -3,7 +3,7 @@
 A deployed app's import and start-up (a model download and load) may take many minutes, or never
 finish; without a bound the worker says "starting" forever and nothing says why. Each step runs
 as a task the bound waits on rather than awaits, so a step that cannot be stopped (an import in a
-thread) is abandoned, not waited for: the worker stops waiting, reports what was still starting,
+thread) is left running, not waited for: the worker stops waiting, reports what was still starting,
 and goes on serving what it can. While a step runs, a line every ``progress_s`` says what it is
 and for how long, so a slow start-up is visible in the log long before the limit.
 """
@@ -34,7 +34,7 @@ class StartupTimeout(Exception):
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
-    # An abandoned step may still fail later: its error is ours to drop, not asyncio's to log.
+    # An step left running may still fail later: its error is ours to drop, not asyncio's to log.
     if not task.cancelled():
         task.exception()
 
@@ -99,7 +99,7 @@ class StartupBound:
 def exit_without_joining(code: int) -> NoReturn:
     """Flush the logs and streams, then end the process without joining its threads.
 
-    For a shell whose start-up abandoned a step in a thread: that thread never ends, and a normal
+    For a shell whose start-up left a step running in a thread: that thread never ends, and a normal
     interpreter exit (which joins the thread pool's threads) would wait for it forever.
     """
     logging.shutdown()

@@ -1,6 +1,6 @@
 """The Python package installer plugin: uv (preferred) or pip, into the running interpreter.
 
-Why it is shaped this way (see REFERENCE §8 items 6-8):
+Why it is shaped this way (docs/contracts.md, defects 6-8):
 
 - packages go into ``sys.executable``'s environment (``uv pip install --python sys.executable``,
   ``sys.executable -m pip``), never into whatever Python is first on PATH;

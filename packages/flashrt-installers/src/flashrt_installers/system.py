@@ -1,6 +1,6 @@
 """The system (Debian) package installer plugin: apt-get, or nala for large downloads.
 
-Why it is shaped this way (see REFERENCE §8 item 7):
+Why it is shaped this way (docs/contracts.md, defect 7):
 
 - what is installed is read from dpkg's status database, so a package already there costs no
   process at all, and is never reinstalled or upgraded (``--no-upgrade``; a pin to another version

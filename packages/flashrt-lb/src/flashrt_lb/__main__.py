@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     worker = Worker(settings, lb_settings)
     run(worker)
-    if worker.abandoned:
+    if worker.readiness.left_running:
         from flashrt_core.startup import exit_without_joining
 
         exit_without_joining(0)

@@ -73,9 +73,9 @@ def create_app(
 class _ExecuteFirst:
     """``POST /execute`` straight to the worker, everything else (lifespan included) to the app.
 
-    FastAPI's middleware stack and router cost 10-18 µs a request, about a tenth of the worker's
-    CPU per ``/execute``; on that route they add nothing (its errors are its own answers, and
-    the server answers 500 to an exception, as Starlette's error middleware would).
+    FastAPI's middleware stack and router are a measurable share of the worker's CPU per
+    ``/execute``, and on that route they add nothing (its errors are its own answers, and the
+    server answers 500 to an exception, as Starlette's error middleware would).
     """
 
     def __init__(self, app: FastAPI, worker: Worker) -> None:

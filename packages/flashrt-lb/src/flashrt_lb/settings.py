@@ -47,7 +47,7 @@ class LBSettings:
         "FastAPI's own OpenTelemetry (spans, metrics, logs) for the worker's routes, where FastAPI"
         " has it (0.165+); also on with `FASTAPI_OTEL_AUTO_CONFIGURE=true`. Off by default: with"
         " no provider configured it records nothing, yet looks the three providers up on every"
-        " request (about 4 µs). A served app's own FastAPI telemetry is not affected.",
+        " request. A served app's own FastAPI telemetry is not affected.",
     )
     shutdown_timeout_s: float = setting(
         "FLASHRT_LB_SHUTDOWN_TIMEOUT_S",

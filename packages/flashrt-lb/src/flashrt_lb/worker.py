@@ -2,13 +2,15 @@
 
 Start-up (plugins, cache hydration, artifact unpack, the user app's import and lifespan) runs in a
 background task started by our lifespan, so uvicorn accepts connections at once and ``/ping``
-answers 204 until that task finishes: 200 when it succeeded, 503 with the reason when it failed.
+answers 204 until that task finishes: 200 when it succeeded, 503 with the reason when it failed
+(the worker's :class:`~flashrt_core.readiness.Readiness`).
 The process stays up either way so the platform can read the reason. The deployed app's import
 and lifespan start-up share one limit (``FLASHRT_STARTUP_TIMEOUT_S``, :mod:`flashrt_core.startup`),
 so one that never finishes becomes a 503 naming the step rather than a 204 forever.
 
 ``/ping`` and ``/execute`` are ours; every other path is forwarded to the deployed app, whose
-own ``/ping`` and ``/execute`` are therefore never reachable (they are reserved, REFERENCE §4).
+own ``/ping`` and ``/execute`` are therefore never reachable (they are reserved:
+docs/contracts.md, "HTTP").
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from flashrt_core.autoinstall import MissingPackage, import_installing
 from flashrt_core.errors import CALLER_GONE
 from flashrt_core.logs import request_id
 from flashrt_core.protocol import RequestError, encode_response
+from flashrt_core.readiness import Readiness, StartupFailed
 from flashrt_core.settings import Settings, load_settings
 from flashrt_core.startup import StartupBound, StartupTimeout
 from starlette.requests import ClientDisconnect
@@ -120,9 +123,8 @@ class Worker:
         )
         self.lb = lb_settings or load_settings(LBSettings, environ)
         self.runtime = runtime
-        #: "starting", "ready" or "failed".
-        self.phase = "starting"
-        self.reason: str | None = None
+        #: Starting (``/ping`` 204), ready (200) or failed with the reason (503).
+        self.readiness = Readiness(log, reasons=(AppLoadError,))
         self.user_app: ASGIApp | None = None
         self.user_lifespan: Lifespan | None = None
         #: Whether ``/execute`` runs requests; decided at start-up (it may need the manifest).
@@ -133,11 +135,6 @@ class Worker:
             else self.settings.max_request_bytes
         )
         self._token = self.lb.token.encode() if self.lb.token else None
-        #: Whether start-up left the app's import running past the limit (its thread never
-        #: ends, so the process must exit without waiting for it).
-        self.abandoned = False
-        self._done: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
 
     @property
     def deployed(self) -> bool:
@@ -148,44 +145,15 @@ class Worker:
 
     def begin(self) -> None:
         """Start start-up in the background (idempotent); the caller's loop keeps serving."""
-        if self._task is None:
-            self._done = asyncio.Event()
-            self._task = asyncio.create_task(self._startup(), name="flashrt-lb-startup")
+        self.readiness.begin(self._start)
 
     async def wait_started(self) -> None:
         """Wait until start-up finished, either way."""
         self.begin()
-        assert self._done is not None
-        await self._done.wait()
+        await self.readiness.wait()
 
-    async def _startup(self) -> None:
-        assert self._done is not None
-        try:
-            await self._start()
-        except asyncio.CancelledError:
-            self._fail("start-up was cancelled (the worker is stopping)")
-            raise
-        except AppLoadError as exc:
-            self._fail(str(exc), exc.__cause__)
-        except Exception as exc:
-            self._fail(f"start-up failed: {type(exc).__name__}: {exc}", exc)
-        else:
-            self.phase = "ready"
-            log.info(
-                "ready: %s mode, /execute %s%s",
-                "deployed" if self.deployed else "live",
-                "on" if self.execute_enabled else "off",
-                ", serving the deployed app" if self.user_app is not None else "",
-            )
-        finally:
-            self._done.set()
-
-    def _fail(self, reason: str, cause: BaseException | None = None) -> None:
-        self.phase = "failed"
-        self.reason = reason
-        log.error("not ready: %s", reason, exc_info=cause)
-
-    async def _start(self) -> None:
+    async def _start(self) -> str:
+        """The start-up steps; what the ``ready:`` line says."""
         if self.runtime is None:
             from flashrt_core.runtime import Runtime
 
@@ -199,6 +167,11 @@ class Worker:
         if app_dir is not None:
             await self._load_user_app(runtime, app_dir)
         self.execute_enabled = await runtime.run_blocking(self._decide_execute, app_dir)
+        return "{} mode, /execute {}{}".format(
+            "deployed" if self.deployed else "live",
+            "on" if self.execute_enabled else "off",
+            ", serving the deployed app" if self.user_app is not None else "",
+        )
 
     async def _app_dir(self, runtime: Runtime) -> Path:
         """The unpacked app's directory, as the core's artifact step recorded it.
@@ -251,8 +224,7 @@ class Worker:
                 what=f"importing {file_name}",
             )
         except StartupTimeout as exc:
-            self.abandoned = True
-            raise AppLoadError(str(exc)) from None
+            raise StartupFailed(str(exc), left_running=True) from None
         except MissingPackage as exc:
             raise AppLoadError(str(exc)) from exc
         lifespan = Lifespan(app)
@@ -284,10 +256,7 @@ class Worker:
 
     async def stop(self) -> None:
         """Cancel an unfinished start-up, stop the deployed app, then the Runtime."""
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await self.readiness.stop()
         if self.user_lifespan is not None:
             await self.user_lifespan.shutdown(self.lb.shutdown_timeout_s)
         if self.runtime is not None:
@@ -297,7 +266,7 @@ class Worker:
 
     async def ping(self, request: Request) -> Response:
         """204 while starting, 200 when ready, 503 with the reason when start-up failed."""
-        phase = self.phase
+        phase = self.readiness.phase
         problem = self.runtime.problem if self.runtime is not None else None
         if phase == "ready" and problem:
             # Between executors, and none can be started: say why (one is tried again).
@@ -306,7 +275,7 @@ class Worker:
             return Response(b'{"status":"ready"}', media_type=_JSON)
         if phase == "starting":
             return Response(status_code=204)
-        return _json(503, {"status": "failed", "reason": self.reason})
+        return _json(503, {"status": "failed", "reason": self.readiness.reason})
 
     async def execute(self, request: Request) -> Response:
         """The ``/execute`` route of :func:`~flashrt_lb.app.create_app`."""
@@ -328,10 +297,12 @@ class Worker:
                 {"error": "missing or wrong bearer token: send 'Authorization: Bearer <token>'"},
                 {"WWW-Authenticate": "Bearer"},
             )
-        if self.phase != "ready":
+        if self.readiness.phase != "ready":
             await self.wait_started()
-            if self.phase == "failed":
-                return _json(503, {"error": "worker start-up failed", "reason": self.reason})
+            if self.readiness.phase == "failed":
+                return _json(
+                    503, {"error": "worker start-up failed", "reason": self.readiness.reason}
+                )
         if not self.execute_enabled:
             why = (
                 "FLASHRT_LB_EXECUTE is false"
@@ -428,7 +399,8 @@ class Worker:
 
     async def forward(self, scope: Scope, receive: Receive, send: Send, not_found: ASGIApp) -> None:
         """Hand a non-reserved path to the deployed app (after start-up), else 404."""
-        if self.deployed and self.phase == "starting" and scope["type"] in ("http", "websocket"):
+        starting = self.readiness.phase == "starting"
+        if self.deployed and starting and scope["type"] in ("http", "websocket"):
             await self.wait_started()
         app = self.user_app
         if app is None or scope["type"] not in ("http", "websocket"):

@@ -48,12 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         worker.serve()
     except SystemExit as exc:  # the SDK's local modes end this way
-        if not worker.abandoned:
+        if not worker.readiness.left_running:
             raise
         code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
     else:
         code = 0
-    if worker.abandoned:
+    if worker.readiness.left_running:
         from flashrt_core.startup import exit_without_joining
 
         exit_without_joining(code)

@@ -3,9 +3,8 @@
 The SDK's ``rp_job.handle_job`` formats the whole output into two DEBUG messages whatever the log
 level (a repr of a many-megabyte result, twice, per job), builds a retrying client per job, and
 sets the job's ``X-Request-ID`` on the session every job shares (so concurrent jobs can post
-under each other's id). Against the fake control plane a trivial job's handling and job-done
-took 584 µs that way and 466 µs here, mostly after the result is sent: the next job-take leaves
-sooner. The same contract is kept:
+under each other's id). Most of that work comes after the result is sent, so without it the
+next job-take leaves sooner. The same contract is kept (docs/contracts.md, "The queue"):
 
 * the job result is ``{"output": out}``; a dict output's ``error`` moves to the result (the job
   FAILS), its ``refresh_worker`` becomes ``stopPod``, and an empty dict output is left out;

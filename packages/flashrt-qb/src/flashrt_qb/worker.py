@@ -36,13 +36,13 @@ failed: <error>")``. In deployed mode plain-JSON jobs get what the generated han
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flashrt_core.logs import request_id
+from flashrt_core.readiness import Readiness, StartupFailed
 from flashrt_core.settings import Settings, load_settings
 from flashrt_core.stream import Streamed
 
@@ -122,15 +122,8 @@ class QueueWorker:
         self.qb = qb or load_settings(QBSettings, environ)
         self.runtime = runtime
         self.loop = RuntimeLoop()
-        #: "starting", "ready" or "failed".
-        self.phase = "starting"
-        self.startup_error: str | None = None
-        #: While starting: what start-up is doing now, for a job that gives up waiting.
-        self.starting = "creating the runtime (plugin discovery)"
-        #: Whether start-up left the deployed handler's import running past the limit, in a
-        #: thread that never ends (so the process must exit without waiting for it).
-        self.abandoned = False
-        self._startup: asyncio.Task[None] | None = None
+        #: Starting, ready, or failed with the reason every job then answers.
+        self.readiness = Readiness(log, doing="creating the runtime (plugin discovery)")
         #: Jobs run at once, and where that number came from (a deployed worker whose
         #: FLASHRT_QB_CONCURRENCY is unset decides at start-up, from its manifest).
         self.slots = self.qb.slots
@@ -164,39 +157,10 @@ class QueueWorker:
         self.loop.loop.call_soon_threadsafe(self._ensure_startup)
 
     def _ensure_startup(self) -> asyncio.Task[None]:
-        if self._startup is None:
-            self._startup = asyncio.ensure_future(self._start())
-        return self._startup
+        return self.readiness.begin(self._start)
 
-    async def _start(self) -> None:
-        try:
-            await self._start_steps()
-        except asyncio.CancelledError:
-            self._fail("start-up was cancelled (the worker is stopping)")
-            raise
-        except _StartupFailed as exc:
-            self._fail(str(exc))
-        except Exception as exc:
-            log.exception("start-up failed")
-            self._fail(f"start-up failed: {type(exc).__name__}: {exc}")
-        else:
-            self.phase = "ready"
-            log.info(
-                "ready: %s mode, %d job(s) at once (%s), %d prefetched",
-                f"deployed ({self.settings.resource_name})" if self.deployed else "live",
-                self.slots,
-                self.slots_from,
-                self.qb.extra,
-            )
-            if self._job_loop_wake is not None:
-                self._job_loop_wake()
-
-    def _fail(self, reason: str) -> None:
-        self.phase = "failed"
-        self.startup_error = reason
-        log.error("not ready: %s", reason)
-
-    async def _start_steps(self) -> None:
+    async def _start(self) -> str:
+        """The start-up steps; what the ``ready:`` line says."""
         if self.runtime is None:
             from flashrt_core.runtime import Runtime
 
@@ -214,19 +178,26 @@ class QueueWorker:
                 from .deployed import handler_step
 
                 parts += f" {handler_step(self.settings.resource_name or '')}"
-        self.starting = f"starting the runtime ({parts})"
+        self.readiness.doing(f"starting the runtime ({parts})")
         await runtime.start()
         if runtime.startup_error:
             if self.deployed:
                 resource = self.settings.resource_name
-                raise _StartupFailed(
+                raise StartupFailed(
                     f"deployed app {resource!r} unavailable: {runtime.startup_error}"
                 )
-            raise _StartupFailed(runtime.startup_error)
+            raise StartupFailed(runtime.startup_error)
         if self.deployed and not runtime.isolated:
             await self._load_deployed(runtime)
         if self.deployed:
             await self._take_deployed_window(runtime)
+        if self._job_loop_wake is not None:
+            self._job_loop_wake()  # the window may have grown: the job loop reads it again
+        mode = f"deployed ({self.settings.resource_name})" if self.deployed else "live"
+        return (
+            f"{mode} mode, {self.slots} job(s) at once ({self.slots_from}), "
+            f"{self.qb.extra} prefetched"
+        )
 
     async def _take_deployed_window(self, runtime: Runtime) -> None:
         """The resource's ``max_concurrency`` from the manifest, unless the setting overrides
@@ -283,32 +254,24 @@ class QueueWorker:
             )
         try:
             # The handler imports runpod too: never alongside the main thread's import.
-            self.starting = "waiting for the runpod SDK's import to finish"
+            self.readiness.doing("waiting for the runpod SDK's import to finish")
             await runtime.run_blocking(self._sdk_import_done.wait)
             # Its import may install what the image lacks (a subprocess): not while the SDK forks.
-            self.starting = "waiting for the runpod SDK to start its heartbeat process"
+            self.readiness.doing("waiting for the runpod SDK to start its heartbeat process")
             await runtime.run_blocking(self._sdk_forked.wait)
-            self.starting = handler_step(resource)
+            self.readiness.doing(handler_step(resource))
             await runtime.load_deployed_handler()  # bounded by the start-up limit
         except (DeployedAppUnavailable, DeployedHandlerError) as exc:
-            # A timeout leaves the import running in a thread of this process.
-            self.abandoned = isinstance(exc, DeployedHandlerTimeout)
-            raise _StartupFailed(f"deployed app {resource!r} unavailable: {exc}") from None
+            raise StartupFailed(
+                f"deployed app {resource!r} unavailable: {exc}",
+                # A timeout leaves the import running in a thread of this process.
+                left_running=isinstance(exc, DeployedHandlerTimeout),
+            ) from None
 
     async def _wait_ready(self) -> str | None:
-        """On the runtime loop: wait (bounded) for start-up; the reason it failed, if it did."""
-        task = self._ensure_startup()
-        if not task.done():
-            timeout = self.qb.startup_timeout_s
-            try:
-                await asyncio.wait_for(asyncio.shield(task), timeout)
-            except asyncio.TimeoutError:
-                return (
-                    f"worker start-up has not finished after {timeout:g} s: still {self.starting}"
-                )
-            except Exception:  # _start records its own failures
-                pass
-        return self.startup_error if self.phase == "failed" else None
+        """On the runtime loop: wait (bounded) for start-up; why it is not ready, if not."""
+        self._ensure_startup()
+        return await self.readiness.wait(self.qb.startup_timeout_s)
 
     def close(self, timeout: float = 15.0) -> None:
         """Shut the runtime down (bounded) and stop its thread."""
@@ -321,10 +284,7 @@ class QueueWorker:
         self.loop.stop()
 
     async def _shutdown(self) -> None:
-        if self._startup is not None and not self._startup.done():
-            self._startup.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._startup  # cancelled: _start records it
+        await self.readiness.stop()
         if self.runtime is not None:
             await self.runtime.shutdown()
 
@@ -444,10 +404,3 @@ class QueueWorker:
         finally:
             self._sdk_forked.set()
             self.close()
-
-
-class _StartupFailed(Exception):
-    """Start-up ended with a reason that is already the whole message."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])

@@ -1,6 +1,6 @@
 """Built-in plugin ``flashrt.volume-cache``: package caches kept on the network volume.
 
-One tarball per endpoint, ``<volume>/.cache/cache-<RUNPOD_ENDPOINT_ID>.tar`` (REFERENCE §6),
+One tarball per endpoint, ``<volume>/.cache/cache-<RUNPOD_ENDPOINT_ID>.tar`` (docs/contracts.md),
 holds the local cache directory (``/root/.cache``: uv, pip, apt downloads) so a cold worker
 installs from disk instead of the internet. This module is only the plugin's hooks: hydrate once
 at start-up, persist (debounced, in the background) after installs that added files, flush a

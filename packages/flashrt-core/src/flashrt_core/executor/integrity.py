@@ -1,15 +1,14 @@
-"""After each request: is what the executor relies on still intact? Microseconds, by design.
+"""After each request: is what the executor relies on still intact? Cheap, by design.
 
 A request can break the interpreter for every later one (``sys.modules['cloudpickle'] = None``,
 closed file descriptors, a replaced builtin, a CUDA context left unusable). The executor cannot
 repair that, but it can notice it, answer, and exit so the supervisor starts a fresh one.
 
 Before the answer leaves, only what the answer itself needs is checked (the critical modules,
-flashrt's own, the builtins: under a µs). After it, off the caller's path, every entry of
-``sys.modules`` is compared with the objects it held (:class:`ModuleBaseline`): one
-``itemgetter`` call and one tuple comparison, both in C: about 12 µs with 1,150 modules loaded
-and 40 µs with 3,150 when nothing changed, 40 µs and 120 µs after a request that imported
-something new (timeit, on a shared 2-core machine).
+flashrt's own, the builtins). After it, off the caller's path, every entry of ``sys.modules`` is
+compared with the objects it held (:class:`ModuleBaseline`): one ``itemgetter`` call and one
+tuple comparison, both in C, so the check grows with the number of modules loaded but never
+runs Python code per module.
 """
 
 from __future__ import annotations
@@ -82,7 +81,7 @@ _REPLACEABLE = (0, 1, 2)
 
 
 class _Descriptors:
-    """Open, and (0, 1, 2) still the same file? One ``poll`` and three ``fstat``: about 3 µs."""
+    """Open, and (0, 1, 2) still the same file? One ``poll`` and three ``fstat``."""
 
     def __init__(self, fds: Mapping[str, int]) -> None:
         self._names = {fd: what for what, fd in fds.items()}
@@ -321,7 +320,7 @@ class Integrity:
         return self.interpreter_problem() or self._fds.problem()
 
     def interpreter_problem(self) -> str | None:
-        """Modules and builtins only (under a µs): what the fast lane checks before answering."""
+        """Modules and builtins only: what the fast lane checks before answering."""
         # Lists compare item by item, identity first (modules and builtins have no __eq__):
         # the whole comparison runs in C.
         modules = list(map(sys.modules.get, self._module_names))

@@ -91,7 +91,7 @@ class ExecutorUnavailable(RuntimeError):
 
 
 def describe_exit(returncode: int | None) -> str:
-    """How a process ended, as a request's error says it."""
+    """How a process ended, as a failed request names it: its exit status or its signal."""
     if returncode is None:
         return "stopped answering"
     if returncode >= 0:
@@ -393,6 +393,10 @@ class ExecutorProcess:
     def terminate_group(self) -> None:
         """SIGTERM its process group: the polite first step of a shutdown."""
         self._signal_group(signal.SIGTERM)
+        if self.proc.poll() is None:
+            # A fork may not have made its own group yet (setsid): it must hear it too.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGTERM)
 
     def _signal_group(self, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
