@@ -63,8 +63,8 @@ def _recv_polling(sock: socket.socket) -> bytes:
 def _pingpong_us(polling: bool = False) -> float:
     """A 64-byte round trip over a socketpair between this process and a child.
 
-    ``polling``: both ends poll a non-blocking socket instead of sleeping in ``recv``, as the
-    fast lane does for a short while.
+    ``polling``: both ends poll a non-blocking socket instead of sleeping in ``recv``: the floor
+    a worker that never sleeps could reach.
     """
     parent, child = socket.socketpair()
     pid = os.fork()  # benchmark only: a single-threaded process, no CUDA

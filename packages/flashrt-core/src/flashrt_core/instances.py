@@ -61,8 +61,8 @@ class InstanceRegistry:
     """Instances keyed by ``instance_id``; least recently used and idle ones are evicted.
 
     Creation is single-flight per id: concurrent first calls on one id build one instance. The
-    build's lock is an asyncio lock: take it on one event loop only (an executor's fast lane
-    builds through its loop). The entries themselves may be read from any thread.
+    build's lock is an asyncio lock: take it on one event loop only (the process's). The entries
+    themselves may be read from any thread.
     """
 
     def __init__(self, max_instances: int, idle_ttl_s: float) -> None:

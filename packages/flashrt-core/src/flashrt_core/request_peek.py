@@ -1,6 +1,5 @@
-"""What the worker process reads of a request without parsing it: its time limit, and whether
-the executor's fast lane can run it. The body itself travels untouched and is parsed once, in
-the executor.
+"""What the worker process reads of a request without parsing it: its time limit, and the class
+instance it calls. The body itself travels untouched and is parsed once, in the executor.
 
 A shell that must refuse a bad body itself (the HTTP shell's 400 and 422) peeks with
 :func:`peek_body`: it checks the request's shape, field types included, but leaves the large
@@ -19,17 +18,12 @@ from .protocol import FunctionRequest, RequestError, describe_invalid
 if TYPE_CHECKING:
     from .settings import Settings
 
-__all__ = ["Peeked", "is_simple", "peek_body", "peek_request"]
+__all__ = ["Peeked", "peek_body", "peek_request"]
 
 
 class _Fields(msgspec.Struct):
     timeout_s: float | None = None
     execution_type: str = "function"
-    function_code: str | None = None
-    class_code: str | None = None
-    dependencies: list[Any] | None = None
-    system_dependencies: list[Any] | None = None
-    modules: dict[str, Any] | None = None
     instance_id: str | None = None
 
 
@@ -78,13 +72,12 @@ _shape_envelope = msgspec.json.Decoder(_ShapeEnvelope, strict=False)
 
 
 class Peeked(NamedTuple):
-    """The frame body and its form, the time limit to apply (``None``: none of ours), whether
-    it is simple, and the class instance it calls (the executor holding it must run it)."""
+    """The frame body and its form, the time limit to apply (``None``: none of ours), and the
+    class instance it calls (the executor holding it must run it)."""
 
     body: bytes
     form: str
     timeout: float | None
-    simple: bool
     instance: str | None = None
 
 
@@ -96,27 +89,13 @@ def _instance(get: Any) -> str | None:
     return instance if isinstance(instance, str) else None
 
 
-def is_simple(get: Any) -> bool:
-    """Code to exec, nothing to install or mount: the executor's fast lane can run it.
-
-    ``get`` reads a field by name: a mapping's ``get``, or an object's ``__getattribute__``.
-    """
-    is_function = get("execution_type") in (None, "function")
-    code = get("function_code") if is_function else get("class_code")
-    return bool(
-        code and not get("dependencies") and not get("system_dependencies") and not get("modules")
-    )
-
-
 def peek_request(request: Any, settings: Settings) -> Peeked:
     """Encode ``request`` for an ``Execute`` frame; raises what ``msgspec`` raises for values it
     cannot encode."""
     timeout: Any = None
-    simple = False
     instance = None
     if isinstance(request, FunctionRequest):
         body, form, timeout = msgspec.msgpack.encode(request), "request", request.timeout_s
-        simple = is_simple(request.__getattribute__)
         instance = _instance(request.__getattribute__)
     elif isinstance(request, (bytes, bytearray, memoryview, str)):
         if isinstance(request, str):
@@ -127,16 +106,16 @@ def peek_request(request: Any, settings: Settings) -> Peeked:
         with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
             fields = _json_fields.decode(body)
             source = fields.input or fields
-            timeout, simple = source.timeout_s, is_simple(source.__getattribute__)
+            timeout = source.timeout_s
             instance = _instance(source.__getattribute__)
     else:
         body, form = msgspec.msgpack.encode(request), "msgpack"
         inner = request.get("input") if isinstance(request, dict) else None
         mapping = inner if isinstance(inner, dict) else request
         if hasattr(mapping, "get"):
-            timeout, simple = mapping.get("timeout_s"), is_simple(mapping.get)
+            timeout = mapping.get("timeout_s")
             instance = _instance(mapping.get)
-    return Peeked(body, form, settings.time_limit(timeout), simple, instance)
+    return Peeked(body, form, settings.time_limit(timeout), instance)
 
 
 def peek_body(body: bytes, settings: Settings) -> Peeked:
@@ -158,4 +137,4 @@ def peek_body(body: bytes, settings: Settings) -> Peeked:
         ) from None
     get = shape.__getattribute__
     limit = settings.time_limit(shape.timeout_s)
-    return Peeked(body, "json", limit, is_simple(get), _instance(get))
+    return Peeked(body, "json", limit, _instance(get))

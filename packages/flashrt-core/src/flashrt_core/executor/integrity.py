@@ -320,7 +320,7 @@ class Integrity:
         return self.interpreter_problem() or self._fds.problem()
 
     def interpreter_problem(self) -> str | None:
-        """Modules and builtins only: what the fast lane checks before answering."""
+        """Modules and builtins only: what is checked before an answer leaves."""
         # Lists compare item by item, identity first (modules and builtins have no __eq__):
         # the whole comparison runs in C.
         modules = list(map(sys.modules.get, self._module_names))
@@ -338,7 +338,7 @@ class Integrity:
         return None
 
     def descriptor_problem(self) -> str | None:
-        """The descriptors: what the fast lane checks right after answering."""
+        """The descriptors: what is checked right after an answer left."""
         return self._fds.problem()
 
     def module_changes(self) -> tuple[str | None, list[str]]:
