@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
-from flashrt_core import hookimpl
+from flashrt_core import PluginContext, hookimpl
 from flashrt_core.runtime import Runtime
 from flashrt_core.settings import Settings, SettingsError, load_settings
 from flashrt_lb.app import Worker, create_app, create_served_app
@@ -88,7 +88,7 @@ class _StartUp:
         self.error = error
 
     @hookimpl
-    def flashrt_startup(self, runtime: Runtime) -> Any:
+    def flashrt_startup(self, context: PluginContext) -> Any:
         async def start() -> None:
             if self.error:
                 raise RuntimeError(self.error)

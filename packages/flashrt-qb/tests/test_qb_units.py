@@ -170,7 +170,7 @@ def test_a_job_waits_for_start_up_only_as_long_as_the_bound_then_jobs_are_served
 
 class _FailingStartup:
     @hookimpl
-    def flashrt_startup(self, runtime: Runtime) -> Any:
+    def flashrt_startup(self, context: PluginContext) -> Any:
         raise RuntimeError("no GPU is visible")
 
 
