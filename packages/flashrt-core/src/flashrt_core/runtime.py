@@ -35,7 +35,8 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
     from typing import TextIO
 
-    from .deployment import DeployedHandler, HandlerHere
+    from .deployed_handler import DeployedHandler
+    from .handler_loading import InProcessHandler
     from .pipeline import Pipeline
     from .plugins import FlashrtPluginManager
     from .protocol import FunctionRequest, FunctionResponse
@@ -96,7 +97,7 @@ class Runtime:
         self.deployed_handler_resource: str | None = None
         self.supervisor: Supervisor | None = None
         self._pipeline: Pipeline | None = None
-        self._deployed: HandlerHere | None = None  # in-process, deployed: its handler
+        self._deployed: InProcessHandler | None = None  # in-process, deployed: its handler
         self._started: asyncio.Future[None] | None = None
         self.pm.hook.flashrt_configure.call_historic(kwargs={"settings": self.settings})
 
@@ -176,17 +177,18 @@ class Runtime:
     async def load_deployed_handler(self) -> DeployedHandler:
         """Load this process's deployed QB handler once, within the start-up limit (in-process
         mode; an executor loads its own). Raises
-        :class:`~flashrt_core.deployment.DeployedHandlerError` (a
-        :class:`~flashrt_core.deployment.DeployedHandlerTimeout` past the limit) or
+        :class:`~flashrt_core.handler_loading.DeployedHandlerError` (a
+        :class:`~flashrt_core.handler_loading.DeployedHandlerTimeout` past the limit) or
         :class:`~flashrt_core.deployment.DeployedAppUnavailable` naming the problem; a failure
         is kept, so a later call does not start a second import behind the first."""
-        return await self._handler_here().load()
+        return await self._in_process_handler().load()
 
-    def _handler_here(self) -> HandlerHere:
+    def _in_process_handler(self) -> InProcessHandler:
         if self._deployed is None:
-            from .deployment import HandlerHere, deployed_app_dir
+            from .deployment import deployed_app_dir
+            from .handler_loading import InProcessHandler
 
-            self._deployed = HandlerHere(
+            self._deployed = InProcessHandler(
                 self.settings,
                 self.lanes,
                 lambda: (deployed_app_dir(self.context), self.deployed_handler_resource),
@@ -332,7 +334,7 @@ class Runtime:
         max_item_bytes: int | None = None,
     ) -> Any:
         """A deployed endpoint's plain-JSON job through its generated handler, where user code
-        runs (see :mod:`flashrt_core.deployment`).
+        runs (see :mod:`flashrt_core.deployed_handler`).
 
         When the handler yields, each item (its JSON) is passed to ``on_item`` on this loop as
         soon as it is yielded, in order, and the answer is a
@@ -346,4 +348,4 @@ class Runtime:
             return {"success": False, "error": self.startup_error}
         if self.supervisor is not None:
             return await self.supervisor.run_deployed(job, on_item, max_item_bytes)
-        return await self._handler_here().run(job, on_item, max_item_bytes)
+        return await self._in_process_handler().run(job, on_item, max_item_bytes)

@@ -2,8 +2,9 @@
 
 Why it is shaped this way (docs/contracts.md, defects 6-8):
 
-- packages go into ``sys.executable``'s environment (``uv pip install --python sys.executable``,
-  ``sys.executable -m pip``), never into whatever Python is first on PATH;
+- packages go into ``sys.executable``'s environment, never into whatever Python is first on
+  PATH: how uv or pip is found and run is :mod:`.python_tool`'s; this module owns *whether* and
+  *when* to install (the single-flight state);
 - a request whose requirements are all met starts no process: the answer is remembered per
   normalised set, so a warm request pays a set lookup;
 - concurrent requests needing the same set share one install; different sets install one after
@@ -25,22 +26,16 @@ import dataclasses
 import importlib
 import importlib.util
 import os
-import re
-import shutil
 import sys
-import sysconfig
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flashrt_core.hookspecs import hookimpl
 from flashrt_core.settings import load_settings
 
-from . import proc
 from .lockfile import InstallLock
-from .proc import InstallError, describe_failure
+from .python_tool import PythonTool
 from .requirements import (
-    DebianPackage,
     PythonRequirement,
     parse_python_requirements,
     unsatisfied_python_requirements,
@@ -60,23 +55,6 @@ T = TypeVar("T")
 
 #: The owner name this plugin claims ``"python"`` under.
 OWNER = "flashrt-installers python (uv/pip)"
-
-_COMPILER_MISSING = re.compile(
-    r"(?:\b|/)(?:x86_64-linux-gnu-|aarch64-linux-gnu-)?(?:gcc|g\+\+|cc|c\+\+)['\"]?:? "
-    r"(?:command )?not found"
-    r"|No such file or directory: '(?:[\w/.-]*-)?(?:gcc|g\+\+|cc|c\+\+)'"
-    r"|unable to execute '[^']*(?:gcc|cc|g\+\+|c\+\+)'"
-    r"|error: command '[^']*(?:gcc|cc|g\+\+|c\+\+)' failed: No such file or directory"
-    r"|(?:could not|unable to) (?:find|locate) (?:a |any )?(?:C|C\+\+) compiler"
-    r"|Unknown compiler\(s\)"
-    r"|linker `cc` not found",
-    re.IGNORECASE,
-)
-
-
-def needs_compiler(output: str) -> bool:
-    """Whether a failed install's output shows a build that found no C/C++ compiler."""
-    return _COMPILER_MISSING.search(output) is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,9 +79,9 @@ class PythonInstaller:
         system: Any = None,
     ) -> None:
         self.settings = settings
-        self.python = sys.executable
         self._run_blocking = run_blocking
-        self._system = system
+        #: uv or pip, and how it is run.
+        self.tool = PythonTool(settings, system=system)
         #: Held around every install, across the processes sharing this environment.
         self.install_lock = InstallLock.for_key(
             "python", sys.prefix, f"the Python environment {sys.prefix}"
@@ -112,12 +90,12 @@ class PythonInstaller:
         self._satisfied: set[frozenset[str]] = set()
         self._inflight: dict[frozenset[str], asyncio.Future[_Outcome]] = {}
         self._lock: asyncio.Lock | None = None
-        self._uv: str | None = None
-        self._uv_searched = False
-        self._build_essential_tried = False
         self._hf_checked = False
-        #: Installer commands started (uv/pip runs, retries included): diagnostics and tests.
-        self.installs = 0
+
+    @property
+    def installs(self) -> int:
+        """Installer commands started (uv/pip runs, retries included): diagnostics and tests."""
+        return self.tool.started
 
     # -- public --------------------------------------------------------------------------------
 
@@ -223,19 +201,10 @@ class PythonInstaller:
             )
         wanted = [r.normalized for r in reqs if r.applies()]
         names = [r.normalized for r in still_missing]
-        tool, argv, env = self._command(wanted, accelerate)
+        command = self.tool.command(wanted, accelerate)
         start = time.monotonic()
         try:
-            if tool == "pip" and importlib.util.find_spec("pip") is None:
-                # No uv and no pip: bootstrap pip from the interpreter's own bundled wheel.
-                boot = await self._run([self.python, "-m", "ensurepip", "--default-pip"], env)
-                if not boot.ok:
-                    raise InstallError(describe_failure("ensurepip", ["pip"], boot))
-            result = await self._run(argv, env)
-            note = ""
-            if not result.ok and needs_compiler(result.output) and await self._install_compiler():
-                note = " (after installing build-essential for a build that needed a compiler)"
-                result = await self._run(argv, env)
+            note = await self.tool.install(command, names)
         finally:
             # Even a failed run may have changed site-packages: here, and for the other
             # processes, which see the lock's stamp change.
@@ -244,14 +213,6 @@ class PythonInstaller:
             importlib.invalidate_caches()
             self._satisfied.clear()
             self._hf_checked = False
-        if not result.ok:
-            message = describe_failure(tool, names, result)
-            if needs_compiler(result.output):
-                message += (
-                    "\n(a package had to be built from source and no C compiler was found; "
-                    "use an image with build-essential or run the worker as root)"
-                )
-            raise InstallError(message)
         still = await self._blocking(unsatisfied_python_requirements, reqs)
         if still:
             note += "; still unmet afterwards: " + ", ".join(r.normalized for r in still)
@@ -259,100 +220,11 @@ class PythonInstaller:
             self._satisfied.add(key)
         return _Outcome(
             changed=True,
-            tool=tool,
+            tool=command.tool,
             packages=tuple(names),
             seconds=time.monotonic() - start,
             note=note,
         )
-
-    async def _run(self, argv: list[str], env: dict[str, str]) -> proc.ProcResult:
-        self.installs += 1
-        tool = Path(argv[0]).name
-        try:
-            result = await proc.run_with_retry(
-                argv,
-                timeout_s=self.settings.install_timeout_s,
-                tail_bytes=self.settings.output_tail_bytes,
-                env=env,
-                retry_delay_s=self.settings.retry_delay_s,
-            )
-        except OSError as exc:
-            raise InstallError(f"could not start {tool} ({argv[0]}): {exc}") from exc
-        if result.attempts > 1:
-            self.installs += 1
-        return result
-
-    async def _install_compiler(self) -> bool:
-        """Install build-essential once per runtime, when allowed and possible."""
-        if self._build_essential_tried or not self.settings.install_build_essential:
-            return False
-        self._build_essential_tried = True
-        if self._system is None or not self._system.can_install():
-            return False
-        pkg = DebianPackage(name="build-essential", arch=None, version=None)
-        try:
-            await self._system.ensure((pkg,), accelerate=False)
-        except InstallError as exc:
-            print(f"[flashrt] could not install build-essential: {exc}")
-            return False
-        return True
-
-    def _command(
-        self, requirements: list[str], accelerate: bool
-    ) -> tuple[str, list[str], dict[str, str]]:
-        mode = self.settings.python_installer.strip().lower()
-        if mode not in ("auto", "uv", "pip"):
-            raise InstallError(
-                f"FLASHRT_PYTHON_INSTALLER={self.settings.python_installer!r}: "
-                "expected auto, uv or pip"
-            )
-        uv = self._find_uv() if mode != "pip" else None
-        if mode == "uv" and uv is None:
-            raise InstallError("FLASHRT_PYTHON_INSTALLER=uv but no uv binary was found")
-        has_pip = importlib.util.find_spec("pip") is not None
-        use_uv = uv is not None and (mode == "uv" or accelerate or not has_pip)
-        env = dict(os.environ)
-        extra = ["--break-system-packages"] if self._externally_managed() else []
-        if use_uv:
-            assert uv is not None
-            env["UV_NO_PROGRESS"] = "1"
-            argv = [uv, "pip", "install", "--python", self.python, *extra, "--", *requirements]
-            return "uv", argv, env
-        env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
-        argv = [
-            self.python,
-            "-m",
-            "pip",
-            "install",
-            "--no-input",
-            "--progress-bar",
-            "off",
-            *extra,
-            "--",
-            *requirements,
-        ]
-        return "pip", argv, env
-
-    def _find_uv(self) -> str | None:
-        if self._uv_searched:
-            return self._uv
-        self._uv_searched = True
-        found: str | None = self.settings.uv_path or None
-        if found is None:
-            try:
-                from uv import find_uv_bin
-
-                found = find_uv_bin()
-            except Exception:
-                found = shutil.which("uv")
-        self._uv = found
-        return found
-
-    def _externally_managed(self) -> bool:
-        if not self.settings.break_system_packages or sys.prefix != sys.base_prefix:
-            return False
-        stdlib = sysconfig.get_path("stdlib")
-        return bool(stdlib) and Path(stdlib, "EXTERNALLY-MANAGED").is_file()
 
     def _enable_hf_transfer(self) -> None:
         """Turn on hf_transfer for Hugging Face downloads once it is importable."""

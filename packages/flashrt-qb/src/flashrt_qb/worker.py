@@ -15,7 +15,8 @@ Shape of the process:
 * Every job waits for start-up (bounded by ``FLASHRT_QB_STARTUP_TIMEOUT_S``; a job that stops
   waiting is told what is still starting); if start-up failed, every job answers with the reason.
   The deployed handler's import is itself bounded by ``FLASHRT_STARTUP_TIMEOUT_S``, where it
-  runs: the executor (:func:`flashrt_core.deployment.load_handler_within`) or, in-process, here.
+  runs: the executor (:func:`flashrt_core.handler_loading.load_handler_within`) or, in-process,
+  here.
 
 Concurrency: the worker runs a number of jobs at once (a semaphore on the runtime loop): the
 ``max_concurrency`` that ``flash build`` wrote into the manifest for a deployed worker's resource
@@ -238,8 +239,8 @@ class QueueWorker:
 
     async def _load_deployed(self, runtime: Runtime) -> None:
         """In-process: load the generated handler now, so a broken one fails start-up."""
-        from flashrt_core.deployment import (
-            DeployedAppUnavailable,
+        from flashrt_core.deployment import DeployedAppUnavailable
+        from flashrt_core.handler_loading import (
             DeployedHandlerError,
             DeployedHandlerTimeout,
             handler_step,

@@ -33,7 +33,7 @@ from .main_thread import MainThread
 from .synccalls import SyncCalls
 
 if TYPE_CHECKING:
-    from ..deployment import DeployedHandler
+    from ..deployed_handler import DeployedHandler
     from ..pipeline import Pipeline
 
 __all__ = ["main"]
@@ -143,7 +143,7 @@ class ExecutorServer:
         await lanes.run_blocking(preload)
         if setup.deployed_handler:
             from ..autoinstall import install_with_plugins
-            from ..deployment import load_handler_within
+            from ..handler_loading import load_handler_within
 
             async def install(distribution: str) -> bool:
                 # A module the handler misses goes into this environment; Hello tells the
@@ -217,7 +217,7 @@ class ExecutorServer:
 
     async def _deployed(self, frame: ch.RunDeployed) -> None:
         assert self.lanes is not None and self.answers is not None
-        from ..deployment import run_deployed_job
+        from ..deployed_handler import run_deployed_job
         from ..stream import Streamed, encode_end
 
         state = RequestState(frame.id)

@@ -45,7 +45,8 @@ _EXECUTOR_MODULES = (
     "flashrt_core.plugins",
     "flashrt_core.capture",
     "flashrt_core.codecs",
-    "flashrt_core.deployment",
+    "flashrt_core.handler_loading",
+    "flashrt_core.deployed_handler",
     "flashrt_core.builtin.executors",
     "cloudpickle",
 )
