@@ -285,7 +285,6 @@ def test_sdk_internals_the_job_loop_relies_on() -> None:
     assert http_client.TooManyRequests and callable(http_client.AsyncClientSession)
     # flashrt_qb.job_result posts a plain handler's result itself, to the SDK's job-done URL.
     assert isinstance(rp_http.JOB_DONE_URL, str)
-    assert callable(rp_logger.RunPodLogger().tip)
     scaler_attrs = (
         "monitor_stop_signals",
         "stop_job",

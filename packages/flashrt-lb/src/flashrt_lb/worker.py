@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi.responses import Response
 from flashrt_core.logs import request_id
-from flashrt_core.protocol import RequestError, encode_response
+from flashrt_core.protocol import RequestError
 from flashrt_core.settings import Settings, load_settings
 from flashrt_core.startup import StartupBound, StartupTimeout
 from starlette.requests import ClientDisconnect
@@ -329,8 +329,8 @@ class Worker:
             return _json(400 if exc.malformed else 422, {"error": str(exc)})
         rid = _header(scope, b"x-request-id")
         request_id.set(rid.decode("latin-1") if rid else f"http-{next(_request_ids)}")
-        response = await self.runtime.execute(peeked)
-        return _JSONBody(encode_response(response))
+        # The response's JSON as the executor made it: written as it is, never decoded here.
+        return _JSONBody(await self.runtime.execute_json(peeked))
 
     def _authorized(self, scope: Scope) -> bool:
         assert self._token is not None

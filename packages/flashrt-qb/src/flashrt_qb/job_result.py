@@ -29,6 +29,7 @@ import os
 import traceback
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from runpod.serverless.modules.rp_logger import RunPodLogger
 
 if TYPE_CHECKING:
@@ -99,7 +100,10 @@ def _sdk_version() -> str:
 
 
 def _body(result: dict[str, Any]) -> bytes:
-    """The JSON body; an output JSON cannot encode becomes the job's error."""
+    """The JSON body; an output JSON cannot encode becomes the job's error. A raw output (a
+    response's JSON as the executor made it) goes in as it is, never decoded."""
+    if isinstance(result.get("output"), msgspec.Raw):
+        return msgspec.json.encode(result)
     try:
         return json.dumps(result, ensure_ascii=False).encode()
     except (TypeError, ValueError) as error:
@@ -121,7 +125,9 @@ async def post_result(
 
     body = _body(result)
     if len(body) > RESULT_LIMIT_BYTES:
-        log.tip(
+        # A warning, not the SDK's ``tip``: its logger raises on that level under
+        # RUNPOD_LOG_LEVEL=INFO ("'TIP' is not in list"), and the result was then never sent.
+        log.warn(
             f"The job's result is {len(body) / 1e6:.1f} MB, over the platform's 20 MB limit: "
             "return a URL to stored data instead."
         )
