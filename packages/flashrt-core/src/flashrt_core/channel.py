@@ -71,10 +71,6 @@ OUT_OF_BAND_MIN = 1 << 20
 #: Room for the descriptors one read can bring (one per out-of-band frame; a read stops after
 #: the first bytes that carried any).
 _ANCILLARY_SIZE = socket.CMSG_SPACE(16 * array.array("i").itemsize)
-_SEALS = (
-    getattr(os, "F_SEAL_SHRINK", 2) | getattr(os, "F_SEAL_GROW", 4) | getattr(os, "F_SEAL_WRITE", 8)
-)
-
 
 # --- supervisor → executor ---------------------------------------------------------------------
 
@@ -279,8 +275,9 @@ def _memfd(body: bytes) -> int:
         view = memoryview(body)
         while view:
             view = view[os.write(fd, view) :]
-        with contextlib.suppress(OSError, AttributeError):
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)  # type: ignore[attr-defined]
+        seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+        with contextlib.suppress(OSError):  # a kernel without seals: the file is ours alone
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
     except BaseException:
         os.close(fd)
         raise

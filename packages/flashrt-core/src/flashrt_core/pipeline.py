@@ -89,7 +89,7 @@ class Pipeline:
 
     async def run(
         self,
-        request: FunctionRequest | Mapping[str, Any] | bytes | str,
+        request: FunctionRequest | Mapping[str, Any] | bytes | memoryview | str,
         listener: Listener | None = None,
         size: int | None = None,
         timings: Timings | None = None,
@@ -139,10 +139,10 @@ class Pipeline:
     # --- stages -------------------------------------------------------------------------------
 
     def _decode(
-        self, request: FunctionRequest | Mapping[str, Any] | bytes | str, size: int | None
+        self, request: FunctionRequest | Mapping[str, Any] | bytes | memoryview | str, size: int | None
     ) -> FunctionRequest:
         limit = self.settings.max_request_bytes
-        if isinstance(request, (bytes, str)):
+        if isinstance(request, (bytes, memoryview, str)):
             size = len(request)
         if size is not None and size > limit:
             raise StageError("decode", f"request of {size} bytes exceeds the limit of {limit}")

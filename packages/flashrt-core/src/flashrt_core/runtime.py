@@ -258,7 +258,7 @@ class Runtime:
         return self.supervisor.describe() if self.supervisor is not None else None
 
     async def execute(
-        self, request: FunctionRequest | Mapping[str, Any] | bytes | str | Peeked
+        self, request: FunctionRequest | Mapping[str, Any] | bytes | memoryview | str | Peeked
     ) -> FunctionResponse:
         """Turn ``request`` into a response. Never raises (cancellation aside).
 
@@ -278,7 +278,7 @@ class Runtime:
         return await self._execute_here(self._pipeline, request)
 
     async def execute_json(
-        self, request: FunctionRequest | Mapping[str, Any] | bytes | str | Peeked
+        self, request: FunctionRequest | Mapping[str, Any] | bytes | memoryview | str | Peeked
     ) -> bytes:
         """The response's JSON, as the client reads it, for ``request``: what a shell sends.
         Never raises (cancellation aside).
@@ -298,7 +298,7 @@ class Runtime:
     async def _execute_observed(
         self,
         supervisor: Supervisor,
-        request: FunctionRequest | Mapping[str, Any] | bytes | str | Peeked,
+        request: FunctionRequest | Mapping[str, Any] | bytes | memoryview | str | Peeked,
     ) -> FunctionResponse:
         """Isolated, with observers: only then is the body decoded here, for them."""
         from .protocol import RequestError, decode_request
@@ -317,7 +317,7 @@ class Runtime:
     async def _execute_here(
         self,
         pipeline: Pipeline,
-        request: FunctionRequest | Mapping[str, Any] | bytes | str | Peeked,
+        request: FunctionRequest | Mapping[str, Any] | bytes | memoryview | str | Peeked,
     ) -> FunctionResponse:
         echo = None
         if self.settings.echo:

@@ -208,7 +208,7 @@ class Supervisor:
     # --- requests ----------------------------------------------------------------------------
 
     async def execute(
-        self, request: FunctionRequest | Mapping[str, Any] | bytes | str | Peeked
+        self, request: FunctionRequest | Mapping[str, Any] | bytes | memoryview | str | Peeked
     ) -> FunctionResponse:
         """Run ``request`` in an executor. Never raises (cancellation aside)."""
         answer = await self.execute_json(request)
@@ -218,7 +218,7 @@ class Supervisor:
             return stage_failure("encode result", f"the executor's answer is invalid: {exc}")
 
     async def execute_json(
-        self, request: FunctionRequest | Mapping[str, Any] | bytes | str | Peeked
+        self, request: FunctionRequest | Mapping[str, Any] | bytes | memoryview | str | Peeked
     ) -> bytes:
         """Run ``request`` in an executor; the response's JSON as the executor made it (or as
         the supervisor makes a failure). Never raises (cancellation aside)."""
