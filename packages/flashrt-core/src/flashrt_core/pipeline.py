@@ -139,7 +139,9 @@ class Pipeline:
     # --- stages -------------------------------------------------------------------------------
 
     def _decode(
-        self, request: FunctionRequest | Mapping[str, Any] | bytes | memoryview | str, size: int | None
+        self,
+        request: FunctionRequest | Mapping[str, Any] | bytes | memoryview | str,
+        size: int | None,
     ) -> FunctionRequest:
         limit = self.settings.max_request_bytes
         if isinstance(request, (bytes, memoryview, str)):
