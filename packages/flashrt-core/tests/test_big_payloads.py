@@ -80,6 +80,9 @@ def test_large_arguments_and_results_come_back_equal(make_worker, wire, isolatio
     assert isinstance(answer, bytes)
     assert wire.dec(decode_response(answer)) == blob[::-1]
     assert body_memfds(os.getpid()) == []
+    described = worker.rt.describe()
+    for view in described.executors if described is not None else ():  # unmapped once decoded
+        assert body_memfds(view.pid) == []
 
 
 @pytest.mark.parametrize("isolation", ["process", "none"])

@@ -107,6 +107,7 @@ class Pipeline:
         try:
             try:
                 decoded = self._decode(request, size)
+                del request  # a large body (an executor's mapping) goes before the call
                 timings.lap("decode")
                 response = await self._run(decoded, timings)
             except UserBaseException as exc:

@@ -181,10 +181,10 @@ class ExecutorServer:
         streamer = Streamer(self.chan, frame.id)
         timings = timings_for(self.answers.timing_log)
         try:
-            response = await self.pipeline.run(
-                request_body(frame), streamer, len(frame.body), timings
-            )
-            frame.body = b""  # an out-of-band body's mapping goes before the answer is made
+            # The body is handed over, not kept here: an out-of-band body's mapping goes as soon
+            # as the pipeline has decoded it.
+            size = len(frame.body)
+            response = await self.pipeline.run(_take_body(frame), streamer, size, timings)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:  # never from our supervisor
             from ..failures import stage_failure
 
@@ -284,6 +284,13 @@ class ExecutorServer:
 
     def _loop_intact(self) -> bool:
         return self.integrity is None or self.integrity.loop_intact()
+
+
+def _take_body(frame: ch.Execute) -> Any:
+    """The request the frame carries, which the frame no longer holds."""
+    body = request_body(frame)
+    frame.body = b""
+    return body
 
 
 def _harden() -> None:
