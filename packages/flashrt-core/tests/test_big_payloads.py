@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import socket
 import string
 from pathlib import Path
 
 import pytest
+from flashrt_core import channel as ch
 from flashrt_core.protocol import decode_response
 
 MiB = 1 << 20
@@ -76,7 +79,7 @@ def test_large_arguments_and_results_come_back_equal(make_worker, wire, isolatio
     assert wire.dec(response) == blob
     # What a shell does: the transport's JSON in, the response's JSON out, never re-encoded.
     body = json.dumps(wire.function(ECHO, "echo", blob[::-1])).encode()
-    answer = worker.run(worker.rt.execute_json(body))
+    answer = worker.run(worker.rt.execute_json(memoryview(body)))  # as the queue shell keeps it
     assert isinstance(answer, bytes)
     assert wire.dec(decode_response(answer)) == blob[::-1]
     assert body_memfds(os.getpid()) == []
@@ -154,3 +157,46 @@ def test_live_output_of_a_request_with_a_large_result_arrives_once_in_order(
     lines = [f"line {i}" for i in range(5)]
     assert response.stdout.splitlines() == lines
     assert capsys.readouterr().out.splitlines() == lines
+
+
+def _frames(channel: ch.Channel, reader: ch.FrameReader) -> list[ch.Frame]:
+    select.select([channel.fd], [], [], 5)
+    return reader.feed(channel.recv_available())
+
+
+def test_the_channel_matches_each_out_of_band_body_to_its_frame_and_refuses_a_broken_one():
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sender, receiver = ch.Channel(ours), ch.Channel(theirs)
+    reader = ch.FrameReader(receiver.received)
+    try:
+        first, second = os.urandom(2 * MiB), os.urandom(3 * MiB)
+        sender.send(ch.Result(1, first))
+        sender.send(ch.Output(1, 1, "between\n"))
+        sender.send(ch.Result(2, second))
+        frames: list[ch.Frame] = []
+        while len(frames) < 3:
+            frames += _frames(receiver, reader)
+        assert [type(f).__name__ for f in frames] == ["Result", "Output", "Result"]
+        assert frames[0].body == first and frames[2].body == second  # type: ignore[union-attr]
+        assert not receiver.received and body_memfds(os.getpid()) == []
+        # A body declared with no descriptor, and one shorter than it says: named, never read.
+        sender.send_bytes(ch.encode(ch.Result(3, b"", oob=5)))
+        with pytest.raises(ch.ChannelError, match="without its descriptor"):
+            _frames(receiver, reader)
+        short = os.memfd_create("short")
+        os.write(short, b"abc")
+        try:
+            sender.send_bytes(ch.encode(ch.Result(4, b"", oob=10)), short)
+        finally:
+            os.close(short)
+        with pytest.raises(ch.ChannelError, match="short: 3 of its 10 bytes"):
+            ch.FrameReader(receiver.received).feed(_raw(receiver))
+        assert body_memfds(os.getpid()) == []
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def _raw(channel: ch.Channel) -> bytes:
+    select.select([channel.fd], [], [], 5)
+    return channel.recv_available()
