@@ -92,6 +92,19 @@ def test_plain_json_jobs_return_the_function_result(deployed: Deployed) -> None:
     assert done["output"] == 50
 
 
+def test_a_large_argument_crosses_to_the_deployed_handler_and_back(deployed: Deployed) -> None:
+    # 4 MiB: over the size that crosses to the executor out of band, both ways.
+    big = "x" * (4 << 20)
+    plain = deployed.fn.run({"a": big, "b": "y", "scale": 1}, timeout=120)
+    assert plain["status"] == "COMPLETED", str(plain)[:2000]
+    assert plain["output"] == big + "y"
+    codeless = deployed.fn.run(
+        _json_request(function_name="add", execution_type="function", args=[big, "z"]), timeout=120
+    )
+    assert codeless["status"] == "COMPLETED", str(codeless)[:2000]
+    assert codeless["output"]["json_result"] == big + "z"
+
+
 def test_an_already_unpacked_app_is_served_without_an_artifact(deployed: Deployed) -> None:
     plain = deployed.unpacked.run({"a": 1, "b": 1, "scale": 3})
     codeless = deployed.unpacked.run(

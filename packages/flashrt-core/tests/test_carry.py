@@ -197,7 +197,7 @@ class RawExecutor:
 
 
 def _decode(body: bytes) -> Any:
-    return msgspec.msgpack.decode(body)
+    return msgspec.json.decode(body)  # a Result carries the response's JSON
 
 
 @pytest.fixture

@@ -376,7 +376,6 @@ def test_sdk_internals_the_job_loop_relies_on() -> None:
     assert isinstance(rp_http.JOB_DONE_URL, str)
     # flashrt_qb.job_stream posts a deployed generator's items to the SDK's stream URL.
     assert isinstance(rp_http.JOB_STREAM_URL, str)
-    assert callable(rp_logger.RunPodLogger().tip)
     scaler_attrs = (
         "monitor_stop_signals",
         "stop_job",

@@ -8,26 +8,39 @@ once, by the executor.
 Sending is thread-safe and synchronous (user threads stream output from wherever they run), and
 waits with ``poll`` when the socket buffer is full, so it never depends on an event loop: code
 that closed the loop's file descriptors still gets its result back.
+
+A request or answer body of :data:`OUT_OF_BAND_MIN` bytes or more does not go through the socket:
+it is written to an anonymous ``memfd_create`` file whose descriptor travels with its frame
+(``SCM_RIGHTS``), and the frame says its size (``oob``). The executor maps a request's file
+read-only and decodes straight from the mapping; the worker reads an answer's file into the one
+``bytes`` it hands to the transport. A memfd has no name: whichever process dies mid-transfer, the
+kernel frees the file with its last descriptor or mapping, and nothing is left to clean up. On a
+unix stream socket a read never goes past bytes that carried descriptors, so a frame's descriptor
+always arrives no later than the frame's last byte: received descriptors wait in order
+(:attr:`Channel.received`) and each frame that declares an out-of-band body takes the next one.
 """
 
 from __future__ import annotations
 
+import array
+import collections
 import contextlib
+import mmap
 import os
 import select
+import socket
 import struct
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 
-if TYPE_CHECKING:
-    import socket
-
 __all__ = [
     "EXECUTOR_TAG_ENV",
+    "OUT_OF_BAND_MIN",
     "Cancel",
     "Channel",
+    "ChannelError",
     "Execute",
     "Exiting",
     "Fork",
@@ -53,7 +66,12 @@ __all__ = [
 _HEADER = struct.Struct(">I")
 MAX_FRAME = 1 << 31
 _READ_SIZE = 1 << 16
-
+#: Bodies this large or larger cross out of band, in a memfd (see the module's docstring): below
+#: it, a copy through the socket costs less than making, filling and mapping a file.
+OUT_OF_BAND_MIN = 1 << 20
+#: Room for the descriptors one read can bring (one per out-of-band frame; a read stops after
+#: the first bytes that carried any).
+_ANCILLARY_SIZE = socket.CMSG_SPACE(16 * array.array("i").itemsize)
 
 # --- supervisor → executor ---------------------------------------------------------------------
 
@@ -72,12 +90,18 @@ class Setup(msgspec.Struct, tag=True):
 
 class Execute(msgspec.Struct, tag=True):
     """Run one request; ``body`` is JSON (``form="json"``), msgpack of a mapping
-    (``"msgpack"``) or of a ``FunctionRequest`` (``"request"``, decoded straight to one)."""
+    (``"msgpack"``) or of a ``FunctionRequest`` (``"request"``, decoded straight to one).
+
+    An out-of-band body (``oob``: its size) arrives as a read-only ``memoryview`` of its
+    mapping, unmapped when the last reference to it goes. ``note`` goes before the response's
+    ``stdout`` (a retried request says so), so the answer's JSON is made once, there."""
 
     id: int
     body: bytes
     form: str = "json"
     request_id: str | None = None
+    oob: int = 0
+    note: str | None = None
 
 
 class RunDeployed(msgspec.Struct, tag=True):
@@ -90,6 +114,7 @@ class RunDeployed(msgspec.Struct, tag=True):
     request_id: str | None = None
     stream: bool = False
     max_item_bytes: int | None = None
+    oob: int = 0
 
 
 class Cancel(msgspec.Struct, tag=True):
@@ -141,13 +166,16 @@ class Phase(msgspec.Struct, tag=True):
 
 
 class Result(msgspec.Struct, tag=True):
-    """A request's answer: msgpack of the FunctionResponse, or of a deployed handler's output."""
+    """A request's answer: the FunctionResponse's JSON as the client reads it (made once, in the
+    executor; the worker hands these bytes to its transport), or msgpack of a deployed
+    handler's output."""
 
     id: int
     body: bytes
     installed: bool = False
     instance_id: str | None = None
     exiting: str | None = None  # the executor exits after this answer, and why
+    oob: int = 0
 
 
 class Settled(msgspec.Struct, tag=True):
@@ -237,13 +265,85 @@ def encode(frame: Frame) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
+class ChannelError(OSError):
+    """The channel's bytes make no sense (an out-of-band body without its descriptor, or short
+    of its size): that end is of no use any more."""
+
+
+def _out_of_band(frame: Frame) -> tuple[Frame, int | None]:
+    """``frame`` with a large body moved to a memfd, and the memfd (``None``: not moved)."""
+    if isinstance(frame, (Execute, Result)) and len(frame.body) >= OUT_OF_BAND_MIN:
+        fd = _memfd(frame.body)
+        return msgspec.structs.replace(frame, body=b"", oob=len(frame.body)), fd
+    if isinstance(frame, RunDeployed) and len(frame.job) >= OUT_OF_BAND_MIN:
+        fd = _memfd(frame.job)
+        return msgspec.structs.replace(frame, job=b"", oob=len(frame.job)), fd
+    return frame, None
+
+
+def _memfd(body: bytes) -> int:
+    """An anonymous file holding ``body``, sealed: the receiver reads what was written."""
+    import fcntl
+
+    fd = os.memfd_create("flashrt-body", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(body)
+        while view:
+            view = view[os.write(fd, view) :]
+        seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+        with contextlib.suppress(OSError):  # a kernel without seals: the file is ours alone
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _take_body(frame: Execute | Result | RunDeployed, received: collections.deque[int]) -> None:
+    """Attach the out-of-band body ``frame`` declares: a request's as a read-only mapping (the
+    executor decodes from it), an answer's as the one ``bytes`` the worker hands on."""
+    if not received:
+        raise ChannelError("a frame's out-of-band body arrived without its descriptor")
+    fd = received.popleft()
+    size = frame.oob
+    try:
+        have = os.fstat(fd).st_size
+        if have < size:
+            raise ChannelError(f"an out-of-band body is short: {have} of its {size} bytes")
+        if isinstance(frame, Result):
+            data = os.pread(fd, size, 0)
+            if len(data) != size:
+                raise ChannelError(f"an out-of-band body read short: {len(data)} of {size} bytes")
+            frame.body = data
+        else:
+            # Populated at once: faulting its pages in one by one while decoding costs twice
+            # the decoding itself.
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            view = memoryview(mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ))
+            if isinstance(frame, Execute):
+                frame.body = view  # type: ignore[assignment]  # a buffer: msgspec decodes it
+            else:
+                frame.job = view  # type: ignore[assignment]
+    finally:
+        os.close(fd)
+
+
+_OUT_OF_BAND = (Execute, Result, RunDeployed)
+
+
 class FrameReader:
-    """Turns the bytes read from the socket into frames (a frame may arrive in pieces)."""
+    """Turns the bytes read from the socket into frames (a frame may arrive in pieces).
 
-    __slots__ = ("_buf",)
+    ``received``: the channel's received descriptors, which out-of-band bodies take in order.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_buf", "_received")
+
+    def __init__(self, received: collections.deque[int] | None = None) -> None:
         self._buf = bytearray()
+        self._received: collections.deque[int] = (
+            received if received is not None else collections.deque()
+        )
 
     def feed(self, data: bytes) -> list[Frame]:
         buf = self._buf
@@ -256,7 +356,10 @@ class FrameReader:
             if end - offset - 4 < size:
                 break
             start = offset + 4
-            frames.append(_decoder.decode(memoryview(buf)[start : start + size]))
+            frame: Frame = _decoder.decode(memoryview(buf)[start : start + size])
+            if isinstance(frame, _OUT_OF_BAND) and frame.oob:
+                _take_body(frame, self._received)
+            frames.append(frame)
             offset = start + size
         if offset:
             del buf[:offset]
@@ -273,21 +376,35 @@ class Channel:
         self._lock = threading.Lock()
         self.broken = False
         self._posted: list[bytes] = []
+        #: Descriptors received and not yet taken by their frames (see :class:`FrameReader`).
+        self.received: collections.deque[int] = collections.deque()
 
     def send(self, frame: Frame) -> None:
         """Send one frame whole (after what was posted); raises ``OSError`` when the other
         end is gone."""
+        frame, fd = _out_of_band(frame)
         data = encode(frame)
         if self._posted:
             with self._lock:
                 data = b"".join([*self._posted, data])
                 self._posted.clear()
-        self.send_bytes(data)
+        if fd is None:
+            self.send_bytes(data)
+            return
+        try:  # the kernel holds the file while it is in flight: ours closes now
+            self.send_bytes(data, fd)
+        finally:
+            os.close(fd)
 
     def post(self, frame: Frame) -> bool:
         """Queue ``frame`` for the next :meth:`flush` (or send): frames posted together leave
         in one write, which wakes the other end once. ``True`` when it is the first queued (the
-        caller arranges the flush)."""
+        caller arranges the flush). A frame with an out-of-band body leaves at once."""
+        if isinstance(frame, (Execute, RunDeployed)) and (
+            len(frame.body if isinstance(frame, Execute) else frame.job) >= OUT_OF_BAND_MIN
+        ):
+            self.send(frame)
+            return False
         with self._lock:
             self._posted.append(encode(frame))
             return len(self._posted) == 1
@@ -300,13 +417,21 @@ class Channel:
         if data:
             self.send_bytes(data)
 
-    def send_bytes(self, data: bytes) -> None:
+    def send_bytes(self, data: bytes, fd: int | None = None) -> None:
+        """Write ``data`` whole; ``fd`` travels with its first bytes."""
         view = memoryview(data)
         with self._lock:
             try:
                 while view:
                     try:
-                        sent = os.write(self.fd, view)
+                        if fd is None:
+                            sent = os.write(self.fd, view)
+                        else:
+                            rights = array.array("i", [fd])
+                            sent = self.sock.sendmsg(
+                                [view], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)]
+                            )
+                            fd = None
                     except BlockingIOError:
                         poller = select.poll()
                         poller.register(self.fd, select.POLLOUT)
@@ -321,9 +446,23 @@ class Channel:
         """What the socket holds now (``b""`` at EOF); ``BlockingIOError`` when nothing yet."""
         # 64 KiB: under malloc's mmap threshold, so a read is a heap allocation rather than an
         # mmap, mremap and munmap each (a forked executor paid two page faults a request).
-        return os.read(self.fd, _READ_SIZE)
+        # recvmsg, never read(): a read would drop the descriptors that came with the bytes.
+        data, ancillary, flags, _ = self.sock.recvmsg(
+            _READ_SIZE, _ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC
+        )
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                self.received.extend(fds)
+        if flags & socket.MSG_CTRUNC:
+            raise ChannelError("descriptors sent over the channel were lost")
+        return data
 
     def close(self) -> None:
         self.broken = True
         with contextlib.suppress(OSError):
             self.sock.close()
+        while self.received:  # bodies whose frames never came whole
+            with contextlib.suppress(OSError):
+                os.close(self.received.popleft())

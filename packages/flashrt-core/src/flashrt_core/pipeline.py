@@ -86,7 +86,7 @@ class Pipeline:
 
     async def run(
         self,
-        request: FunctionRequest | Mapping[str, Any] | bytes | str,
+        request: FunctionRequest | Mapping[str, Any] | bytes | memoryview | str,
         listener: Listener | None = None,
         size: int | None = None,
         timings: Timings | None = None,
@@ -104,6 +104,7 @@ class Pipeline:
         try:
             try:
                 decoded = self._decode(request, size)
+                del request  # a large body (an executor's mapping) goes before the call
                 timings.lap("decode")
                 response = await self._run(decoded, timings)
             except UserBaseException as exc:
@@ -136,10 +137,12 @@ class Pipeline:
     # --- stages -------------------------------------------------------------------------------
 
     def _decode(
-        self, request: FunctionRequest | Mapping[str, Any] | bytes | str, size: int | None
+        self,
+        request: FunctionRequest | Mapping[str, Any] | bytes | memoryview | str,
+        size: int | None,
     ) -> FunctionRequest:
         limit = self.settings.max_request_bytes
-        if isinstance(request, (bytes, str)):
+        if isinstance(request, (bytes, memoryview, str)):
             size = len(request)
         if size is not None and size > limit:
             raise StageError("decode", f"request of {size} bytes exceeds the limit of {limit}")

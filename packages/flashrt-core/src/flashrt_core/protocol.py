@@ -15,8 +15,10 @@ __all__ = [
     "FunctionResponse",
     "RequestError",
     "decode_request",
+    "decode_response",
     "encode_response",
     "response_to_dict",
+    "succeeded",
     "unwrap_input",
 ]
 
@@ -79,6 +81,10 @@ class FunctionResponse(msgspec.Struct, kw_only=True):
 
 _json_decoder = msgspec.json.Decoder(FunctionRequest, strict=False)
 _json_encoder = msgspec.json.Encoder()
+_response_decoder = msgspec.json.Decoder(FunctionResponse)
+#: How every response :func:`encode_response` makes as a success begins (a Struct's fields are
+#: encoded in their order, ``success`` first, with no spaces).
+_SUCCEEDED = b'{"success":true'
 
 
 def unwrap_input(body: Any) -> Any:
@@ -131,6 +137,18 @@ def encode_response(response: FunctionResponse) -> bytes:
         return _json_encoder.encode(response)
     except (UnicodeEncodeError, msgspec.EncodeError):
         return _json_encoder.encode(encodable_response(response))
+
+
+def decode_response(data: bytes | memoryview) -> FunctionResponse:
+    """The response :func:`encode_response` made; raises what ``msgspec`` raises otherwise."""
+    response: FunctionResponse = _response_decoder.decode(data)
+    return response
+
+
+def succeeded(data: bytes) -> bool:
+    """Whether a response's JSON from :func:`encode_response` is a success, without parsing it
+    (a shell that passes the bytes on needs only this)."""
+    return data.startswith(_SUCCEEDED)
 
 
 def encodable_response(response: FunctionResponse) -> FunctionResponse:

@@ -101,7 +101,8 @@ def peek_request(request: Any, settings: Settings) -> Peeked:
         if isinstance(request, str):
             body = request.encode("utf-8", "surrogatepass")
         else:
-            body = bytes(request)
+            # A view (a queue job's raw input) travels as it is: no copy of a large body.
+            body = request if isinstance(request, memoryview) else bytes(request)  # type: ignore[assignment]
         form = "json"
         with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
             fields = _json_fields.decode(body)

@@ -265,7 +265,7 @@ class Runtime:
         return self.supervisor.describe() if self.supervisor is not None else None
 
     async def execute(
-        self, request: FunctionRequest | Mapping[str, Any] | bytes | str | Peeked
+        self, request: FunctionRequest | Mapping[str, Any] | bytes | memoryview | str | Peeked
     ) -> FunctionResponse:
         """Turn ``request`` into a response. Never raises (cancellation aside).
 
@@ -284,10 +284,28 @@ class Runtime:
             return stage_failure("decode", self.startup_error or "the runtime did not start")
         return await self._execute_here(self._pipeline, request)
 
+    async def execute_json(
+        self, request: FunctionRequest | Mapping[str, Any] | bytes | memoryview | str | Peeked
+    ) -> bytes:
+        """The response's JSON, as the client reads it, for ``request``: what a shell sends.
+        Never raises (cancellation aside).
+
+        The JSON is made once, where the request ran (the executor, or here in process), and
+        never decoded in this process on its way out: a shell writes these bytes as they are.
+        """
+        if self.supervisor is not None and not observed(self.pm):
+            if self._started is None or not self._started.done():
+                await self.start()
+            if self.supervisor is not None:
+                return await self.supervisor.execute_json(request)
+        from .protocol import encode_response
+
+        return encode_response(await self.execute(request))
+
     async def _execute_observed(
         self,
         supervisor: Supervisor,
-        request: FunctionRequest | Mapping[str, Any] | bytes | str | Peeked,
+        request: FunctionRequest | Mapping[str, Any] | bytes | memoryview | str | Peeked,
     ) -> FunctionResponse:
         """Isolated, with observers: only then is the body decoded here, for them."""
         from .protocol import RequestError, decode_request
@@ -306,7 +324,7 @@ class Runtime:
     async def _execute_here(
         self,
         pipeline: Pipeline,
-        request: FunctionRequest | Mapping[str, Any] | bytes | str | Peeked,
+        request: FunctionRequest | Mapping[str, Any] | bytes | memoryview | str | Peeked,
     ) -> FunctionResponse:
         echo = None
         if self.settings.echo:

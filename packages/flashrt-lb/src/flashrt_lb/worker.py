@@ -28,7 +28,7 @@ from fastapi.responses import Response
 from flashrt_core.autoinstall import MissingPackage, import_installing
 from flashrt_core.errors import CALLER_GONE
 from flashrt_core.logs import request_id
-from flashrt_core.protocol import RequestError, encode_response
+from flashrt_core.protocol import RequestError
 from flashrt_core.readiness import Readiness, StartupFailed
 from flashrt_core.settings import Settings, load_settings
 from flashrt_core.startup import StartupBound, StartupTimeout
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from fastapi import Request
-    from flashrt_core.protocol import FunctionResponse
     from flashrt_core.request_peek import Peeked
     from flashrt_core.runtime import Runtime
     from starlette.types import ASGIApp, Receive, Scope, Send
@@ -57,6 +56,9 @@ _request_ids = itertools.count(1)
 #: Seconds a request runs before its client's disconnect is watched for (the first such
 #: disconnect is then seen at once).
 WATCH_AFTER_S = 0.05
+
+#: A declared body this large is read straight into one buffer of its size.
+_PREALLOCATE_MIN = 1 << 20
 
 
 class _BodyTooLarge(Exception):
@@ -326,12 +328,10 @@ class Worker:
             return _json(400 if exc.malformed else 422, {"error": str(exc)})
         rid = _header(scope, b"x-request-id")
         request_id.set(rid.decode("latin-1") if rid else f"http-{next(_request_ids)}")
-        response = await self._execute_watched(self.runtime, peeked, receive)
-        return _JSONBody(encode_response(response))
+        # The response's JSON as the executor made it: written as it is, never decoded here.
+        return _JSONBody(await self._execute_watched(self.runtime, peeked, receive))
 
-    async def _execute_watched(
-        self, runtime: Runtime, peeked: Peeked, receive: Receive
-    ) -> FunctionResponse:
+    async def _execute_watched(self, runtime: Runtime, peeked: Peeked, receive: Receive) -> bytes:
         """Run the request; if its client disconnects meanwhile, cancel it and raise
         :class:`ClientDisconnect` (nobody is left to answer).
 
@@ -350,7 +350,7 @@ class Worker:
             lambda: watch.append(loop.create_task(_cancel_on_disconnect(receive, this))),
         )
         try:
-            return await runtime.execute(peeked)
+            return await runtime.execute_json(peeked)
         except asyncio.CancelledError:
             if not (watch and watch[0].done() and not watch[0].cancelled() and watch[0].result()):
                 raise  # not ours: the worker is stopping
@@ -383,6 +383,8 @@ class Worker:
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise _BodyTooLarge
+        if declared is not None and declared.isdigit() and int(declared) >= _PREALLOCATE_MIN:
+            return await self._read_into(bytearray(int(declared)), receive)
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -396,6 +398,26 @@ class Worker:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _read_into(self, buf: bytearray, receive: Receive) -> bytes:
+        """A large body of a declared length, read straight into its one buffer (joining the
+        chunks would hold it twice); the server refuses a body longer than it declared."""
+        view = memoryview(buf)
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise ClientDisconnect
+            chunk = message.get("body", b"")
+            end = size + len(chunk)
+            if end > len(buf):  # never from a conforming server: refuse rather than grow
+                raise _BodyTooLarge
+            view[size:end] = chunk
+            size = end
+            if not message.get("more_body", False):
+                # Shorter than declared only if the client went away mid-body.
+                body = buf if size == len(buf) else buf[:size]
+                return body  # type: ignore[return-value]  # a buffer: every reader takes one
 
     async def forward(self, scope: Scope, receive: Receive, send: Send, not_found: ASGIApp) -> None:
         """Hand a non-reserved path to the deployed app (after start-up), else 404."""

@@ -7,6 +7,10 @@ both with one loop: it asks for as many jobs as there are free slots, starts eac
 arrives, and when every slot is busy waits on an event that a finishing job sets. While idle,
 exactly one job-take request is outstanding (the platform's long poll).
 
+A job's ``input`` stays the JSON the platform sent (``msgspec.Raw``, a view of the response
+body) when the handler asks for it (``raw_input`` in its config) and the SDK does not handle its
+jobs: :func:`take_raw_jobs` is then the job-take, and the input reaches the runtime unparsed.
+
 A plain handler's job is finished by :mod:`flashrt_qb.job_result` (the same contract, without the
 SDK's per-job formatting of the whole output and its retrying client per job). Everything else
 stays the SDK's: the job-take request (``get_job``: auth, batch take, ``job_in_progress``),
@@ -28,8 +32,9 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from runpod.http_client import AsyncClientSession, TooManyRequests
-from runpod.serverless.modules import rp_http, rp_scale
+from runpod.serverless.modules import rp_http, rp_job, rp_scale
 from runpod.serverless.modules.rp_logger import RunPodLogger, _reset_batch_id, _set_batch_id
 
 from .job_result import finish_job, sdk_handles
@@ -40,7 +45,7 @@ if TYPE_CHECKING:
 
     from runpod.http_client import ClientSession
 
-__all__ = ["SlotJobScaler", "is_production", "start"]
+__all__ = ["SlotJobScaler", "is_production", "start", "take_raw_jobs"]
 
 log = RunPodLogger()
 
@@ -74,6 +79,8 @@ class SlotJobScaler(rp_scale.JobScaler):  # type: ignore[misc]
         self.current_concurrency: int = 1
         #: A plain handler's jobs skip the SDK's ``handle_job`` (see :mod:`.job_result`).
         self._plain = not sdk_handles(config)
+        if self._plain and config.get("raw_input") and "jobs_fetcher" not in config:
+            self.jobs_fetcher = take_raw_jobs
 
     # --- the SDK's entry points -----------------------------------------------------------
 
@@ -211,6 +218,44 @@ class SlotJobScaler(rp_scale.JobScaler):  # type: ignore[misc]
     async def _drain(self) -> None:
         while self.jobs_tasks:
             await asyncio.gather(*list(self.jobs_tasks.values()), return_exceptions=True)
+
+
+_raw_job = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_raw_jobs = msgspec.json.Decoder(list[dict[str, msgspec.Raw]])
+
+
+async def take_raw_jobs(session: ClientSession, num_jobs: int = 1) -> list[dict[str, Any]] | None:
+    """The SDK's ``get_job`` (the same URL, statuses and checks), but each job's ``input`` is
+    kept as the raw JSON the platform sent: parsed once, where the request runs."""
+    async with session.get(rp_job._job_get_url(num_jobs)) as response:
+        if response.status in (204, 400):  # no job; 400 is expected with FlashBoot
+            return None
+        if response.status == 429:
+            raise TooManyRequests(
+                response.request_info,
+                response.history,
+                status=response.status,
+                message=response.reason,
+            )
+        response.raise_for_status()
+        if response.content_type != "application/json" or response.content_length == 0:
+            return None
+        body = await response.read()
+    try:
+        if body.lstrip()[:1] == b"[":
+            taken = _raw_jobs.decode(body)
+        else:
+            job = _raw_job.decode(body)
+            if "id" not in job or "input" not in job:
+                raise Exception("Job has missing field(s): id or input.")
+            taken = [job]
+    except (msgspec.DecodeError, msgspec.ValidationError) as error:
+        log.debug(f"rp_job | Failed to parse JSON response: {error}")
+        return None
+    return [
+        {key: value if key == "input" else msgspec.json.decode(value) for key, value in job.items()}
+        for job in taken
+    ]
 
 
 def is_production(serverless: ModuleType, argv: list[str], environ: Mapping[str, str]) -> bool:

@@ -33,6 +33,7 @@ import os
 import traceback
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from runpod.serverless.modules.rp_logger import RunPodLogger
 
 from .job_stream import JobStream, current_stream
@@ -127,7 +128,10 @@ def _sdk_version() -> str:
 
 
 def _body(result: dict[str, Any]) -> bytes:
-    """The JSON body; an output JSON cannot encode becomes the job's error."""
+    """The JSON body; an output JSON cannot encode becomes the job's error. A raw output (a
+    response's JSON as the executor made it) goes in as it is, never decoded."""
+    if isinstance(result.get("output"), msgspec.Raw):
+        return msgspec.json.encode(result)
     try:
         return json.dumps(result, ensure_ascii=False).encode()
     except (TypeError, ValueError) as error:

@@ -42,7 +42,9 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import msgspec
 from flashrt_core.logs import request_id
+from flashrt_core.protocol import decode_response, succeeded
 from flashrt_core.readiness import Readiness, StartupFailed
 from flashrt_core.settings import Settings, load_settings
 from flashrt_core.stream import Streamed
@@ -314,6 +316,7 @@ class QueueWorker:
         """The ``runpod.serverless.start`` configuration."""
         return {
             "handler": self.handler,
+            "raw_input": True,  # the job loop keeps each job's input as the JSON it came as
             "concurrency_modifier": self.concurrency_modifier,
             # A deployed generator's job-done carries every item (flashrt_qb.job_stream).
             "return_aggregate_stream": True,
@@ -322,8 +325,20 @@ class QueueWorker:
     # --- one job, on the runtime loop -----------------------------------------------------
 
     async def handle(self, job: Mapping[str, Any]) -> Any:
-        """Answer one job (runs on the runtime loop; usable directly from tests on that loop)."""
+        """Answer one job (runs on the runtime loop; usable directly from tests on that loop).
+
+        An input the job loop kept raw (``msgspec.Raw``, see :func:`.job_loop.take_raw_jobs`)
+        goes to the runtime as the bytes the platform sent, and a success comes back as the
+        response's raw JSON, which :mod:`.job_result` writes into job-done as it is.
+        """
         job_input = job.get("input") if isinstance(job, dict) else None
+        raw: memoryview | None = None
+        if isinstance(job_input, msgspec.Raw):
+            if not self.deployed and bytes(memoryview(job_input)[:1]) == b"{":
+                raw = memoryview(job_input)
+            else:  # a deployed job's plain JSON, or not an object: read it as before
+                job_input = msgspec.json.decode(job_input)
+                job = {**job, "input": job_input}
         if isinstance(job, dict) and job.get("id"):
             request_id.set(str(job["id"]))
         # Start-up first: it decides the window (a deployed worker's manifest) and the
@@ -337,13 +352,18 @@ class QueueWorker:
 
                 if not is_function_request(job_input):
                     return await self._plain(job)
+            assert self.runtime is not None
+            if raw is not None:
+                answer = await self.runtime.execute_json(raw)
+                if succeeded(answer):
+                    return msgspec.Raw(answer)
+                return response_output(decode_response(answer))
             if not isinstance(job_input, dict):
                 return {
                     "success": False,
                     "error": "the job's input must be a FunctionRequest object, got "
                     f"{type(job_input).__name__}",
                 }
-            assert self.runtime is not None
             response = await self.runtime.execute(job_input)
             return response_output(response)
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from .. import channel as ch
+from .. import protocol
 from ..capture import encodable
 from ..protocol import FunctionRequest
 from .integrity import cuda_context_lost
@@ -108,13 +109,9 @@ def request_body(frame: ch.Execute) -> Any:
 
 
 def encode_response(response: FunctionResponse) -> bytes:
-    """msgpack of ``response``, whatever characters the user's code produced."""
-    try:
-        return msgspec.msgpack.encode(response)
-    except (UnicodeEncodeError, msgspec.EncodeError):
-        from ..protocol import encodable_response
-
-        return msgspec.msgpack.encode(encodable_response(response))
+    """The JSON the client reads for ``response``, whatever characters the user's code
+    produced: made once, here; the worker hands these bytes to its transport."""
+    return protocol.encode_response(response)
 
 
 def exit_now(status: int) -> None:
@@ -154,7 +151,11 @@ class Answerer:
         *,
         installed: bool = False,
         timings: Timings | None = None,
+        note: str | None = None,
     ) -> None:
+        """``note`` goes before the response's ``stdout`` (see :class:`~..channel.Execute`)."""
+        if note:
+            response.stdout = note + (response.stdout or "")
         reason = cuda_context_lost(response) or self.integrity.interpreter_problem()
         body = encode_response(response)
         self._send(ch.Result(rid, body, installed, response.instance_id, reason))

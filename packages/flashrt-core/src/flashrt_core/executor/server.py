@@ -49,7 +49,7 @@ class ExecutorServer:
         self.chan = chan
         self.setup = setup
         self.lane = lane
-        self.reader = ch.FrameReader()
+        self.reader = ch.FrameReader(chan.received)
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.preloads: set[asyncio.Task[None]] = set()
         self.lanes: Lanes | None = None
@@ -178,7 +178,13 @@ class ExecutorServer:
                 gone.set_result(None)
             return
         assert self.loop is not None
-        for frame in self.reader.feed(data):
+        try:
+            frames = self.reader.feed(data)
+        except ch.ChannelError:  # never from our supervisor: nothing more can be read
+            frames = []
+            if not gone.done():
+                gone.set_result(None)
+        for frame in frames:
             if isinstance(frame, ch.Execute):
                 self.tasks[frame.id] = self.loop.create_task(self._execute(frame))
             elif isinstance(frame, ch.RunDeployed):
@@ -200,9 +206,10 @@ class ExecutorServer:
         streamer = Streamer(self.chan, frame.id)
         timings = timings_for(self.answers.timing_log)
         try:
-            response = await self.pipeline.run(
-                request_body(frame), streamer, len(frame.body), timings
-            )
+            # The body is handed over, not kept here: an out-of-band body's mapping goes as soon
+            # as the pipeline has decoded it.
+            size = len(frame.body)
+            response = await self.pipeline.run(_take_body(frame), streamer, size, timings)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:  # never from our supervisor
             from ..failures import stage_failure
 
@@ -213,7 +220,9 @@ class ExecutorServer:
         finally:
             self.tasks.pop(frame.id, None)
             streamer.flush()
-        self.answers.send(frame.id, response, installed=state.installed, timings=timings)
+        self.answers.send(
+            frame.id, response, installed=state.installed, timings=timings, note=frame.note
+        )
 
     async def _deployed(self, frame: ch.RunDeployed) -> None:
         assert self.lanes is not None and self.answers is not None
@@ -317,6 +326,13 @@ class ExecutorServer:
         return self.integrity is None or self.integrity.loop_intact()
 
 
+def _take_body(frame: ch.Execute) -> Any:
+    """The request the frame carries, which the frame no longer holds."""
+    body = request_body(frame)
+    frame.body = b""
+    return body
+
+
 def _harden() -> None:
     """Die with the supervisor, keep the channel from children, give user code no stdin."""
     with contextlib.suppress(Exception):
@@ -329,7 +345,7 @@ def _harden() -> None:
 
 
 def _read_setup(chan: ch.Channel) -> ch.Setup:
-    reader = ch.FrameReader()
+    reader = ch.FrameReader(chan.received)
     poller = select.poll()
     poller.register(chan.fd, select.POLLIN)
     while True:

@@ -27,7 +27,7 @@ from .. import channel as ch
 from ..background import Background
 from ..errors import CALLER_GONE
 from ..failures import stage_failure
-from ..protocol import FunctionResponse
+from ..protocol import FunctionResponse, decode_response, encode_response
 from ..request_peek import Peeked, peek_request
 from ..settings import executor_count
 from . import descendants
@@ -209,20 +209,33 @@ class Supervisor:
     # --- requests ----------------------------------------------------------------------------
 
     async def execute(
-        self, request: FunctionRequest | Mapping[str, Any] | bytes | str | Peeked
+        self, request: FunctionRequest | Mapping[str, Any] | bytes | memoryview | str | Peeked
     ) -> FunctionResponse:
         """Run ``request`` in an executor. Never raises (cancellation aside)."""
+        answer = await self.execute_json(request)
+        try:
+            return decode_response(answer)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return stage_failure("encode result", f"the executor's answer is invalid: {exc}")
+
+    async def execute_json(
+        self, request: FunctionRequest | Mapping[str, Any] | bytes | memoryview | str | Peeked
+    ) -> bytes:
+        """Run ``request`` in an executor; the response's JSON as the executor made it (or as
+        the supervisor makes a failure). Never raises (cancellation aside)."""
         if isinstance(request, Peeked):
             peeked = request
         else:
             try:
                 peeked = peek_request(request, self.settings)
             except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
-                return stage_failure("decode", f"invalid request: {exc}")
+                return encode_response(stage_failure("decode", f"invalid request: {exc}"))
         result = await self._submit(
             Request(peeked.body, peeked.form, peeked.timeout, False, peeked.instance)
         )
-        assert isinstance(result, FunctionResponse)
+        if isinstance(result, FunctionResponse):  # made here: a death, a time limit
+            return encode_response(result)
+        assert isinstance(result, bytes)
         return result
 
     async def run_deployed(

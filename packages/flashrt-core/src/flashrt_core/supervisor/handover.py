@@ -9,6 +9,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from .. import channel as ch
+from .inflight import RETRIED_NOTE
 
 if TYPE_CHECKING:
     import asyncio
@@ -64,7 +65,10 @@ class Handover:
                 request.max_item_bytes,
             )
         else:
-            frame = ch.Execute(rid, request.body, request.form, request.request_id)
+            # A retry says so before its stdout (its side effects may have happened twice); the
+            # executor adds it, so the answer's JSON is made once, there.
+            note = RETRIED_NOTE if request.attempts > 1 else None
+            frame = ch.Execute(rid, request.body, request.form, request.request_id, note=note)
         try:
             if chan.post(frame):
                 # Frames handed over in this turn of the event loop leave in one write: under

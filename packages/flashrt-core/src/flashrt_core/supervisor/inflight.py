@@ -18,7 +18,6 @@ import msgspec
 
 from ..failures import stage_failure
 from ..logs import request_id
-from ..protocol import FunctionResponse
 from ..stream import END_MARK, decode_end
 
 if TYPE_CHECKING:
@@ -32,8 +31,6 @@ if TYPE_CHECKING:
 __all__ = ["RETRIED_NOTE", "InFlight", "Request"]
 
 log = logging.getLogger("flashrt.supervisor")
-
-_response = msgspec.msgpack.Decoder(FunctionResponse)
 
 RETRIED_NOTE = "[flashrt] the executor process died while this request ran; running it again\n"
 
@@ -106,7 +103,8 @@ class Request:
         return message
 
     def answer_from(self, body: bytes) -> Any:
-        """Its caller's answer from the executor's ``Result`` body; an invalid one is said so."""
+        """Its caller's answer from the executor's ``Result`` body: a response's JSON as it is
+        (never decoded here), a deployed handler's output decoded (an invalid one said so)."""
         if self.deployed:
             if body[:1] == END_MARK:
                 return decode_end(body)
@@ -114,13 +112,7 @@ class Request:
                 return msgspec.msgpack.decode(body)
             except msgspec.DecodeError as exc:
                 return {"success": False, "error": f"the deployed handler's output: {exc}"}
-        try:
-            value = _response.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            return stage_failure("encode result", f"the executor's answer is invalid: {exc}")
-        if self.attempts > 1:  # say so: its side effects may have happened twice
-            value.stdout = RETRIED_NOTE + (value.stdout or "")
-        return value
+        return body
 
     def failure(self, message: str) -> Any:
         """The caller's answer for a request that did not finish, with its output so far."""

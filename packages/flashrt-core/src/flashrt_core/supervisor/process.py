@@ -125,7 +125,7 @@ class ExecutorProcess:
         self.tag = tag
         self.chan = chan
         self.pidfd = pidfd
-        self._reader = ch.FrameReader()
+        self._reader = ch.FrameReader(chan.received)
         self.hello: asyncio.Future[ch.Hello] = asyncio.get_running_loop().create_future()
         self._exit_reason: str | None = None
         self.dead = False
@@ -316,7 +316,10 @@ class ExecutorProcess:
             return []
         except OSError:
             return None
-        return self._reader.feed(data) if data else None
+        try:
+            return self._reader.feed(data) if data else None
+        except OSError:  # ChannelError included: its bytes make no sense
+            return None
 
     def drain(self) -> list[ch.Frame]:
         """What it sent before it went (an answer, an ``Exiting``): handled before mourning."""
@@ -328,7 +331,10 @@ class ExecutorProcess:
                 break
             if not data:
                 break
-            frames += self._reader.feed(data)
+            try:
+                frames += self._reader.feed(data)
+            except ch.ChannelError:
+                break
         return frames
 
     async def stop(self, grace: float, reason: str = "the worker is stopping") -> None:
