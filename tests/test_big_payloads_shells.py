@@ -3,12 +3,15 @@
 holds no out-of-band body afterwards, and the HTTP shell refuses an oversized body while it
 arrives and a truncated one clearly.
 
-Sizes per path: 1 and 16 MiB on each shell (isolated, and the HTTP shell in process too), 64 MiB
-on the isolated HTTP shell; JSON arguments at 1 MiB.
+Sizes per path: 1 and 16 MiB on the HTTP shell (isolated and in process), 64 MiB on the isolated
+one; JSON arguments at 1 MiB. The queue shell's results must fit the platform's 20 MB job-done
+limit (a larger one fails the job, see ``test_qb_worker``): it echoes 1 and 12 MiB (16.8 MB of
+JSON) and takes a 16 MiB argument whose digest comes back.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import string
@@ -29,6 +32,7 @@ pytestmark = pytest.mark.slow
 
 MiB = 1 << 20
 ECHO = "def echo(blob):\n    return blob\n"
+DIGEST = "def digest(blob):\n    import hashlib\n    return hashlib.sha256(blob).hexdigest()\n"
 
 
 def body_memfds(pid: int) -> list[str]:
@@ -67,9 +71,14 @@ def big_shell(
 
 def test_large_arguments_and_results_come_back_equal(big_shell: tuple[str, Shell]) -> None:
     which, shell = big_shell
-    for mib in [1, 16, 64] if which == "lb-process" else [1, 16]:
+    sizes = {"lb-process": [1, 16, 64], "lb-none": [1, 16], "qb-process": [1, 12]}[which]
+    for mib in sizes:
         blob = os.urandom(mib * MiB)
         assert result_of(shell.execute(pickled_request("echo", ECHO, blob), 120)) == blob
+    if which == "qb-process":
+        blob = os.urandom(16 * MiB)
+        digest = result_of(shell.execute(pickled_request("digest", DIGEST, blob), 120))
+        assert digest == hashlib.sha256(blob).hexdigest()
     text = (string.ascii_letters * (MiB // len(string.ascii_letters) + 1))[:MiB]
     answer = shell.execute(json_request("echo", ECHO, text))
     assert answer["success"] is True, answer
