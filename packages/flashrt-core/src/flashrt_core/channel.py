@@ -10,14 +10,12 @@ waits with ``poll`` when the socket buffer is full, so it never depends on an ev
 that closed the loop's file descriptors still gets its result back.
 
 A request or answer body of :data:`OUT_OF_BAND_MIN` bytes or more does not go through the socket:
-it is written to an anonymous ``memfd_create`` file whose descriptor travels with its frame
-(``SCM_RIGHTS``), and the frame says its size (``oob``). The executor maps a request's file
-read-only and decodes straight from the mapping; the worker reads an answer's file into the one
-``bytes`` it hands to the transport. A memfd has no name: whichever process dies mid-transfer, the
-kernel frees the file with its last descriptor or mapping, and nothing is left to clean up. On a
-unix stream socket a read never goes past bytes that carried descriptors, so a frame's descriptor
-always arrives no later than the frame's last byte: received descriptors wait in order
-(:attr:`Channel.received`) and each frame that declares an out-of-band body takes the next one.
+it goes in a memfd (:mod:`flashrt_core.outofband`) whose descriptor travels with its frame
+(``SCM_RIGHTS``), and the frame says its size (``oob``). On a unix stream socket a read never
+goes past bytes that carried descriptors, so a frame's descriptor always arrives no later than
+the frame's last byte: received descriptors wait in order (:attr:`Channel.received`) and each
+frame that declares an out-of-band body takes the next one. The supervisor ⇄ zygote frames are
+:mod:`flashrt_core.zygote_frames`.
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ from __future__ import annotations
 import array
 import collections
 import contextlib
-import mmap
 import os
 import select
 import socket
@@ -35,6 +32,9 @@ from typing import Any
 
 import msgspec
 
+from . import outofband
+from .outofband import OUT_OF_BAND_MIN, ChannelError
+
 __all__ = [
     "EXECUTOR_TAG_ENV",
     "OUT_OF_BAND_MIN",
@@ -43,8 +43,6 @@ __all__ = [
     "ChannelError",
     "Execute",
     "Exiting",
-    "Fork",
-    "Forked",
     "Frame",
     "FrameReader",
     "Hello",
@@ -52,23 +50,16 @@ __all__ = [
     "Output",
     "Phase",
     "Preload",
-    "Reaped",
     "Result",
     "RunDeployed",
     "Settled",
     "Setup",
     "StreamItem",
-    "ZygoteFrame",
-    "decode_zygote",
-    "encode_zygote",
 ]
 
 _HEADER = struct.Struct(">I")
 MAX_FRAME = 1 << 31
 _READ_SIZE = 1 << 16
-#: Bodies this large or larger cross out of band, in a memfd (see the module's docstring): below
-#: it, a copy through the socket costs less than making, filling and mapping a file.
-OUT_OF_BAND_MIN = 1 << 20
 #: Room for the descriptors one read can bring (one per out-of-band frame; a read stops after
 #: the first bytes that carried any).
 _ANCILLARY_SIZE = socket.CMSG_SPACE(16 * array.array("i").itemsize)
@@ -222,81 +213,20 @@ _decoder = msgspec.msgpack.Decoder(Frame)
 EXECUTOR_TAG_ENV = "FLASHRT_EXECUTOR_TAG"
 
 
-# --- supervisor ⇄ zygote (one frame per SOCK_SEQPACKET message, no length prefix) --------------
-
-
-class Fork(msgspec.Struct, tag=True):
-    """Fork an executor; its end of the channel travels with the message."""
-
-    tag: str
-
-
-class Forked(msgspec.Struct, tag=True):
-    """The executor forked for the last ``Fork`` (``pid`` 0 and ``error`` when it failed)."""
-
-    pid: int
-    error: str | None = None
-
-
-class Reaped(msgspec.Struct, tag=True):
-    """A child of the zygote ended (an executor, or an orphan it adopted), as
-    :attr:`subprocess.Popen.returncode` would say it."""
-
-    pid: int
-    returncode: int
-
-
-ZygoteFrame = Setup | Preload | Fork | Hello | Forked | Reaped
-
-_zygote_decoder = msgspec.msgpack.Decoder(ZygoteFrame)
-
-
-def encode_zygote(frame: ZygoteFrame) -> bytes:
-    return _encoder.encode(frame)
-
-
-def decode_zygote(data: bytes) -> ZygoteFrame:
-    frame: ZygoteFrame = _zygote_decoder.decode(data)
-    return frame
-
-
 def encode(frame: Frame) -> bytes:
     body = _encoder.encode(frame)
     return _HEADER.pack(len(body)) + body
 
 
-class ChannelError(OSError):
-    """The channel's bytes make no sense (an out-of-band body without its descriptor, or short
-    of its size): that end is of no use any more."""
-
-
 def _out_of_band(frame: Frame) -> tuple[Frame, int | None]:
     """``frame`` with a large body moved to a memfd, and the memfd (``None``: not moved)."""
     if isinstance(frame, (Execute, Result)) and len(frame.body) >= OUT_OF_BAND_MIN:
-        fd = _memfd(frame.body)
+        fd = outofband.into_memfd(frame.body)
         return msgspec.structs.replace(frame, body=b"", oob=len(frame.body)), fd
     if isinstance(frame, RunDeployed) and len(frame.job) >= OUT_OF_BAND_MIN:
-        fd = _memfd(frame.job)
+        fd = outofband.into_memfd(frame.job)
         return msgspec.structs.replace(frame, job=b"", oob=len(frame.job)), fd
     return frame, None
-
-
-def _memfd(body: bytes) -> int:
-    """An anonymous file holding ``body``, sealed: the receiver reads what was written."""
-    import fcntl
-
-    fd = os.memfd_create("flashrt-body", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        view = memoryview(body)
-        while view:
-            view = view[os.write(fd, view) :]
-        seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
-        with contextlib.suppress(OSError):  # a kernel without seals: the file is ours alone
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def _take_body(frame: Execute | Result | RunDeployed, received: collections.deque[int]) -> None:
@@ -305,25 +235,13 @@ def _take_body(frame: Execute | Result | RunDeployed, received: collections.dequ
     if not received:
         raise ChannelError("a frame's out-of-band body arrived without its descriptor")
     fd = received.popleft()
-    size = frame.oob
     try:
-        have = os.fstat(fd).st_size
-        if have < size:
-            raise ChannelError(f"an out-of-band body is short: {have} of its {size} bytes")
         if isinstance(frame, Result):
-            data = os.pread(fd, size, 0)
-            if len(data) != size:
-                raise ChannelError(f"an out-of-band body read short: {len(data)} of {size} bytes")
-            frame.body = data
+            frame.body = outofband.read(fd, frame.oob)
+        elif isinstance(frame, Execute):
+            frame.body = outofband.mapped(fd, frame.oob)  # type: ignore[assignment]
         else:
-            # Populated at once: faulting its pages in one by one while decoding costs twice
-            # the decoding itself.
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            view = memoryview(mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ))
-            if isinstance(frame, Execute):
-                frame.body = view  # type: ignore[assignment]  # a buffer: msgspec decodes it
-            else:
-                frame.job = view  # type: ignore[assignment]
+            frame.job = outofband.mapped(fd, frame.oob)  # type: ignore[assignment]
     finally:
         os.close(fd)
 

@@ -14,7 +14,7 @@ child in a session of its own) is reparented here rather than to init, and reape
 supervisor ends those with the executor they came from
 (:mod:`flashrt_core.supervisor.descendants`).
 
-Its stdin is a ``SOCK_SEQPACKET`` socket, one :data:`~flashrt_core.channel.ZygoteFrame` a
+Its stdin is a ``SOCK_SEQPACKET`` socket, one :data:`~flashrt_core.zygote_frames.ZygoteFrame` a
 message: ``Setup`` first, then ``Fork`` (the executor's two sockets attached) answered by
 ``Forked``, ``Preload``, and ``Reaped`` whenever a child of ours ends.
 """
@@ -31,6 +31,7 @@ import sys
 import warnings
 
 from .. import channel as ch
+from .. import zygote_frames as zf
 from .carry import preload
 
 __all__ = ["main"]
@@ -84,8 +85,8 @@ class _Zygote:
         signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the poll below
         self._wake_w = wake_w
 
-    def send(self, frame: ch.ZygoteFrame) -> None:
-        self.sock.send(ch.encode_zygote(frame))
+    def send(self, frame: zf.ZygoteFrame) -> None:
+        self.sock.send(zf.encode_zygote(frame))
 
     def serve(self) -> int:
         poller = select.poll()
@@ -107,8 +108,8 @@ class _Zygote:
             return True
         if not data:
             return False
-        frame = ch.decode_zygote(data)
-        if isinstance(frame, ch.Fork):
+        frame = zf.decode_zygote(data)
+        if isinstance(frame, zf.Fork):
             self._fork(frame.tag, fds)
         elif isinstance(frame, ch.Preload):
             preload(frame.modules)  # every later fork has them imported
@@ -118,13 +119,13 @@ class _Zygote:
         if len(fds) != 1:
             for fd in fds:
                 os.close(fd)
-            self.send(ch.Forked(0, error=f"expected 1 socket, got {len(fds)}"))
+            self.send(zf.Forked(0, error=f"expected 1 socket, got {len(fds)}"))
             return
         try:
             pid = os.fork()
         except OSError as exc:
             pid = -1
-            self.send(ch.Forked(0, error=f"fork failed: {exc}"))
+            self.send(zf.Forked(0, error=f"fork failed: {exc}"))
         if pid == 0:
             try:
                 self._become_executor(tag, fds[0])
@@ -133,7 +134,7 @@ class _Zygote:
         for fd in fds:
             os.close(fd)
         if pid > 0:
-            self.send(ch.Forked(pid))
+            self.send(zf.Forked(pid))
 
     def _become_executor(self, tag: str, chan_fd: int) -> None:
         """In the fresh child: drop the zygote's ends, take the executor's fds, run it."""
@@ -162,7 +163,7 @@ class _Zygote:
             if pid == 0:
                 return
             with contextlib.suppress(OSError):
-                self.send(ch.Reaped(pid, os.waitstatus_to_exitcode(status)))
+                self.send(zf.Reaped(pid, os.waitstatus_to_exitcode(status)))
 
 
 def _read_setup(sock: socket.socket) -> ch.Setup | None:
@@ -170,7 +171,7 @@ def _read_setup(sock: socket.socket) -> ch.Setup | None:
         data = sock.recv(1 << 20)
         if not data:
             return None
-        frame = ch.decode_zygote(data)
+        frame = zf.decode_zygote(data)
         if isinstance(frame, ch.Setup):
             return frame
 

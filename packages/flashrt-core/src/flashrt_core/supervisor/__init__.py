@@ -33,14 +33,9 @@ from . import descendants
 from .handover import Handover, release
 from .inflight import RETRIED_NOTE, InFlight, Request
 from .launcher import Launcher
-from .process import (
-    ExecutorProcess,
-    ExecutorSetup,
-    ExecutorUnavailable,
-    ForkedChild,
-    describe_exit,
-)
+from .process import ExecutorProcess
 from .serving import Serving
+from .spawning import ExecutorSetup, ExecutorUnavailable, ForkedChild, describe_exit
 from .view import Description, ExecutorView, describe
 
 if TYPE_CHECKING:

@@ -23,14 +23,15 @@ from typing import TYPE_CHECKING
 
 from .. import channel as ch
 from .backoff import Backoff
-from .process import ExecutorProcess, ExecutorUnavailable, ForkedChild
+from .process import ExecutorProcess
+from .spawning import ExecutorUnavailable, ForkedChild
 from .zygote import Zygote
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
     from ..settings import Settings
-    from .process import ExecutorSetup
+    from .spawning import ExecutorSetup
 
 __all__ = ["Launcher"]
 

@@ -11,99 +11,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 from .. import channel as ch
 from ..settings import settings_to_dict
+from .spawning import (
+    ExecutorSetup,
+    ExecutorUnavailable,
+    ForkedChild,
+    describe_exit,
+    spawn_interpreter,
+    worker_log_levels,
+)
 
 if TYPE_CHECKING:
+    import socket
     from collections.abc import Callable
 
     from ..settings import Settings
 
 log = logging.getLogger("flashrt.supervisor")
 
-__all__ = [
-    "ExecutorProcess",
-    "ExecutorSetup",
-    "ExecutorUnavailable",
-    "ForkedChild",
-    "describe_exit",
-    "new_tag",
-]
-
-_tags = itertools.count(1)
-
-
-def new_tag() -> str:
-    """A name for one executor, unique on this machine: its descendants carry it."""
-    return f"{os.getpid()}-{next(_tags)}-{os.urandom(4).hex()}"
-
-
-class ForkedChild:
-    """An executor the zygote forked: its parent, the zygote, reports its exit status."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
-        self.ended = asyncio.get_running_loop().create_future()
-
-    def poll(self) -> int | None:
-        return self.returncode
-
-    def exited(self, returncode: int) -> None:
-        if self.returncode is None:
-            self.returncode = returncode
-            if not self.ended.done():
-                self.ended.set_result(None)
-
-
-class ExecutorSetup(NamedTuple):
-    """What start-up gives each executor: plugins registered in code (cloudpickled), the
-    unpacked app's directory, the resource whose deployed QB handler it serves."""
-
-    plugins: list[bytes]
-    app_dir: str | None
-    deployed_handler: str | None
-
-
-def worker_log_levels() -> dict[str, int]:
-    """The levels of this process's ``flashrt`` loggers (``""``: the package's effective
-    one), which executors take: they log what the worker would show. An embedder that never
-    configured logging then gets no INFO lines (the timing line) on stderr behind its back."""
-    levels = {"": logging.getLogger("flashrt").getEffectiveLevel()}
-    for name, logger in list(logging.Logger.manager.loggerDict.items()):
-        if name.startswith("flashrt.") and isinstance(logger, logging.Logger) and logger.level:
-            levels[name] = logger.level
-    return levels
-
-
-class ExecutorUnavailable(RuntimeError):
-    """No executor could be started; the message says why."""
-
-
-def describe_exit(returncode: int | None) -> str:
-    """How a process ended, as a failed request names it: its exit status or its signal."""
-    if returncode is None:
-        return "stopped answering"
-    if returncode >= 0:
-        return f"exited with status {returncode}"
-    number = -returncode
-    try:
-        name = signal.Signals(number).name
-    except ValueError:
-        name = f"signal {number}"
-    if number == signal.SIGKILL:
-        return "killed by SIGKILL (out of memory?)"
-    return f"killed by signal {number} ({name})"
+__all__ = ["ExecutorProcess"]
 
 
 class ExecutorProcess:
@@ -243,35 +178,10 @@ class ExecutorProcess:
             and not self.dead
         )
 
-    @staticmethod
-    def sockets() -> tuple[socket.socket, socket.socket]:
-        """Our end and its end of the channel."""
-        return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-
     @classmethod
     def spawn(cls) -> ExecutorProcess:
         """Start the interpreter; it reads its ``Setup`` from the channel when it is up."""
-        parent, child = cls.sockets()
-        tag = new_tag()
-        env = dict(os.environ)
-        env["FLASHRT_EXECUTOR"] = "1"
-        env[ch.EXECUTOR_TAG_ENV] = tag
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "flashrt_core.executor"],
-                stdin=child.fileno(),
-                close_fds=True,
-                env=env,
-                start_new_session=True,  # its own process group: we kill what it started too
-            )
-        except BaseException:
-            parent.close()
-            raise
-        finally:
-            child.close()
-        pidfd: int | None = None
-        with contextlib.suppress(AttributeError, OSError):
-            pidfd = os.pidfd_open(proc.pid)
+        proc, parent, pidfd, tag = spawn_interpreter()
         return cls(proc, ch.Channel(parent), pidfd, tag)
 
     @classmethod

@@ -15,7 +15,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from .process import ExecutorUnavailable
+from .spawning import ExecutorUnavailable
 
 if TYPE_CHECKING:
     from .launcher import Launcher

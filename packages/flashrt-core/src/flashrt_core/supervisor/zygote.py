@@ -20,8 +20,10 @@ import sys
 from typing import TYPE_CHECKING
 
 from .. import channel as ch
+from .. import zygote_frames as zf
 from ..settings import settings_to_dict
-from .process import ExecutorProcess, ExecutorUnavailable, new_tag
+from .process import ExecutorProcess
+from .spawning import ExecutorUnavailable, new_tag, sockets
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -95,8 +97,8 @@ class Zygote:
             self.stop()
             raise ExecutorUnavailable(f"the zygote could not start: {hello.error}")
 
-    def _send(self, frame: ch.ZygoteFrame, fds: list[int] | None = None) -> None:
-        data = ch.encode_zygote(frame)
+    def _send(self, frame: zf.ZygoteFrame, fds: list[int] | None = None) -> None:
+        data = zf.encode_zygote(frame)
         # Small messages on a local socket: they never block in practice, but never hang on it.
         self.sock.setblocking(True)
         self.sock.settimeout(5)
@@ -112,12 +114,12 @@ class Zygote:
         """A fresh executor, forked; it waits for its ``Setup`` like a spawned one."""
         if self.dead or not self.hello.done():
             raise ExecutorUnavailable("the zygote is not serving")
-        parent, child = ExecutorProcess.sockets()
+        parent, child = sockets()
         tag = new_tag()
         waiter: asyncio.Future[int] = self.loop.create_future()
         try:
             try:
-                self._send(ch.Fork(tag), [child.fileno()])
+                self._send(zf.Fork(tag), [child.fileno()])
             except OSError as exc:
                 raise ExecutorUnavailable(f"the zygote cannot be reached: {exc}") from None
             finally:
@@ -145,10 +147,10 @@ class Zygote:
             if not data:
                 self._gone()
                 return
-            frame = ch.decode_zygote(data)
-            if isinstance(frame, ch.Reaped):
+            frame = zf.decode_zygote(data)
+            if isinstance(frame, zf.Reaped):
                 self._on_reaped(frame.pid, frame.returncode)
-            elif isinstance(frame, ch.Forked):
+            elif isinstance(frame, zf.Forked):
                 if self._forks:
                     waiter = self._forks.popleft()
                     if waiter.done():
