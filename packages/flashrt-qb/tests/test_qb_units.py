@@ -93,7 +93,7 @@ def test_a_deployed_workers_window_is_its_manifests_max_concurrency_unless_set(
     worker.begin()
     try:
         assert worker.loop.submit(worker.handle({"id": "1", "input": {}})).result(30) == 1
-        assert worker.slots == slots
+        assert worker.window.slots == slots
         assert worker.concurrency_modifier(1) == slots
     finally:
         worker.close()

@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
@@ -50,6 +49,7 @@ from flashrt_core.settings import Settings, load_settings
 from flashrt_core.stream import Streamed
 
 from .settings import QBSettings
+from .window import JobWindow
 
 if TYPE_CHECKING:
     import concurrent.futures
@@ -127,15 +127,8 @@ class QueueWorker:
         self.loop = RuntimeLoop()
         #: Starting, ready, or failed with the reason every job then answers.
         self.readiness = Readiness(log, doing="creating the runtime (plugin discovery)")
-        #: Jobs run at once, and where that number came from (a deployed worker whose
-        #: FLASHRT_QB_CONCURRENCY is unset decides at start-up, from its manifest).
-        self.slots = self.qb.slots
-        self.slots_from = (
-            "FLASHRT_QB_CONCURRENCY" if self.qb.concurrency is not None else "the default"
-        )
-        self._slots = asyncio.Semaphore(self.slots)
-        #: The production job loop's wake-up: it reads the window again.
-        self._job_loop_wake: Callable[[], None] | None = None
+        #: Jobs run at once, where that number came from, and the job loop's wake-up.
+        self.window = JobWindow(self.qb)
         # Set while no import of the SDK is in progress. User code (the deployed handler's
         # module) imports runpod too, and two threads importing a package with import cycles
         # at once can deadlock (Python raises _DeadlockError), so that import waits for it.
@@ -193,51 +186,13 @@ class QueueWorker:
         if self.deployed and not runtime.isolated:
             await self._load_deployed(runtime)
         if self.deployed:
-            await self._take_deployed_window(runtime)
-        if self._job_loop_wake is not None:
-            self._job_loop_wake()  # the window may have grown: the job loop reads it again
+            await self.window.take_deployed(runtime, self.settings.resource_name or "")
+        self.window.changed()  # it may have grown: the job loop reads it again
         mode = f"deployed ({self.settings.resource_name})" if self.deployed else "live"
         return (
-            f"{mode} mode, {self.slots} job(s) at once ({self.slots_from}), "
+            f"{mode} mode, {self.window.slots} job(s) at once ({self.window.source}), "
             f"{self.qb.extra} prefetched"
         )
-
-    async def _take_deployed_window(self, runtime: Runtime) -> None:
-        """The resource's ``max_concurrency`` from the manifest, unless the setting overrides
-        it. Read before any job runs (jobs wait for start-up), so the semaphore is swapped
-        while no job holds it. An unreadable value is named, and the window stays 1."""
-        from flashrt_core.deployment import (
-            MANIFEST_FILE,
-            DeployedAppUnavailable,
-            executor_app_dir,
-            resource_max_concurrency,
-        )
-
-        resource = self.settings.resource_name or ""
-        app_dir = executor_app_dir(runtime.context)
-        found: int | None = None
-        problem: str | None = None
-        try:
-            if app_dir is None:
-                raise DeployedAppUnavailable("the deployed app has no directory")
-            found = await runtime.run_blocking(resource_max_concurrency, Path(app_dir), resource)
-        except (DeployedAppUnavailable, ValueError) as exc:
-            problem = str(exc)
-        if self.qb.concurrency is not None:
-            if found is not None and found != self.slots:
-                self.slots_from += f", over max_concurrency={found} in {MANIFEST_FILE}"
-            return
-        if problem is not None:
-            log.warning(
-                "max_concurrency of %r not taken (%s): one job at a time", resource, problem
-            )
-            self.slots_from = f"the default: {problem}"
-        elif found is None:
-            self.slots_from = f"the default: resource {resource!r} sets no max_concurrency"
-        else:
-            self.slots = found
-            self.slots_from = f"max_concurrency of resource {resource!r} in {MANIFEST_FILE}"
-            self._slots = asyncio.Semaphore(found)
 
     async def _load_deployed(self, runtime: Runtime) -> None:
         """In-process: load the generated handler now, so a broken one fails start-up."""
@@ -306,11 +261,11 @@ class QueueWorker:
     def concurrency_modifier(self, current: int) -> int:
         """The job loop's window: the jobs we run at once plus those we keep in hand."""
         del current
-        return self.slots + self.qb.extra
+        return self.window.slots + self.qb.extra
 
     def job_loop_started(self, wake: Callable[[], None]) -> None:
         """The production job loop gives its wake-up, called when the window grows."""
-        self._job_loop_wake = wake
+        self.window.wake = wake
 
     def sdk_config(self) -> dict[str, Any]:
         """The ``runpod.serverless.start`` configuration."""
@@ -346,7 +301,7 @@ class QueueWorker:
         problem = await self._wait_ready()
         if problem is not None:
             return {"success": False, "error": problem}
-        async with self._slots:
+        async with self.window.semaphore:
             if self.deployed:
                 from .deployed import is_function_request
 
