@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi.responses import Response
 from flashrt_core.autoinstall import MissingPackage, import_installing
-from flashrt_core.errors import CALLER_GONE
 from flashrt_core.logs import request_id
 from flashrt_core.protocol import RequestError
 from flashrt_core.readiness import Readiness, StartupFailed
@@ -34,6 +33,7 @@ from flashrt_core.settings import Settings, load_settings
 from flashrt_core.startup import StartupBound, StartupTimeout
 from starlette.requests import ClientDisconnect
 
+from .request_io import BodyTooLarge, cancelled_if_gone, header, read_body
 from .settings import LBSettings
 from .userapp import AppLoadError, Lifespan, import_app
 
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from fastapi import Request
-    from flashrt_core.request_peek import Peeked
     from flashrt_core.runtime import Runtime
     from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -53,38 +52,9 @@ log = logging.getLogger("flashrt.lb")
 _OUR_SCOPE_KEYS = frozenset({"router", "app", "route", "endpoint", "path_params"})
 _JSON = "application/json"
 _request_ids = itertools.count(1)
-#: Seconds a request runs before its client's disconnect is watched for (the first such
-#: disconnect is then seen at once).
-WATCH_AFTER_S = 0.05
 
-#: A declared body this large is read straight into one buffer of its size.
+
 _PREALLOCATE_MIN = 1 << 20
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any]) -> bool:
-    """Cancel ``task`` (with :data:`CALLER_GONE`) once the client has disconnected; whether
-    it did."""
-    try:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-    except Exception:  # a server that cannot say: the request runs unwatched
-        log.debug("cannot watch for the client's disconnect", exc_info=True)
-        return False
-    task.cancel(CALLER_GONE)
-    return True
-
-
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    """A request header's raw value (``name`` lower-case), without building Starlette's
-    header object."""
-    for key, value in scope["headers"]:
-        if key == name:
-            return value  # type: ignore[no-any-return]
-    return None
 
 
 class _JSONBody(Response):
@@ -314,8 +284,8 @@ class Worker:
             return _json(404, {"error": f"/execute is disabled: {why}"})
         assert self.runtime is not None
         try:
-            body = await self._read_body(scope, receive)
-        except _BodyTooLarge:
+            body = await read_body(scope, receive, self.max_body)
+        except BodyTooLarge:
             return _json(
                 413,
                 {"error": f"request body exceeds the limit of {self.max_body} bytes"},
@@ -326,98 +296,15 @@ class Worker:
             peeked = self.runtime.peek(body)
         except RequestError as exc:
             return _json(400 if exc.malformed else 422, {"error": str(exc)})
-        rid = _header(scope, b"x-request-id")
+        rid = header(scope, b"x-request-id")
         request_id.set(rid.decode("latin-1") if rid else f"http-{next(_request_ids)}")
         # The response's JSON as the executor made it: written as it is, never decoded here.
-        return _JSONBody(await self._execute_watched(self.runtime, peeked, receive))
-
-    async def _execute_watched(self, runtime: Runtime, peeked: Peeked, receive: Receive) -> bytes:
-        """Run the request; if its client disconnects meanwhile, cancel it and raise
-        :class:`ClientDisconnect` (nobody is left to answer).
-
-        The watch is a task awaiting ``receive``, which after the body says only
-        ``http.disconnect``; it cancels this task with :data:`CALLER_GONE`, so the runtime
-        cancels the request's code and leaves a sync call, which cannot be stopped, to end. It
-        starts only once the request has run :data:`WATCH_AFTER_S`: a timer costs most
-        requests a microsecond, a task ten.
-        """
-        loop = asyncio.get_running_loop()
-        this = asyncio.current_task()
-        assert this is not None
-        watch: list[asyncio.Task[bool]] = []
-        timer = loop.call_later(
-            WATCH_AFTER_S,
-            lambda: watch.append(loop.create_task(_cancel_on_disconnect(receive, this))),
-        )
-        try:
-            return await runtime.execute_json(peeked)
-        except asyncio.CancelledError:
-            if not (watch and watch[0].done() and not watch[0].cancelled() and watch[0].result()):
-                raise  # not ours: the worker is stopping
-            uncancel = getattr(this, "uncancel", None)  # 3.11+: the task is not cancelled now
-            if uncancel is not None:
-                uncancel()
-            log.info(
-                "request %s: the client disconnected; its call was cancelled (sync code, which "
-                "cannot be interrupted, runs to its end and its result is dropped)",
-                request_id.get(),
-            )
-            raise ClientDisconnect from None
-        finally:
-            timer.cancel()
-            if watch:
-                watch[0].cancel()
+        return _JSONBody(await cancelled_if_gone(self.runtime.execute_json(peeked), receive))
 
     def _authorized(self, scope: Scope) -> bool:
         assert self._token is not None
-        scheme, _, credentials = (_header(scope, b"authorization") or b"").partition(b" ")
+        scheme, _, credentials = (header(scope, b"authorization") or b"").partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), self._token)
-
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        """The body, refused as soon as it passes the limit: a huge upload is never buffered.
-
-        Read from the ASGI messages themselves (most bodies are one): Starlette's stream and
-        header objects cost more than the rest of the request's reading.
-        """
-        limit = self.max_body
-        declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise _BodyTooLarge
-        if declared is not None and declared.isdigit() and int(declared) >= _PREALLOCATE_MIN:
-            return await self._read_into(bytearray(int(declared)), receive)
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                raise ClientDisconnect
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise _BodyTooLarge
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-    async def _read_into(self, buf: bytearray, receive: Receive) -> bytes:
-        """A large body of a declared length, read straight into its one buffer (joining the
-        chunks would hold it twice); the server refuses a body longer than it declared."""
-        view = memoryview(buf)
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                raise ClientDisconnect
-            chunk = message.get("body", b"")
-            end = size + len(chunk)
-            if end > len(buf):  # never from a conforming server: refuse rather than grow
-                raise _BodyTooLarge
-            view[size:end] = chunk
-            size = end
-            if not message.get("more_body", False):
-                # Shorter than declared only if the client went away mid-body.
-                body = buf if size == len(buf) else buf[:size]
-                return body  # type: ignore[return-value]  # a buffer: every reader takes one
 
     async def forward(self, scope: Scope, receive: Receive, send: Send, not_found: ASGIApp) -> None:
         """Hand a non-reserved path to the deployed app (after start-up), else 404."""
