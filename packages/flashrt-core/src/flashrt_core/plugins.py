@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import sys
@@ -13,6 +14,8 @@ from . import hookspecs
 from .hookspecs import PROJECT_NAME
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from .context import PluginContext
     from .protocol import FunctionRequest, FunctionResponse
     from .settings import Settings
@@ -184,6 +187,23 @@ class RequestObservers:
                 finished(request=request, response=response, context=self.context)
             except Exception:
                 log.exception("a request_finished hook failed")
+
+    async def around(
+        self, body: Any, run: Callable[[], Awaitable[FunctionResponse]]
+    ) -> FunctionResponse:
+        """``run()`` between the two hooks. Isolated, only they need the request decoded in
+        the worker: a body that does not decode is answered by the executor, unobserved."""
+        from .protocol import RequestError, decode_request
+
+        decoded: FunctionRequest | None = None
+        with contextlib.suppress(RequestError):
+            decoded = decode_request(body)
+        if decoded is not None:
+            self.started(decoded)
+        response = await run()
+        if decoded is not None:
+            self.finished(decoded, response)
+        return response
 
 
 def observed(pm: FlashrtPluginManager) -> bool:

@@ -10,7 +10,6 @@ and the observers, and builds the :class:`~flashrt_core.context.PluginContext` h
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -28,7 +27,7 @@ from .plugins import (
     registered_in_code,
 )
 from .request_peek import Peeked, peek_body
-from .settings import Settings, load_settings
+from .settings import Settings, check_isolation, load_settings
 from .timing import timings_for
 
 if TYPE_CHECKING:
@@ -47,8 +46,6 @@ __all__ = ["Runtime"]
 log = logging.getLogger("flashrt.runtime")
 T = TypeVar("T")
 
-ISOLATIONS = ("process", "none")
-
 
 class Runtime:
     """Holds the settings, the plugin manager, the instance registry, the lanes and the plugins'
@@ -63,19 +60,7 @@ class Runtime:
         lanes: Lanes | None = None,
     ) -> None:
         self.settings = settings or load_settings(Settings)
-        if self.settings.isolation not in ISOLATIONS:
-            from .settings import SettingsError
-
-            raise SettingsError(
-                f"FLASHRT_ISOLATION={self.settings.isolation!r}: expected 'process' or 'none'"
-            )
-        if self.isolated:
-            from .settings import SettingsError, executor_count
-
-            try:
-                executor_count(self.settings.executors)
-            except ValueError as exc:
-                raise SettingsError(str(exc)) from None
+        check_isolation(self.settings)
         self.pm = plugin_manager or get_plugin_manager(self.settings, extra_plugins=extra_plugins)
         if plugin_manager is not None:
             for plugin in extra_plugins:
@@ -277,7 +262,9 @@ class Runtime:
         if self.supervisor is not None:
             if not observed(self.pm):  # the body goes to the executor unparsed
                 return await self.supervisor.execute(request)
-            return await self._execute_observed(self.supervisor, request)
+            supervisor, observers = self.supervisor, RequestObservers(self.context)
+            body = request.body if isinstance(request, Peeked) else request
+            return await observers.around(body, lambda: supervisor.execute(request))
         if self._pipeline is None:
             from .failures import stage_failure
 
@@ -301,25 +288,6 @@ class Runtime:
         from .protocol import encode_response
 
         return encode_response(await self.execute(request))
-
-    async def _execute_observed(
-        self,
-        supervisor: Supervisor,
-        request: FunctionRequest | Mapping[str, Any] | bytes | memoryview | str | Peeked,
-    ) -> FunctionResponse:
-        """Isolated, with observers: only then is the body decoded here, for them."""
-        from .protocol import RequestError, decode_request
-
-        decoded: FunctionRequest | None = None
-        with contextlib.suppress(RequestError):
-            decoded = decode_request(request.body if isinstance(request, Peeked) else request)
-        observers = RequestObservers(self.context)
-        if decoded is not None:
-            observers.started(decoded)
-        response = await supervisor.execute(request)
-        if decoded is not None:
-            observers.finished(decoded, response)
-        return response
 
     async def _execute_here(
         self,

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Settings",
     "SettingsError",
+    "check_isolation",
     "describe_settings",
     "load_settings",
     "setting",
@@ -281,6 +282,20 @@ class Settings:
         else:
             limit = self.timeout_s or 0.0
         return limit if 0 < limit < math.inf else None
+
+
+def check_isolation(settings: Settings) -> None:
+    """Refuse what a ``Runtime`` cannot run: an unknown ``FLASHRT_ISOLATION``, or (isolated) a
+    ``FLASHRT_EXECUTORS`` that is no count."""
+    if settings.isolation not in ("process", "none"):
+        raise SettingsError(
+            f"FLASHRT_ISOLATION={settings.isolation!r}: expected 'process' or 'none'"
+        )
+    if settings.isolation == "process":
+        try:
+            executor_count(settings.executors)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
 
 
 def executor_count(setting: str) -> int:
