@@ -149,8 +149,6 @@ async def post_result(
 ) -> bool:
     """POST ``result`` to job-done, retrying a connection error or a 5xx after each of
     ``waits``; whether it landed."""
-    import aiohttp
-
     body = _body(result)
     problem = oversized_output_error(len(body))
     if problem is not None:  # the platform would refuse it: fail the job now, saying why
@@ -159,10 +157,25 @@ async def post_result(
         refused["error"] = problem
         body = json.dumps(refused).encode()
     url = url_template.replace("$ID", job["id"]) + "&isStream=false"
+    return await post_retrying(session, url, body, job["id"], waits)
+
+
+async def post_retrying(
+    session: ClientSession,
+    url: str,
+    body: bytes,
+    job_id: str,
+    waits: tuple[float, ...] = RETRY_WAITS_S,
+    what: str = "",
+) -> bool:
+    """POST ``body`` for job ``job_id``, retrying a connection error or a 5xx after each of
+    ``waits`` (a 4xx stays one); whether it landed. Job-done and the stream both post so."""
+    import aiohttp
+
     headers = {
         "charset": "utf-8",
         "Content-Type": "application/x-www-form-urlencoded",
-        "X-Request-ID": job["id"],
+        "X-Request-ID": job_id,
     }
     for wait in (*waits, None):
         try:
@@ -176,7 +189,8 @@ async def post_result(
         except (aiohttp.ClientError, asyncio.TimeoutError) as error:
             problem = f"{type(error).__name__}: {error}"
         if wait is None:
-            log.error(f"Failed to return job results. | {problem}", job["id"])
+            detail = f" ({what})" if what else ""
+            log.error(f"Failed to return job results{detail}. | {problem}", job_id)
             return False
         await asyncio.sleep(wait)
     return False

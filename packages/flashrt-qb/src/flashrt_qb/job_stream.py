@@ -43,7 +43,6 @@ _HEAD = b'{"output": '
 _TAIL = b"}"
 #: Seconds before each retry of a post that failed (three attempts in all, as the SDK's).
 RETRY_WAITS_S = (1.0, 2.0)
-_HEADERS = {"charset": "utf-8", "Content-Type": "application/x-www-form-urlencoded"}
 
 
 class JobStream:
@@ -137,25 +136,9 @@ class JobStream:
 
     async def _post(self, url: str, body: bytes, what: str) -> bool:
         """POST ``body``, retrying a connection error or a 5xx; whether it landed."""
-        import aiohttp
+        from .job_result import post_retrying  # job_result finishes a job through this class
 
-        headers = {**_HEADERS, "X-Request-ID": self.job["id"]}
-        for wait in (*self.waits, None):
-            try:
-                async with self.session.post(url, data=body, headers=headers) as response:
-                    await response.read()
-                    if response.status < 400:
-                        return True
-                    problem = f"HTTP {response.status}"
-                    if response.status < 500:
-                        wait = None  # a client error stays one
-            except (aiohttp.ClientError, asyncio.TimeoutError) as error:
-                problem = f"{type(error).__name__}: {error}"
-            if wait is None:
-                log.error(f"Failed to return job results ({what}). | {problem}", self.job["id"])
-                return False
-            await asyncio.sleep(wait)
-        return False
+        return await post_retrying(self.session, url, body, self.job["id"], self.waits, what)
 
 
 def _done_body(output: bytes, error: str | None, stop_pod: bool) -> bytes:
