@@ -167,6 +167,10 @@ class Result(msgspec.Struct, tag=True):
     instance_id: str | None = None
     exiting: str | None = None  # the executor exits after this answer, and why
     oob: int = 0
+    #: A deployed handler that yielded: how many items went as ``StreamItem`` frames before
+    #: this answer (``body`` is then empty), and why the stream ended early, if it did.
+    streamed: int | None = None
+    stream_error: str | None = None
 
 
 class Settled(msgspec.Struct, tag=True):

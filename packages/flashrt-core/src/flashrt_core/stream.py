@@ -4,9 +4,9 @@ A deployed QB function that yields (a token stream, progress frames) is a stream
 result: each item is encoded as JSON where the generator runs and handed to the caller's
 ``on_item`` at once, across the process boundary when the executor runs it (a ``StreamItem``
 frame per item). The call then answers :class:`Streamed` (how many items went, and the error
-that ended the stream early, if one did), so the caller can close the job the way the runpod
-SDK closes a generator handler's job. This module is shared by both sides of that boundary
-and imports nothing of flashrt.
+that ended the stream early, if one did; across the boundary, in the ``Result`` frame's own
+fields), so the caller can close the job the way the runpod SDK closes a generator handler's
+job. This module is shared by both sides of that boundary and imports nothing of flashrt.
 """
 
 from __future__ import annotations
@@ -15,11 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["END_MARK", "Streamed", "decode_end", "encode_end", "encode_item", "item_too_large"]
-
-#: The first byte of a deployed ``Result`` body that ends a stream. msgpack never uses 0xc1, so
-#: no plain output's body can start with it.
-END_MARK = b"\xc1"
+__all__ = ["Streamed", "encode_item", "item_too_large"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,19 +26,6 @@ class Streamed:
     items: int
     #: Why the stream ended early (the generator raised, an item was refused), or ``None``.
     error: str | None = None
-
-
-def encode_end(end: Streamed) -> bytes:
-    """The ``Result`` body that carries ``end`` across the channel."""
-    return END_MARK + json.dumps([end.items, end.error]).encode()
-
-
-def decode_end(body: bytes) -> Streamed | None:
-    """The :class:`Streamed` a ``Result`` body carries; ``None`` for a plain output's body."""
-    if body[:1] != END_MARK:
-        return None
-    items, error = json.loads(body[1:])
-    return Streamed(int(items), None if error is None else str(error))
 
 
 def encode_item(item: Any) -> bytes:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from ..protocol import FunctionResponse
+    from ..stream import Streamed
     from ..timing import Timings
     from .carry import ImportReport
     from .integrity import Integrity
@@ -163,9 +164,14 @@ class Answerer:
             timings.log(response)
         self._after(reason)
 
-    def send_deployed(self, rid: int, body: bytes) -> None:
+    def send_deployed(self, rid: int, body: bytes, streamed: Streamed | None = None) -> None:
+        """``body``: msgpack of the handler's output; empty when it yielded (``streamed``)."""
         reason = self.integrity.interpreter_problem()
-        self._send(ch.Result(rid, body, exiting=reason))
+        if streamed is None:
+            self._send(ch.Result(rid, body, exiting=reason))
+        else:
+            items, error = streamed.items, streamed.error
+            self._send(ch.Result(rid, body, exiting=reason, streamed=items, stream_error=error))
         self._after(reason)
 
     def _send(self, frame: ch.Result | ch.Imported | ch.Exiting) -> None:

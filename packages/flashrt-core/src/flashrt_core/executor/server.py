@@ -227,7 +227,7 @@ class ExecutorServer:
     async def _deployed(self, frame: ch.RunDeployed) -> None:
         assert self.lanes is not None and self.answers is not None
         from ..deployed_handler import run_deployed_job
-        from ..stream import Streamed, encode_end
+        from ..stream import Streamed
 
         state = RequestState(frame.id)
         current_state.set(state)
@@ -253,7 +253,7 @@ class ExecutorServer:
         finally:
             self.tasks.pop(frame.id, None)
         if isinstance(output, Streamed):
-            self.answers.send_deployed(frame.id, encode_end(output))
+            self.answers.send_deployed(frame.id, b"", output)
             return
         try:
             body = msgspec.msgpack.encode(output)

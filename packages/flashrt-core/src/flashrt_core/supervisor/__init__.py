@@ -29,6 +29,7 @@ from ..failures import stage_failure
 from ..protocol import FunctionResponse, decode_response, encode_response
 from ..request_peek import Peeked, peek_request
 from ..settings import executor_count
+from ..stream import Streamed
 from . import descendants
 from .handover import Handover, release
 from .inflight import RETRIED_NOTE, InFlight, Request
@@ -271,7 +272,10 @@ class Supervisor:
         request = self.inflight.get(frame.id)
         if request is None:
             return
-        value = request.answer_from(frame.body)
+        streamed = None
+        if frame.streamed is not None:  # a deployed handler that yielded: its items went ahead
+            streamed = Streamed(frame.streamed, frame.stream_error)
+        value = request.answer_from(frame.body, streamed)
         if frame.installed:
             self._on_installed()
         if frame.instance_id:

@@ -18,7 +18,6 @@ import msgspec
 
 from ..failures import stage_failure
 from ..logs import request_id
-from ..stream import END_MARK, decode_end
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -26,6 +25,7 @@ if TYPE_CHECKING:
 
     from ..echo import LineEcho
     from ..settings import Settings
+    from ..stream import Streamed
     from .process import ExecutorProcess
 
 __all__ = ["RETRIED_NOTE", "InFlight", "Request"]
@@ -102,12 +102,13 @@ class Request:
             )
         return message
 
-    def answer_from(self, body: bytes) -> Any:
-        """Its caller's answer from the executor's ``Result`` body: a response's JSON as it is
-        (never decoded here), a deployed handler's output decoded (an invalid one said so)."""
+    def answer_from(self, body: bytes, streamed: Streamed | None = None) -> Any:
+        """Its caller's answer from the executor's ``Result``: a response's JSON as it is
+        (never decoded here), a deployed handler's output decoded (an invalid one said so), or
+        the end of the stream it yielded (``streamed``)."""
         if self.deployed:
-            if body[:1] == END_MARK:
-                return decode_end(body)
+            if streamed is not None:
+                return streamed
             try:
                 return msgspec.msgpack.decode(body)
             except msgspec.DecodeError as exc:
