@@ -102,20 +102,17 @@ def sockets() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 
 
-def spawn_interpreter() -> tuple[subprocess.Popen[bytes], socket.socket, int | None, str]:
-    """A fresh ``python -m flashrt_core.executor`` in a session of its own: the process, our
-    end of its channel, its pidfd (where the kernel has them) and its tag."""
-    parent, child = sockets()
-    tag = new_tag()
-    env = dict(os.environ)
-    env["FLASHRT_EXECUTOR"] = "1"
-    env[ch.EXECUTOR_TAG_ENV] = tag
+def spawn_module(
+    module: str, parent: socket.socket, child: socket.socket, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """``python -m module`` in a session of its own, ``child`` (its end of the channel) as its
+    stdin; ``env`` adds to ours. ``child`` is closed here, and ``parent`` too if it fails."""
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "flashrt_core.executor"],
+        return subprocess.Popen(
+            [sys.executable, "-m", module],
             stdin=child.fileno(),
             close_fds=True,
-            env=env,
+            env={**os.environ, "FLASHRT_EXECUTOR": "1", **(env or {})},
             start_new_session=True,  # its own process group: we kill what it started too
         )
     except BaseException:
@@ -123,6 +120,14 @@ def spawn_interpreter() -> tuple[subprocess.Popen[bytes], socket.socket, int | N
         raise
     finally:
         child.close()
+
+
+def spawn_interpreter() -> tuple[subprocess.Popen[bytes], socket.socket, int | None, str]:
+    """A fresh ``python -m flashrt_core.executor``: the process, our end of its channel, its
+    pidfd (where the kernel has them) and its tag."""
+    parent, child = sockets()
+    tag = new_tag()
+    proc = spawn_module("flashrt_core.executor", parent, child, {ch.EXECUTOR_TAG_ENV: tag})
     pidfd: int | None = None
     with contextlib.suppress(AttributeError, OSError):
         pidfd = os.pidfd_open(proc.pid)

@@ -13,7 +13,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import os
 import socket
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from .. import channel as ch
 from .. import zygote_frames as zf
 from ..settings import settings_to_dict
 from .process import ExecutorProcess
-from .spawning import ExecutorUnavailable, new_tag, sockets
+from .spawning import ExecutorUnavailable, new_tag, sockets, spawn_module
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -65,21 +64,7 @@ class Zygote:
     ) -> Zygote:
         """Start it; :meth:`ready` waits until its imports are done."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = dict(os.environ)
-        env["FLASHRT_EXECUTOR"] = "1"
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "flashrt_core.executor.zygote"],
-                stdin=child.fileno(),
-                close_fds=True,
-                env=env,
-                start_new_session=True,
-            )
-        except BaseException:
-            parent.close()
-            raise
-        finally:
-            child.close()
+        proc = spawn_module("flashrt_core.executor.zygote", parent, child)
         parent.setblocking(False)
         zygote = cls(proc, parent, on_reaped, on_gone)
         setup = ch.Setup(settings=settings_to_dict(settings), sys_path=list(sys.path))
